@@ -1,0 +1,156 @@
+// CPU ComputeBackend on OpenBLAS: GEMMs go to sgemm; the rest are plain loops that the
+// compiler vectorises. Stateless, so one instance serves every thread.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "services/compute/backend.h"
+
+namespace moemesh {
+namespace {
+
+class CpuBackend final : public ComputeBackend {
+ public:
+  std::string name() const override { return "cpu"; }
+
+  void MatMulT(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
+               bool accumulate) override {
+    if (m == 0 || n == 0) return;
+    if (m == 1) {
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w, k, x, 1, accumulate ? 1.0f : 0.0f,
+                  y, 1);
+      return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, k, w, k,
+                accumulate ? 1.0f : 0.0f, y, n);
+  }
+
+  void RmsNorm(const float* x, const float* weight, int64_t rows, int64_t dim, float eps,
+               float* y) override {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * dim;
+      float* yr = y + r * dim;
+      double ss = 0;
+      for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / dim) + eps);
+      for (int64_t i = 0; i < dim; ++i) yr[i] = xr[i] * inv * weight[i];
+    }
+  }
+
+  void Rope(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t stride,
+            int64_t rot_dim, const int32_t* positions, const float* inv_freq, float mscale,
+            bool interleaved) override {
+    const int64_t half = rot_dim / 2;
+    std::vector<float> cs(half), sn(half);
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = static_cast<double>(positions[t]) * inv_freq[i];
+        cs[i] = static_cast<float>(std::cos(angle)) * mscale;
+        sn[i] = static_cast<float>(std::sin(angle)) * mscale;
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = x + t * stride + h * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const int64_t a = interleaved ? 2 * i : i;
+          const int64_t b = interleaved ? 2 * i + 1 : i + half;
+          const float x0 = v[a], x1 = v[b];
+          v[a] = x0 * cs[i] - x1 * sn[i];
+          v[b] = x1 * cs[i] + x0 * sn[i];
+        }
+      }
+    }
+  }
+
+  void CausalAttention(const AttentionShape& s, const float* q, const float* k, const float* v,
+                       float* out) override {
+    const int64_t group = s.heads / s.kv_heads;
+    const int64_t past = s.ctx - s.num_new;
+    std::vector<float> scores(static_cast<size_t>(s.num_new * s.ctx));
+    for (int64_t h = 0; h < s.heads; ++h) {
+      const int64_t g = h / group;
+      const float* qh = q + h * s.qk_dim;
+      const float* kg = k + g * s.qk_dim;
+      const float* vg = v + g * s.v_dim;
+      float* oh = out + h * s.v_dim;
+      const int64_t out_stride = s.heads * s.v_dim;
+      // scores[i, j] = scale * q_i · k_j over all cache rows; masked below.
+      if (s.num_new == 1) {
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, s.ctx, s.qk_dim, s.scale, kg, s.k_stride, qh, 1,
+                    0.0f, scores.data(), 1);
+      } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.num_new, s.ctx, s.qk_dim, s.scale,
+                    qh, s.q_stride, kg, s.k_stride, 0.0f, scores.data(), s.ctx);
+      }
+      for (int64_t i = 0; i < s.num_new; ++i) {
+        float* row = scores.data() + i * s.ctx;
+        const int64_t visible = past + i + 1;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, row[j]);
+        float sum = 0;
+        for (int64_t j = 0; j < visible; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
+        for (int64_t j = visible; j < s.ctx; ++j) row[j] = 0.0f;
+      }
+      if (s.num_new == 1) {
+        cblas_sgemv(CblasRowMajor, CblasTrans, s.ctx, s.v_dim, 1.0f, vg, s.v_stride,
+                    scores.data(), 1, 0.0f, oh, 1);
+      } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s.num_new, s.v_dim, s.ctx, 1.0f,
+                    scores.data(), s.ctx, vg, s.v_stride, 0.0f, oh, out_stride);
+      }
+    }
+  }
+
+  void SiluMul(const float* gate, const float* up, int64_t n, float* out) override {
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = gate[i];
+      out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+  }
+
+  void ExpertFfn(const float* x, int64_t m, int64_t hidden, int64_t inter, const float* w1,
+                 const float* w3, const float* w2, float* workspace, float* y) override {
+    float* g = workspace;
+    float* u = workspace + m * inter;
+    MatMulT(x, m, hidden, w1, inter, g, false);
+    MatMulT(x, m, hidden, w3, inter, u, false);
+    SiluMul(g, u, m * inter, g);
+    MatMulT(g, m, inter, w2, hidden, y, false);
+  }
+
+  void SoftmaxTopK(const float* logits, int64_t t, int64_t e, int k, bool renormalize,
+                   int32_t* ids, float* weights) override {
+    std::vector<float> p(e);
+    std::vector<int32_t> order(e);
+    for (int64_t r = 0; r < t; ++r) {
+      const float* l = logits + r * e;
+      const float mx = *std::max_element(l, l + e);
+      float sum = 0;
+      for (int64_t i = 0; i < e; ++i) sum += (p[i] = std::exp(l[i] - mx));
+      for (int64_t i = 0; i < e; ++i) p[i] /= sum;
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+        return p[a] > p[b] || (p[a] == p[b] && a < b);
+      });
+      float chosen = 0;
+      for (int i = 0; i < k; ++i) chosen += p[order[i]];
+      for (int i = 0; i < k; ++i) {
+        ids[r * k + i] = order[i];
+        weights[r * k + i] = renormalize ? p[order[i]] / chosen : p[order[i]];
+      }
+    }
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<ComputeBackend> MakeCpuBackend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace moemesh

@@ -1,0 +1,89 @@
+// Engine: the dense half of an MoE transformer, with the MoE blocks behind MoeLayer.
+//
+// It owns embeddings, attention with a per-sequence KV cache, norms and the LM head. Step
+// runs one forward pass over any mix of sequences (prefill chunks and decode tokens
+// together), issuing one MoeLayer::Forward per MoE layer for the whole batch; that is what
+// makes continuous batching amortise the router's network cost. The single-process engine is
+// this class with an in-process MoeDispatcher; the gateway is this class with a router client.
+//
+// Threading: Step may be called by one thread at a time; the Sequence objects passed to it
+// must not be touched by others meanwhile. Loading is thread-compatible.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "services/compute/backend.h"
+#include "services/model/config.h"
+#include "services/model/safetensors.h"
+#include "services/moe/moe_layer.h"
+#include "services/tensor/tensor.h"
+
+namespace moemesh {
+
+// The KV cache and length of one sequence. Rows past length() are scratch: a failed step
+// leaves length() unchanged, so the sequence can continue or be retried.
+class Sequence {
+ public:
+  int64_t length() const { return length_; }
+
+ private:
+  friend class Engine;
+  int64_t length_ = 0;
+  int64_t capacity_ = 0;
+  std::vector<std::vector<float>> k_;  // per layer: [capacity, k_row] (MLA: compressed latent)
+  std::vector<std::vector<float>> v_;  // per layer: [capacity, v_row] (MLA: unused)
+};
+
+struct StepInput {
+  Sequence* seq = nullptr;
+  absl::Span<const int32_t> tokens;  // appended at positions seq->length() ...
+  bool all_logits = false;           // logits of every new token, else of the last only
+};
+
+class Engine {
+ public:
+  // Loads the dense weights from `ckpt`. `moe` handles every MoE layer; backend and moe must
+  // outlive the engine.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Engine>> Load(const Checkpoint& ckpt,
+                                                                    const ModelConfig& cfg,
+                                                                    ComputeBackend* backend,
+                                                                    MoeLayer* moe);
+  ~Engine();
+
+  const ModelConfig& config() const { return cfg_; }
+  std::unique_ptr<Sequence> NewSequence() const;
+
+  // One forward pass. Returns per input its logits, [n or 1, vocab]. On error no sequence
+  // advances. INVALID_ARGUMENT for out-of-range tokens or a sequence past max positions.
+  [[nodiscard]] absl::StatusOr<std::vector<Tensor>> Step(absl::Span<const StepInput> inputs,
+                                                         const CallOptions& opts = {});
+
+  // Logits of every position of `tokens` from an empty context: [n, vocab].
+  [[nodiscard]] absl::StatusOr<Tensor> Score(absl::Span<const int32_t> tokens,
+                                             const CallOptions& opts = {});
+
+ private:
+  struct Layer;
+  Engine() = default;
+  absl::Status Attention(int layer, absl::Span<const StepInput> inputs, const float* xn,
+                         int64_t t, const std::vector<int32_t>& positions, float* out);
+  void Reserve(Sequence* seq, int64_t needed) const;
+
+  ModelConfig cfg_;
+  ComputeBackend* backend_ = nullptr;
+  MoeLayer* moe_ = nullptr;
+  Tensor embed_;    // [vocab, hidden]
+  Tensor norm_;     // [hidden]
+  Tensor lm_head_;  // [vocab, hidden]
+  std::vector<float> inv_freq_;
+  float rope_mscale_ = 1.0f;
+  float attn_scale_ = 1.0f;
+  int64_t k_row_ = 0, v_row_ = 0;  // floats per cached token per layer
+  std::vector<std::unique_ptr<Layer>> layers_;
+};
+
+}  // namespace moemesh

@@ -1,0 +1,43 @@
+// InprocModel: the single-process engine, assembled.
+//
+// The mesh with its transports replaced by function calls: the same Gate and MoeDispatcher
+// the router runs, over LocalExpertGroups that split the experts as G workers would. This is
+// the yardstick the mesh is tested against.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "services/compute/backend.h"
+#include "services/engine/engine.h"
+#include "services/model/config.h"
+#include "services/model/safetensors.h"
+#include "services/moe/moe_layer.h"
+
+namespace moemesh {
+
+struct InprocOptions {
+  int groups = 1;        // local expert groups the experts are split over
+  int top_k = 0;         // overrides num_experts_per_tok when > 0
+};
+
+// Applies overrides (top-k) to a loaded config; INVALID_ARGUMENT when out of range.
+[[nodiscard]] absl::Status ApplyTopKOverride(int top_k, ModelConfig* cfg);
+
+// The experts of group `g` of `groups` under the default placement: routed experts split
+// evenly (contiguous ranges) in every MoE layer; shared experts go to group 0.
+std::vector<ExpertKey> DefaultPlacement(const ModelConfig& cfg, int g, int groups);
+
+struct InprocModel {
+  std::unique_ptr<Checkpoint> checkpoint;
+  ModelConfig config;
+  std::unique_ptr<ComputeBackend> backend;
+  std::unique_ptr<MoeDispatcher> moe;
+  std::unique_ptr<Engine> engine;
+
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<InprocModel>> Load(
+      const std::string& dir, const InprocOptions& options = {});
+};
+
+}  // namespace moemesh

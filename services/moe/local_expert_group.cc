@@ -1,0 +1,157 @@
+#include "services/moe/local_expert_group.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/string_view.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "services/common/status_macros.h"
+
+namespace moemesh {
+
+absl::Status ValidateExpertBatch(const ExpertBatch& b, int64_t hidden, int num_experts) {
+  if (b.tokens.empty() || b.tokens.rank() != 2 || b.tokens.dim(1) != hidden) {
+    return absl::InvalidArgumentError(absl::StrCat("tokens must be [n, ", hidden, "], got ",
+                                                   b.tokens.empty() ? "none" : b.tokens.ShapeString()));
+  }
+  const int64_t n = b.tokens.dim(0);
+  if (static_cast<int64_t>(b.offsets.size()) != n + 1 || b.offsets[0] != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("offsets must have ", n + 1,
+                                                   " entries starting at 0, got ", b.offsets.size()));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (b.offsets[i + 1] < b.offsets[i]) {
+      return absl::InvalidArgumentError(absl::StrCat("offsets decrease at token ", i));
+    }
+  }
+  if (static_cast<size_t>(b.offsets[n]) != b.assignments.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("offsets end at ", b.offsets[n], " but there are ",
+                                                   b.assignments.size(), " assignments"));
+  }
+  for (const ExpertAssignment& a : b.assignments) {
+    if (!std::isfinite(a.weight)) return absl::InvalidArgumentError("assignment weight is not finite");
+    if (a.expert != kSharedExpertId && (a.expert < 0 || a.expert >= num_experts)) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", b.layer, " has no expert ", a.expert,
+                                                     " (experts are 0..", num_experts - 1, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<LocalExpertGroup>> LocalExpertGroup::Load(
+    const Checkpoint& ckpt, const ModelConfig& cfg, std::vector<ExpertKey> experts,
+    ComputeBackend* backend, std::string name) {
+  std::unique_ptr<LocalExpertGroup> g(new LocalExpertGroup());
+  g->name_ = std::move(name);
+  g->backend_ = backend;
+  g->hidden_ = cfg.hidden_size;
+  g->num_experts_ = cfg.num_experts;
+  std::sort(experts.begin(), experts.end());
+  experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
+  for (const ExpertKey& key : experts) {
+    if (key.layer < 0 || key.layer >= cfg.num_layers || !cfg.IsMoeLayer(key.layer)) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", key.layer, " is not an MoE layer"));
+    }
+    if (key.expert != kSharedExpertId && (key.expert < 0 || key.expert >= cfg.num_experts)) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", key.layer, " has no expert ", key.expert));
+    }
+    if (key.expert == kSharedExpertId && cfg.n_shared_experts == 0) {
+      return absl::InvalidArgumentError("the model has no shared experts");
+    }
+    const bool shared = key.expert == kSharedExpertId;
+    const ExpertTensorNames names =
+        shared ? SharedExpertNames(cfg, key.layer) : RoutedExpertNames(cfg, key.layer, key.expert);
+    const int64_t inter =
+        static_cast<int64_t>(cfg.moe_intermediate_size) * (shared ? cfg.n_shared_experts : 1);
+    const int64_t h = cfg.hidden_size;
+    ExpertWeights w;
+    ASSIGN_OR_RETURN(w.w1, ckpt.LoadF32(names.gate, std::vector<int64_t>{inter, h}));
+    ASSIGN_OR_RETURN(w.w3, ckpt.LoadF32(names.up, std::vector<int64_t>{inter, h}));
+    ASSIGN_OR_RETURN(w.w2, ckpt.LoadF32(names.down, std::vector<int64_t>{h, inter}));
+    g->weight_bytes_ += 3 * inter * h * 4;
+    g->weights_.emplace(key, std::move(w));
+  }
+  g->experts_ = std::move(experts);
+  return g;
+}
+
+void LocalExpertGroup::RunExpertsAsync(std::shared_ptr<const ExpertBatch> batch,
+                                       const CallOptions& opts, ExpertDone done) {
+  if (opts.cancel && opts.cancel->cancelled()) {
+    done(absl::CancelledError("cancelled"));
+    return;
+  }
+  done(Run(*batch));
+}
+
+absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
+  RETURN_IF_ERROR(ValidateExpertBatch(b, hidden_, num_experts_));
+  const int64_t n = b.num_tokens();
+  // Bucket (token, weight) pairs by expert. Experts are visited in id order, so a token's
+  // contributions are summed in a fixed order whatever the batch composition.
+  absl::flat_hash_map<int32_t, std::vector<std::pair<int32_t, float>>> by_expert;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int32_t a = b.offsets[i]; a < b.offsets[i + 1]; ++a) {
+      const ExpertAssignment& as = b.assignments[a];
+      if (!weights_.contains(ExpertKey{b.layer, as.expert})) {
+        return absl::NotFoundError(absl::StrCat("expert (layer ", b.layer, ", expert ",
+                                                as.expert == kSharedExpertId ? std::string("shared")
+                                                                             : absl::StrCat(as.expert),
+                                                ") is not held by ", name_));
+      }
+      by_expert[as.expert].push_back({static_cast<int32_t>(i), as.weight});
+    }
+  }
+  std::vector<int32_t> order;
+  for (const auto& [e, _] : by_expert) order.push_back(e);
+  std::sort(order.begin(), order.end());
+
+  Tensor out = Tensor::Zeros({n, hidden_});
+  std::vector<float> x, y, work;
+  for (int32_t e : order) {
+    const auto& rows = by_expert[e];
+    const ExpertWeights& w = weights_.at(ExpertKey{b.layer, e});
+    const int64_t m = static_cast<int64_t>(rows.size());
+    const int64_t inter = w.w1.dim(0);
+    x.resize(m * hidden_);
+    y.resize(m * hidden_);
+    work.resize(2 * m * inter);
+    for (int64_t r = 0; r < m; ++r) {
+      std::memcpy(x.data() + r * hidden_, b.tokens.row(rows[r].first), hidden_ * sizeof(float));
+    }
+    backend_->ExpertFfn(x.data(), m, hidden_, inter, w.w1.data(), w.w3.data(), w.w2.data(),
+                        work.data(), y.data());
+    for (int64_t r = 0; r < m; ++r) {
+      float* dst = out.mutable_row(rows[r].first);
+      const float* src = y.data() + r * hidden_;
+      const float wt = rows[r].second;
+      for (int64_t j = 0; j < hidden_; ++j) dst[j] += wt * src[j];
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<int>> ParseIdRanges(absl::string_view spec) {
+  std::vector<int> ids;
+  for (absl::string_view part : absl::StrSplit(spec, ',', absl::SkipWhitespace())) {
+    std::vector<absl::string_view> ends = absl::StrSplit(part, '-');
+    int lo = 0, hi = 0;
+    if (ends.size() == 1 && absl::SimpleAtoi(ends[0], &lo)) {
+      hi = lo;
+    } else if (ends.size() != 2 || !absl::SimpleAtoi(ends[0], &lo) ||
+               !absl::SimpleAtoi(ends[1], &hi) || hi < lo) {
+      return absl::InvalidArgumentError(absl::StrCat("bad id range '", part, "' in '", spec, "'"));
+    }
+    if (lo < 0) return absl::InvalidArgumentError(absl::StrCat("negative id in '", spec, "'"));
+    for (int i = lo; i <= hi; ++i) ids.push_back(i);
+  }
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat("empty id list '", spec, "'"));
+  return ids;
+}
+
+}  // namespace moemesh

@@ -1,0 +1,65 @@
+// LocalExpertGroup: holds the weights of a set of (layer, expert) FFNs and computes them.
+//
+// This is the compute of an expert worker and of the single-process engine. Run groups the
+// tokens of a call by expert, so every expert does one batched GEMM chain per call (never one
+// per token), then scatters the weighted outputs back. Only the tensors of held experts are
+// read from the checkpoint. Run is thread-safe (all scratch space is per call).
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "absl/strings/string_view.h"
+#include "absl/container/flat_hash_map.h"
+#include "services/compute/backend.h"
+#include "services/model/config.h"
+#include "services/model/safetensors.h"
+#include "services/moe/expert_group.h"
+
+namespace moemesh {
+
+struct ExpertWeights {
+  Tensor w1;  // gate_proj: [inter, hidden]
+  Tensor w3;  // up_proj:   [inter, hidden]
+  Tensor w2;  // down_proj: [hidden, inter]
+};
+
+// Expert id used for a layer's shared experts (DeepSeek-V3), which every token visits with
+// weight 1. Routed experts are 0 .. num_experts-1.
+inline constexpr int32_t kSharedExpertId = -1;
+
+class LocalExpertGroup final : public ExpertGroup {
+ public:
+  // Loads `experts` (routed ids, or kSharedExpertId) from `ckpt`. The backend must outlive this.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<LocalExpertGroup>> Load(
+      const Checkpoint& ckpt, const ModelConfig& cfg, std::vector<ExpertKey> experts,
+      ComputeBackend* backend, std::string name = "local");
+
+  std::string name() const override { return name_; }
+  void RunExpertsAsync(std::shared_ptr<const ExpertBatch> batch, const CallOptions& opts,
+                       ExpertDone done) override;
+
+  // Synchronous form. NOT_FOUND naming the (layer, expert) if one is not held.
+  [[nodiscard]] absl::StatusOr<Tensor> Run(const ExpertBatch& batch) const;
+
+  bool Holds(ExpertKey key) const { return weights_.contains(key); }
+  const std::vector<ExpertKey>& experts() const { return experts_; }
+  int64_t hidden() const { return hidden_; }
+  // Bytes of weights this group holds.
+  int64_t weight_bytes() const { return weight_bytes_; }
+
+ private:
+  LocalExpertGroup() = default;
+  std::string name_;
+  ComputeBackend* backend_ = nullptr;
+  int64_t hidden_ = 0;
+  int num_experts_ = 0;
+  int64_t weight_bytes_ = 0;
+  std::vector<ExpertKey> experts_;
+  absl::flat_hash_map<ExpertKey, ExpertWeights> weights_;
+};
+
+// Parses "0-3,6,9-10" into sorted expert ids; INVALID_ARGUMENT on bad syntax.
+[[nodiscard]] absl::StatusOr<std::vector<int>> ParseIdRanges(absl::string_view spec);
+
+}  // namespace moemesh
