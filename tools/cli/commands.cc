@@ -1,0 +1,135 @@
+#include "tools/cli/commands.h"
+
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+
+#include "absl/synchronization/notification.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "nlohmann/json.hpp"
+#include "services/common/status_macros.h"
+#include "services/engine/inproc.h"
+#include "services/engine/scheduler.h"
+#include "services/model/generator.h"
+#include "services/model/tokenizer.h"
+
+namespace moemesh::cli {
+
+absl::Status MakeModel(const MakeModelArgs& a) {
+  if (a.out.empty()) return absl::InvalidArgumentError("--out is required");
+  GeneratorOptions o;
+  if (a.arch != "mixtral") {
+    return absl::InvalidArgumentError(absl::StrCat("unsupported --arch '", a.arch, "' (supported: mixtral)"));
+  }
+  o.config = SmallMixtralConfig(a.vocab, a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads,
+                                a.experts, a.top_k);
+  o.config.max_position_embeddings = a.max_position;
+  if (a.dtype == "f32") {
+    o.dtype = DType::kF32;
+  } else if (a.dtype == "f16") {
+    o.dtype = DType::kF16;
+  } else if (a.dtype == "bf16") {
+    o.dtype = DType::kBF16;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("unsupported --dtype '", a.dtype, "' (f32, f16, bf16)"));
+  }
+  o.seed = a.seed;
+  o.shard_bytes = static_cast<size_t>(a.shard_mb) << 20;
+  RETURN_IF_ERROR(GenerateModel(o, a.out));
+  std::cerr << "wrote " << a.out << "\n";
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Prompt tokens from --tokens or --prompt (through the model's tokenizer).
+absl::StatusOr<std::vector<int32_t>> PromptTokens(const std::string& text,
+                                                  const std::vector<int32_t>& tokens,
+                                                  const Tokenizer* tok) {
+  if (!tokens.empty()) return tokens;
+  if (text.empty()) return absl::InvalidArgumentError("give --prompt TEXT or --tokens 1,2,3");
+  if (tok == nullptr) return absl::FailedPreconditionError("the model has no tokenizer.json; use --tokens");
+  return tok->Encode(text);
+}
+
+void PrintScore(const std::vector<int32_t>& tokens, const Tensor& logits, bool logprobs) {
+  nlohmann::json j;
+  j["tokens"] = tokens;
+  nlohmann::json rows = nlohmann::json::array();
+  const int64_t v = logits.dim(1);
+  for (int64_t r = 0; r < logits.dim(0); ++r) {
+    const float* row = logits.row(r);
+    std::vector<float> out(row, row + v);
+    if (logprobs) {
+      float mx = out[0];
+      for (float x : out) mx = std::max(mx, x);
+      double sum = 0;
+      for (float x : out) sum += std::exp(static_cast<double>(x - mx));
+      const float lse = mx + static_cast<float>(std::log(sum));
+      for (float& x : out) x -= lse;
+    }
+    rows.push_back(out);
+  }
+  j[logprobs ? "logprobs" : "logits"] = rows;
+  std::cout << j.dump() << "\n";
+}
+
+}  // namespace
+
+absl::Status GenerateViaGateway(const Common& c, const GenerateArgs& a);
+absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs);
+
+absl::Status Generate(const Common& c, const GenerateArgs& a) {
+  if (!c.gateway.empty()) return GenerateViaGateway(c, a);
+  if (c.model.empty()) return absl::InvalidArgumentError("give --model DIR or --gateway ADDR");
+  ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, InprocOptions{c.groups, c.top_k}));
+  auto tok = Tokenizer::Load(c.model + "/tokenizer.json");
+  const Tokenizer* tp = tok.ok() ? &*tok : nullptr;
+  ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(a.prompt, a.tokens, tp));
+  const bool text_mode = a.tokens.empty();
+  Scheduler sched(m->engine.get(), SchedulerOptions{});
+  GenerationRequest req;
+  req.prompt = prompt;
+  req.max_tokens = a.max_tokens;
+  req.sampling = a.sampling;
+  absl::Notification done;
+  absl::Status result;
+  int64_t n = 0;
+  const absl::Time start = absl::Now();
+  absl::Time first = start;
+  RETURN_IF_ERROR(sched.Submit(std::move(req), [&](const GenerationEvent& ev) {
+    if (!ev.done) {
+      if (n++ == 0) first = absl::Now();
+      if (text_mode) {
+        std::cout << tp->DecodeOne(ev.token);
+      } else {
+        std::cout << (n > 1 ? "," : "") << ev.token;
+      }
+      std::cout.flush();
+      return;
+    }
+    result = ev.status;
+    done.Notify();
+  }));
+  done.WaitForNotification();
+  std::cout << "\n";
+  const double total = absl::ToDoubleSeconds(absl::Now() - start);
+  std::fprintf(stderr, "[%lld prompt tokens, %lld generated, first token %.3f s, %.1f tokens/s]\n",
+               static_cast<long long>(prompt.size()), static_cast<long long>(n),
+               absl::ToDoubleSeconds(first - start),
+               n > 1 ? (n - 1) / std::max(1e-9, total - absl::ToDoubleSeconds(first - start)) : 0.0);
+  return result;
+}
+
+absl::Status Score(const Common& c, const std::vector<int32_t>& tokens, bool logprobs) {
+  if (tokens.empty()) return absl::InvalidArgumentError("--tokens is required");
+  if (!c.gateway.empty()) return ScoreViaGateway(c, tokens, logprobs);
+  if (c.model.empty()) return absl::InvalidArgumentError("give --model DIR or --gateway ADDR");
+  ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, InprocOptions{c.groups, c.top_k}));
+  ASSIGN_OR_RETURN(Tensor logits, m->engine->Score(tokens));
+  PrintScore(tokens, logits, logprobs);
+  return absl::OkStatus();
+}
+
+}  // namespace moemesh::cli
