@@ -3,26 +3,115 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numbers>
 
 #include "absl/strings/str_cat.h"
 #include "services/common/status_macros.h"
 
 namespace moemesh {
 
+namespace {
+
+// HF's yarn_get_mscale (DeepSeek's model.py inlines the same formula).
+double YarnMscale(double scale, double mscale) {
+  return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+// DeepSeek-V3's rotary frequencies over the qk_rope_head_dim part, with YaRN's correction when
+// rope_scaling is set (precompute_freqs_cis in DeepSeek's inference/model.py, which is HF's
+// DeepseekV3YarnRotaryEmbedding too): dimensions that rotate fewer than beta_slow times over
+// the original context are interpolated (frequency / factor), those rotating more than
+// beta_fast times are kept, with a linear ramp between.
+std::vector<float> MlaInvFreq(const ModelConfig& c) {
+  const int64_t dim = c.qk_rope_head_dim;
+  const double base = c.rope_theta;
+  std::vector<double> freq(dim / 2);
+  for (int64_t i = 0; i < dim / 2; ++i) freq[i] = 1.0 / std::pow(base, static_cast<double>(2 * i) / dim);
+  if (c.HasYarn()) {
+    const double orig = c.rope_original_max_position;
+    auto correction_dim = [&](double rotations) {
+      return dim * std::log(orig / (rotations * 2 * std::numbers::pi)) / (2 * std::log(base));
+    };
+    double low = std::floor(correction_dim(c.rope_beta_fast));
+    double high = std::ceil(correction_dim(c.rope_beta_slow));
+    low = std::max(low, 0.0);
+    high = std::min(high, static_cast<double>(dim - 1));
+    if (low == high) high += 0.001;
+    for (int64_t i = 0; i < dim / 2; ++i) {
+      const double ramp = std::clamp((static_cast<double>(i) - low) / (high - low), 0.0, 1.0);
+      const double smooth = 1.0 - ramp;  // 1: keep the frequency, 0: interpolate it
+      freq[i] = freq[i] / c.rope_factor * (1.0 - smooth) + freq[i] * smooth;
+    }
+  }
+  return std::vector<float>(freq.begin(), freq.end());
+}
+
+// RMSNorm eps of q_a_layernorm and kv_a_layernorm: HF's DeepseekV3Attention builds them with
+// the RMSNorm default (1e-6) rather than config.rms_norm_eps, and so does DeepSeek's model.py.
+constexpr float kMlaLatentNormEps = 1e-6f;
+
+}  // namespace
+
 struct Engine::Layer {
   Tensor input_norm;  // [hidden]
   Tensor post_norm;   // [hidden]
   // GQA attention (Mixtral).
-  Tensor wq;  // [heads * head_dim, hidden]
+  Tensor wq;  // [heads * head_dim, hidden]; MLA without q_lora: [heads * qk_head, hidden]
   Tensor wk;  // [kv_heads * head_dim, hidden]
   Tensor wv;  // [kv_heads * head_dim, hidden]
-  Tensor wo;  // [hidden, heads * head_dim]
+  Tensor wo;  // [hidden, heads * head_dim]; MLA: [hidden, heads * v_head_dim]
+  // MLA attention (DeepSeek-V3); qk_head = qk_nope_head_dim + qk_rope_head_dim.
+  Tensor wq_a;       // [q_lora, hidden] (when q_lora_rank > 0)
+  Tensor q_a_norm;   // [q_lora]
+  Tensor wq_b;       // [heads * qk_head, q_lora]
+  Tensor wkv_a;      // [kv_lora + qk_rope, hidden]
+  Tensor kv_a_norm;  // [kv_lora]
+  Tensor wkv_b;      // [heads * (qk_nope + v_head), kv_lora]
+  // Per head, the k_nope rows of wkv_b transposed: [heads, kv_lora, qk_nope]. Absorbing them
+  // into the query lets scores be taken against the cached latent directly.
+  Tensor w_uk_t;
   // Dense FFN for layers that are not MoE layers.
   bool dense = false;
   Tensor w1, w3, w2;
 };
 
 Engine::~Engine() = default;
+
+int64_t Sequence::cache_floats() const {
+  int64_t n = 0;
+  for (const auto& k : k_) n += static_cast<int64_t>(k.size());
+  for (const auto& v : v_) n += static_cast<int64_t>(v.size());
+  return n;
+}
+
+absl::Status Engine::LoadMla(const Checkpoint& ckpt, int l, Layer* layer) const {
+  const ModelConfig& c = cfg_;
+  const int64_t h = c.hidden_size, nh = c.num_heads;
+  const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
+  const int64_t qk = nope + rope, kvl = c.kv_lora_rank;
+  const std::string p = LayerPrefix(l) + "self_attn.";
+  using Shape = std::vector<int64_t>;
+  if (c.q_lora_rank > 0) {
+    const int64_t ql = c.q_lora_rank;
+    ASSIGN_OR_RETURN(layer->wq_a, ckpt.LoadF32(p + "q_a_proj.weight", Shape{ql, h}));
+    ASSIGN_OR_RETURN(layer->q_a_norm, ckpt.LoadF32(p + "q_a_layernorm.weight", Shape{ql}));
+    ASSIGN_OR_RETURN(layer->wq_b, ckpt.LoadF32(p + "q_b_proj.weight", Shape{nh * qk, ql}));
+  } else {
+    ASSIGN_OR_RETURN(layer->wq, ckpt.LoadF32(p + "q_proj.weight", Shape{nh * qk, h}));
+  }
+  ASSIGN_OR_RETURN(layer->wkv_a, ckpt.LoadF32(p + "kv_a_proj_with_mqa.weight", Shape{kvl + rope, h}));
+  ASSIGN_OR_RETURN(layer->kv_a_norm, ckpt.LoadF32(p + "kv_a_layernorm.weight", Shape{kvl}));
+  ASSIGN_OR_RETURN(layer->wkv_b, ckpt.LoadF32(p + "kv_b_proj.weight", Shape{nh * (nope + vd), kvl}));
+  ASSIGN_OR_RETURN(layer->wo, ckpt.LoadF32(p + "o_proj.weight", Shape{h, nh * vd}));
+  layer->w_uk_t = Tensor::Zeros({nh, kvl, std::max<int64_t>(nope, 1)});
+  for (int64_t hd = 0; hd < nh; ++hd) {
+    const float* src = layer->wkv_b.data() + hd * (nope + vd) * kvl;  // [nope, kvl]
+    float* dst = layer->w_uk_t.mutable_data() + hd * kvl * nope;      // [kvl, nope]
+    for (int64_t i = 0; i < nope; ++i)
+      for (int64_t j = 0; j < kvl; ++j) dst[j * nope + i] = src[i * kvl + j];
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, const ModelConfig& cfg,
                                                      ComputeBackend* backend, MoeLayer* moe) {
@@ -39,15 +128,20 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
     ASSIGN_OR_RETURN(e->lm_head_, ckpt.LoadF32("lm_head.weight", std::vector<int64_t>{v, h}));
   }
   const int64_t hd = cfg.head_dim, nh = cfg.num_heads, nkv = cfg.num_kv_heads;
+  // Layers past num_layers (DeepSeek's multi-token-prediction layers) are never read.
   for (int l = 0; l < cfg.num_layers; ++l) {
     auto layer = std::make_unique<Layer>();
     const std::string p = LayerPrefix(l);
     ASSIGN_OR_RETURN(layer->input_norm, ckpt.LoadF32(p + "input_layernorm.weight", std::vector<int64_t>{h}));
     ASSIGN_OR_RETURN(layer->post_norm, ckpt.LoadF32(p + "post_attention_layernorm.weight", std::vector<int64_t>{h}));
-    ASSIGN_OR_RETURN(layer->wq, ckpt.LoadF32(p + "self_attn.q_proj.weight", std::vector<int64_t>{nh * hd, h}));
-    ASSIGN_OR_RETURN(layer->wk, ckpt.LoadF32(p + "self_attn.k_proj.weight", std::vector<int64_t>{nkv * hd, h}));
-    ASSIGN_OR_RETURN(layer->wv, ckpt.LoadF32(p + "self_attn.v_proj.weight", std::vector<int64_t>{nkv * hd, h}));
-    ASSIGN_OR_RETURN(layer->wo, ckpt.LoadF32(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, nh * hd}));
+    if (cfg.IsMla()) {
+      RETURN_IF_ERROR(e->LoadMla(ckpt, l, layer.get()));
+    } else {
+      ASSIGN_OR_RETURN(layer->wq, ckpt.LoadF32(p + "self_attn.q_proj.weight", std::vector<int64_t>{nh * hd, h}));
+      ASSIGN_OR_RETURN(layer->wk, ckpt.LoadF32(p + "self_attn.k_proj.weight", std::vector<int64_t>{nkv * hd, h}));
+      ASSIGN_OR_RETURN(layer->wv, ckpt.LoadF32(p + "self_attn.v_proj.weight", std::vector<int64_t>{nkv * hd, h}));
+      ASSIGN_OR_RETURN(layer->wo, ckpt.LoadF32(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, nh * hd}));
+    }
     if (!cfg.IsMoeLayer(l)) {
       layer->dense = true;
       const ExpertTensorNames n = DenseMlpNames(cfg, l);
@@ -57,6 +151,26 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
       ASSIGN_OR_RETURN(layer->w2, ckpt.LoadF32(n.down, std::vector<int64_t>{h, inter}));
     }
     e->layers_.push_back(std::move(layer));
+  }
+  if (cfg.IsMla()) {
+    e->inv_freq_ = MlaInvFreq(cfg);
+    double scale = 1.0 / std::sqrt(static_cast<double>(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim));
+    if (cfg.HasYarn()) {
+      // Softmax scale × mscale², mscale = 0.1 · mscale_all_dim · ln(factor) + 1 (HF's
+      // DeepseekV3Attention; DeepSeek's model.py uses its `mscale`, which R1's config sets equal
+      // to mscale_all_dim). cos/sin are scaled by yarn_mscale(mscale) / yarn_mscale(mscale_all_dim)
+      // as HF does, which is 1 whenever the two are equal, as in every published config.
+      if (cfg.rope_mscale_all_dim != 0.0f) {
+        const double m = YarnMscale(cfg.rope_factor, cfg.rope_mscale_all_dim);
+        scale *= m * m;
+      }
+      e->rope_mscale_ = static_cast<float>(YarnMscale(cfg.rope_factor, cfg.rope_mscale) /
+                                           YarnMscale(cfg.rope_factor, cfg.rope_mscale_all_dim));
+    }
+    e->attn_scale_ = static_cast<float>(scale);
+    e->k_row_ = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+    e->v_row_ = 0;
+    return e;
   }
   // HF: inv_freq[i] = theta^(-2i / head_dim), computed in float32 as HF does.
   for (int64_t i = 0; i < hd / 2; ++i) {
@@ -87,8 +201,102 @@ void Engine::Reserve(Sequence* seq, int64_t needed) const {
   seq->capacity_ = cap;
 }
 
+absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, const float* xn,
+                                  int64_t t, const std::vector<int32_t>& positions, float* out) {
+  const Layer& L = *layers_[l];
+  const int64_t h = cfg_.hidden_size, nh = cfg_.num_heads;
+  const int64_t nope = cfg_.qk_nope_head_dim, rope = cfg_.qk_rope_head_dim, vd = cfg_.v_head_dim;
+  const int64_t qk = nope + rope, kvl = cfg_.kv_lora_rank, row = kvl + rope;  // row == k_row_
+
+  // q: [t, nh, qk], through the q LoRA (q_a_proj, q_a_layernorm, q_b_proj) or q_proj.
+  std::vector<float> q(t * nh * qk);
+  if (cfg_.q_lora_rank > 0) {
+    const int64_t ql = cfg_.q_lora_rank;
+    std::vector<float> qa(t * ql);
+    backend_->MatMulT(xn, t, h, L.wq_a.data(), ql, qa.data());
+    backend_->RmsNorm(qa.data(), L.q_a_norm.data(), t, ql, kMlaLatentNormEps, qa.data());
+    backend_->MatMulT(qa.data(), t, ql, L.wq_b.data(), nh * qk, q.data());
+  } else {
+    backend_->MatMulT(xn, t, h, L.wq.data(), nh * qk, q.data());
+  }
+  // Decoupled RoPE on the last qk_rope dims of each head, adjacent pairs as DeepSeek does (HF
+  // checkpoints store q_b_proj/kv_a_proj unpermuted; HF's modeling code de-interleaves q and k
+  // alike before rotate_half, which gives the same dot products).
+  backend_->Rope(q.data() + nope, t, nh, qk, nh * qk, rope, positions.data(), inv_freq_.data(),
+                 rope_mscale_, /*interleaved=*/true);
+  // kv: [t, kv_lora + rope] = [normalised latent | rotated shared key], the cache row.
+  std::vector<float> kv(t * row);
+  backend_->MatMulT(xn, t, h, L.wkv_a.data(), row, kv.data());
+  for (int64_t i = 0; i < t; ++i) {
+    backend_->RmsNorm(kv.data() + i * row, L.kv_a_norm.data(), 1, kvl, kMlaLatentNormEps,
+                      kv.data() + i * row);
+  }
+  backend_->Rope(kv.data() + kvl, t, 1, row, row, rope, positions.data(), inv_freq_.data(),
+                 rope_mscale_, /*interleaved=*/true);
+
+  // Absorbed query per head: [q_nope · W_uk (kv_lora) | q_pe (rope)], so that its dot product
+  // with a cache row equals q_nope · k_nope + q_pe · k_pe of the expanded keys.
+  std::vector<float> qa(t * nh * row);
+  std::vector<float> gather(t * std::max(nope, kvl)), lat(t * kvl);
+  for (int64_t hd = 0; hd < nh; ++hd) {
+    if (nope > 0) {
+      for (int64_t i = 0; i < t; ++i) {
+        std::memcpy(gather.data() + i * nope, q.data() + (i * nh + hd) * qk, nope * sizeof(float));
+      }
+      backend_->MatMulT(gather.data(), t, nope, L.w_uk_t.data() + hd * kvl * nope, kvl, lat.data());
+    } else {
+      std::fill(lat.begin(), lat.end(), 0.0f);
+    }
+    for (int64_t i = 0; i < t; ++i) {
+      float* dst = qa.data() + (i * nh + hd) * row;
+      std::memcpy(dst, lat.data() + i * kvl, kvl * sizeof(float));
+      std::memcpy(dst + kvl, q.data() + (i * nh + hd) * qk + nope, rope * sizeof(float));
+    }
+  }
+
+  // Attention over the latent cache: one shared key/value head (MQA in latent space); the
+  // values are the latent part of each cache row.
+  std::vector<float> attn(t * nh * kvl);
+  int64_t r0 = 0;
+  for (const StepInput& in : inputs) {
+    Sequence* s = in.seq;
+    const int64_t n = static_cast<int64_t>(in.tokens.size());
+    float* cache = s->k_[l].data();
+    std::memcpy(cache + s->length_ * row, kv.data() + r0 * row, n * row * sizeof(float));
+    AttentionShape as;
+    as.num_new = n;
+    as.ctx = s->length_ + n;
+    as.heads = nh;
+    as.kv_heads = 1;
+    as.qk_dim = row;
+    as.v_dim = kvl;
+    as.q_stride = nh * row;
+    as.k_stride = row;
+    as.v_stride = row;
+    as.scale = attn_scale_;
+    backend_->CausalAttention(as, qa.data() + r0 * nh * row, cache, cache, attn.data() + r0 * nh * kvl);
+    r0 += n;
+  }
+
+  // Per head, expand the attended latent with the value rows of kv_b_proj: [t, nh, v_head].
+  std::vector<float> o(t * nh * vd), ov(t * vd);
+  for (int64_t hd = 0; hd < nh; ++hd) {
+    for (int64_t i = 0; i < t; ++i) {
+      std::memcpy(gather.data() + i * kvl, attn.data() + (i * nh + hd) * kvl, kvl * sizeof(float));
+    }
+    const float* w_uv = L.wkv_b.data() + (hd * (nope + vd) + nope) * kvl;  // [v_head, kv_lora]
+    backend_->MatMulT(gather.data(), t, kvl, w_uv, vd, ov.data());
+    for (int64_t i = 0; i < t; ++i) {
+      std::memcpy(o.data() + (i * nh + hd) * vd, ov.data() + i * vd, vd * sizeof(float));
+    }
+  }
+  backend_->MatMulT(o.data(), t, nh * vd, L.wo.data(), h, out, /*accumulate=*/true);
+  return absl::OkStatus();
+}
+
 absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const float* xn, int64_t t,
                                const std::vector<int32_t>& positions, float* out) {
+  if (cfg_.IsMla()) return MlaAttention(l, inputs, xn, t, positions, out);
   const Layer& L = *layers_[l];
   const int64_t h = cfg_.hidden_size, hd = cfg_.head_dim, nh = cfg_.num_heads, nkv = cfg_.num_kv_heads;
   std::vector<float> q(t * nh * hd), k(t * nkv * hd), v(t * nkv * hd), attn(t * nh * hd);

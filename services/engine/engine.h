@@ -6,6 +6,12 @@
 // makes continuous batching amortise the router's network cost. The single-process engine is
 // this class with an in-process MoeDispatcher; the gateway is this class with a router client.
 //
+// Attention is chosen by the config: grouped-query attention (Mixtral) with a per-head K/V
+// cache, or DeepSeek-V3's multi-head latent attention (MLA), whose cache holds per token only
+// the normalised KV latent (kv_lora_rank) and the rotated shared key part (qk_rope_head_dim).
+// MLA attends in the latent space with kv_b_proj absorbed into the query and the output (as
+// DeepSeek's inference/model.py does with attn_impl="absorb"), so the cache is never expanded.
+//
 // Threading: Step may be called by one thread at a time; the Sequence objects passed to it
 // must not be touched by others meanwhile. Loading is thread-compatible.
 #pragma once
@@ -29,6 +35,10 @@ namespace moemesh {
 class Sequence {
  public:
   int64_t length() const { return length_; }
+  // Token rows allocated in the cache of each layer (>= length()).
+  int64_t capacity() const { return capacity_; }
+  // Floats allocated for this sequence's cache, over all layers.
+  int64_t cache_floats() const;
 
  private:
   friend class Engine;
@@ -56,6 +66,11 @@ class Engine {
 
   const ModelConfig& config() const { return cfg_; }
   std::unique_ptr<Sequence> NewSequence() const;
+  // Floats the KV cache holds per token per layer: 2 * kv_heads * head_dim for GQA,
+  // kv_lora_rank + qk_rope_head_dim for MLA.
+  int64_t cache_floats_per_token_per_layer() const { return k_row_ + v_row_; }
+  // Softmax scale of attention scores (with YaRN's mscale² for MLA when rope_scaling is set).
+  float attention_scale() const { return attn_scale_; }
 
   // One forward pass. Returns per input its logits, [n or 1, vocab]. On error no sequence
   // advances. INVALID_ARGUMENT for out-of-range tokens or a sequence past max positions.
@@ -71,6 +86,9 @@ class Engine {
   Engine() = default;
   absl::Status Attention(int layer, absl::Span<const StepInput> inputs, const float* xn,
                          int64_t t, const std::vector<int32_t>& positions, float* out);
+  absl::Status MlaAttention(int layer, absl::Span<const StepInput> inputs, const float* xn,
+                            int64_t t, const std::vector<int32_t>& positions, float* out);
+  [[nodiscard]] absl::Status LoadMla(const Checkpoint& ckpt, int layer, Layer* out) const;
   void Reserve(Sequence* seq, int64_t needed) const;
 
   ModelConfig cfg_;

@@ -12,7 +12,10 @@ absl::Status ApplyTopKOverride(int top_k, ModelConfig* cfg) {
     return absl::InvalidArgumentError(absl::StrCat("top-k ", top_k, " exceeds the ", cfg->num_experts,
                                                    " experts of the model"));
   }
-  cfg->top_k = top_k;
+  ModelConfig changed = *cfg;
+  changed.top_k = top_k;
+  RETURN_IF_ERROR(ValidateRouting(changed), "top-k override");
+  *cfg = changed;
   return absl::OkStatus();
 }
 
@@ -36,6 +39,9 @@ absl::StatusOr<std::unique_ptr<InprocModel>> InprocModel::Load(const std::string
     return absl::InvalidArgumentError(absl::StrCat("groups must be in [1, ", m->config.num_experts, "]"));
   }
   ASSIGN_OR_RETURN(m->checkpoint, Checkpoint::Open(dir));
+  if (m->config.fp8_block_rows > 0) {
+    m->checkpoint->set_fp8_block(m->config.fp8_block_rows, m->config.fp8_block_cols);
+  }
   m->backend = MakeCpuBackend();
   std::vector<MoeDispatcher::GroupEntry> groups;
   for (int g = 0; g < options.groups; ++g) {

@@ -1,8 +1,12 @@
 #include "services/model/config.h"
 
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
 #include "services/common/status_macros.h"
 
@@ -30,6 +34,159 @@ absl::Status Get(const json& j, const char* key, T* out, const std::string& sour
 absl::Status Positive(int v, const char* key, const std::string& source) {
   if (v <= 0) return absl::InvalidArgumentError(absl::StrCat(source, ": '", key, "' must be positive, got ", v));
   return absl::OkStatus();
+}
+
+
+absl::Status Invalid(const std::string& source, absl::string_view key, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat(source, ": '", key, "' ", what));
+}
+
+// rope_scaling: null, or {"type" (or "rope_type"): "yarn", factor, original_max_position_embeddings,
+// beta_fast, beta_slow, mscale, mscale_all_dim}. Defaults are those of HF's DeepseekV3 code.
+absl::Status ParseRopeScaling(const json& j, const std::string& source, ModelConfig* c) {
+  if (!j.contains("rope_scaling") || j["rope_scaling"].is_null()) return absl::OkStatus();
+  const json& r = j["rope_scaling"];
+  if (!r.is_object()) return Invalid(source, "rope_scaling", "must be null or an object");
+  std::string type;
+  const std::string src = source + ": rope_scaling";
+  RETURN_IF_ERROR(Get(r, "type", &type, src));
+  RETURN_IF_ERROR(Get(r, "rope_type", &type, src));
+  if (type != "yarn") {
+    return Invalid(source, "rope_scaling.type",
+                   absl::StrCat("'", type, "' is not supported (supported: yarn, or null)"));
+  }
+  c->rope_factor = 1.0f;
+  RETURN_IF_ERROR(Get(r, "factor", &c->rope_factor, src, true));
+  c->rope_original_max_position = c->max_position_embeddings;
+  RETURN_IF_ERROR(Get(r, "original_max_position_embeddings", &c->rope_original_max_position, src, true));
+  RETURN_IF_ERROR(Get(r, "beta_fast", &c->rope_beta_fast, src));
+  RETURN_IF_ERROR(Get(r, "beta_slow", &c->rope_beta_slow, src));
+  RETURN_IF_ERROR(Get(r, "mscale", &c->rope_mscale, src));
+  RETURN_IF_ERROR(Get(r, "mscale_all_dim", &c->rope_mscale_all_dim, src));
+  if (!(c->rope_factor >= 1.0f) || !std::isfinite(c->rope_factor)) {
+    return Invalid(source, "rope_scaling.factor", absl::StrCat("must be >= 1, got ", c->rope_factor));
+  }
+  if (c->rope_original_max_position <= 0) {
+    return Invalid(source, "rope_scaling.original_max_position_embeddings", "must be positive");
+  }
+  if (!(c->rope_beta_fast > 0.0f) || !(c->rope_beta_slow > 0.0f)) {
+    return Invalid(source, "rope_scaling.beta_fast/beta_slow", "must be positive");
+  }
+  if (!std::isfinite(c->rope_mscale) || !std::isfinite(c->rope_mscale_all_dim)) {
+    return Invalid(source, "rope_scaling.mscale", "must be finite");
+  }
+  return absl::OkStatus();
+}
+
+// quantization_config: absent/null, or {quant_method: fp8, weight_block_size: [rows, cols]}
+// as in the published DeepSeek-V3/R1 checkpoints.
+absl::Status ParseQuantization(const json& j, const std::string& source, ModelConfig* c) {
+  if (!j.contains("quantization_config") || j["quantization_config"].is_null()) return absl::OkStatus();
+  const json& q = j["quantization_config"];
+  if (!q.is_object()) return Invalid(source, "quantization_config", "must be an object");
+  const std::string src = source + ": quantization_config";
+  std::string method;
+  RETURN_IF_ERROR(Get(q, "quant_method", &method, src, true));
+  if (method != "fp8") {
+    return Invalid(source, "quantization_config.quant_method",
+                   absl::StrCat("'", method, "' is not supported (supported: fp8)"));
+  }
+  std::string fmt = "e4m3";
+  RETURN_IF_ERROR(Get(q, "fmt", &fmt, src));
+  if (fmt != "e4m3") {
+    return Invalid(source, "quantization_config.fmt", absl::StrCat("'", fmt, "' is not supported (supported: e4m3)"));
+  }
+  std::vector<int> block = {128, 128};
+  RETURN_IF_ERROR(Get(q, "weight_block_size", &block, src));
+  if (block.size() != 2 || block[0] <= 0 || block[1] <= 0) {
+    return Invalid(source, "quantization_config.weight_block_size", "must be two positive integers");
+  }
+  c->fp8_block_rows = block[0];
+  c->fp8_block_cols = block[1];
+  return absl::OkStatus();
+}
+
+absl::Status ParseDeepseekV3(const json& j, const std::string& source, ModelConfig* c) {
+  RETURN_IF_ERROR(Get(j, "n_routed_experts", &c->num_experts, source, true));
+  RETURN_IF_ERROR(Positive(c->num_experts, "n_routed_experts", source));
+  c->moe_intermediate_size = c->intermediate_size;
+  RETURN_IF_ERROR(Get(j, "moe_intermediate_size", &c->moe_intermediate_size, source, true));
+  RETURN_IF_ERROR(Positive(c->moe_intermediate_size, "moe_intermediate_size", source));
+  RETURN_IF_ERROR(Get(j, "n_shared_experts", &c->n_shared_experts, source));
+  if (c->n_shared_experts < 0) return Invalid(source, "n_shared_experts", "must not be negative");
+  RETURN_IF_ERROR(Get(j, "first_k_dense_replace", &c->first_k_dense_replace, source));
+  if (c->first_k_dense_replace < 0 || c->first_k_dense_replace > c->num_layers) {
+    return Invalid(source, "first_k_dense_replace",
+                   absl::StrCat("must be in [0, num_hidden_layers=", c->num_layers, "], got ",
+                                c->first_k_dense_replace));
+  }
+  RETURN_IF_ERROR(Get(j, "moe_layer_freq", &c->moe_layer_freq, source));
+  RETURN_IF_ERROR(Positive(c->moe_layer_freq, "moe_layer_freq", source));
+  RETURN_IF_ERROR(Get(j, "num_nextn_predict_layers", &c->num_nextn_predict_layers, source));
+  if (c->num_nextn_predict_layers < 0) return Invalid(source, "num_nextn_predict_layers", "must not be negative");
+
+  // Routing.
+  c->n_group = 1;
+  c->topk_group = 1;
+  RETURN_IF_ERROR(Get(j, "n_group", &c->n_group, source));
+  RETURN_IF_ERROR(Get(j, "topk_group", &c->topk_group, source));
+  RETURN_IF_ERROR(Positive(c->n_group, "n_group", source));
+  RETURN_IF_ERROR(Positive(c->topk_group, "topk_group", source));
+  std::string method = "greedy";
+  RETURN_IF_ERROR(Get(j, "topk_method", &method, source));
+  if (method == "noaux_tc") {
+    c->topk_method = TopkMethod::kNoauxTc;
+  } else if (method == "greedy") {
+    c->topk_method = TopkMethod::kGreedy;
+  } else {
+    return Invalid(source, "topk_method",
+                   absl::StrCat("'", method, "' is not supported (supported: noaux_tc, greedy)"));
+  }
+  std::string scoring = "softmax";
+  RETURN_IF_ERROR(Get(j, "scoring_func", &scoring, source));
+  if (scoring == "sigmoid") {
+    c->scoring = ScoringFunc::kSigmoid;
+  } else if (scoring == "softmax") {
+    c->scoring = ScoringFunc::kSoftmax;
+  } else {
+    return Invalid(source, "scoring_func",
+                   absl::StrCat("'", scoring, "' is not supported (supported: sigmoid, softmax)"));
+  }
+  c->norm_topk_prob = false;  // HF DeepseekV3Config's default
+  RETURN_IF_ERROR(Get(j, "norm_topk_prob", &c->norm_topk_prob, source));
+  c->routed_scaling_factor = 1.0f;
+  RETURN_IF_ERROR(Get(j, "routed_scaling_factor", &c->routed_scaling_factor, source));
+  if (!(c->routed_scaling_factor > 0.0f) || !std::isfinite(c->routed_scaling_factor)) {
+    return Invalid(source, "routed_scaling_factor",
+                   absl::StrCat("must be positive and finite, got ", c->routed_scaling_factor));
+  }
+
+  // MLA attention.
+  c->q_lora_rank = 0;
+  RETURN_IF_ERROR(Get(j, "q_lora_rank", &c->q_lora_rank, source));  // null: plain q_proj
+  if (c->q_lora_rank < 0) return Invalid(source, "q_lora_rank", "must be null or non-negative");
+  RETURN_IF_ERROR(Get(j, "kv_lora_rank", &c->kv_lora_rank, source, true));
+  RETURN_IF_ERROR(Get(j, "qk_nope_head_dim", &c->qk_nope_head_dim, source, true));
+  RETURN_IF_ERROR(Get(j, "qk_rope_head_dim", &c->qk_rope_head_dim, source, true));
+  RETURN_IF_ERROR(Get(j, "v_head_dim", &c->v_head_dim, source, true));
+  RETURN_IF_ERROR(Positive(c->kv_lora_rank, "kv_lora_rank", source));
+  RETURN_IF_ERROR(Positive(c->qk_rope_head_dim, "qk_rope_head_dim", source));
+  RETURN_IF_ERROR(Positive(c->v_head_dim, "v_head_dim", source));
+  if (c->qk_nope_head_dim < 0) return Invalid(source, "qk_nope_head_dim", "must not be negative");
+  if (c->qk_rope_head_dim % 2 != 0) {
+    return Invalid(source, "qk_rope_head_dim", absl::StrCat("must be even for rotary embeddings, got ",
+                                                            c->qk_rope_head_dim));
+  }
+  // Every query head has its own latent projection; there are no shared K/V heads to group.
+  c->num_kv_heads = c->num_heads;
+  c->head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim;
+  bool attention_bias = false;
+  RETURN_IF_ERROR(Get(j, "attention_bias", &attention_bias, source));
+  if (attention_bias) return Invalid(source, "attention_bias", "true is not supported");
+  std::string act = "silu";
+  RETURN_IF_ERROR(Get(j, "hidden_act", &act, source));
+  if (act != "silu") return Invalid(source, "hidden_act", absl::StrCat("'", act, "' is not supported (supported: silu)"));
+  return ParseRopeScaling(j, source, c);
 }
 
 }  // namespace
@@ -108,16 +265,42 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& text, const std:
     c.scoring = ScoringFunc::kSoftmax;
     c.norm_topk_prob = true;
   } else {
-    return absl::UnimplementedError(absl::StrCat(source, ": DeepseekV3ForCausalLM is not supported yet"));
+    RETURN_IF_ERROR(ParseDeepseekV3(j, source, &c));
   }
-  if (c.top_k > c.num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": num_experts_per_tok ", c.top_k,
-                                                   " exceeds the number of experts ", c.num_experts));
-  }
+  RETURN_IF_ERROR(ParseQuantization(j, source, &c));
+  RETURN_IF_ERROR(ValidateRouting(c), source);
   if (c.head_dim % 2 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": head_dim must be even for rotary embeddings"));
   }
   return c;
+}
+
+absl::Status ValidateRouting(const ModelConfig& c) {
+  if (c.num_experts <= 0) return absl::OkStatus();  // a dense model routes nothing
+  if (c.top_k < 1 || c.top_k > c.num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("num_experts_per_tok ", c.top_k,
+                                                   " is not in [1, ", c.num_experts,
+                                                   "]: it exceeds the number of experts or is not positive"));
+  }
+  if (c.n_group < 1 || c.num_experts % c.n_group != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("n_routed_experts ", c.num_experts,
+                                                   " is not divisible by n_group ", c.n_group));
+  }
+  if (c.topk_group < 1 || c.topk_group > c.n_group) {
+    return absl::InvalidArgumentError(absl::StrCat("topk_group ", c.topk_group, " must be in [1, n_group=",
+                                                   c.n_group, "]"));
+  }
+  // Only noaux_tc limits groups; then the top-k must fit in the experts of the kept groups,
+  // or masked (-inf) experts would be chosen.
+  if (c.topk_method == TopkMethod::kNoauxTc && c.n_group > 1) {
+    const int kept = c.topk_group * (c.num_experts / c.n_group);
+    if (c.top_k > kept) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "num_experts_per_tok ", c.top_k, " exceeds the ", kept, " experts of the topk_group=",
+          c.topk_group, " groups that group-limited routing keeps"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
@@ -127,6 +310,18 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   return ParseModelConfig(text, path);
 }
+
+namespace {
+
+// A float as the shortest decimal that reads back as the same float (1e-06, not
+// 9.99999997e-07), so config.json shows the values that were meant.
+double Num(float f) {
+  char buf[32];
+  auto r = std::to_chars(buf, buf + sizeof(buf), f);
+  return std::strtod(std::string(buf, r.ptr).c_str(), nullptr);
+}
+
+}  // namespace
 
 std::string ModelConfigToJson(const ModelConfig& c) {
   json j;
@@ -141,14 +336,67 @@ std::string ModelConfigToJson(const ModelConfig& c) {
          {"num_key_value_heads", c.num_kv_heads},
          {"num_local_experts", c.num_experts},
          {"num_experts_per_tok", c.top_k},
-         {"rms_norm_eps", c.rms_norm_eps},
-         {"rope_theta", c.rope_theta},
+         {"rms_norm_eps", Num(c.rms_norm_eps)},
+         {"rope_theta", Num(c.rope_theta)},
          {"max_position_embeddings", c.max_position_embeddings},
          {"tie_word_embeddings", c.tie_word_embeddings},
          {"hidden_act", "silu"},
          {"torch_dtype", "float32"},
          {"bos_token_id", 1},
          {"eos_token_id", 2}};
+  } else {
+    json rope_scaling = nullptr;
+    if (c.HasYarn()) {
+      rope_scaling = {{"type", "yarn"},
+                      {"factor", Num(c.rope_factor)},
+                      {"original_max_position_embeddings", c.rope_original_max_position},
+                      {"beta_fast", Num(c.rope_beta_fast)},
+                      {"beta_slow", Num(c.rope_beta_slow)},
+                      {"mscale", Num(c.rope_mscale)},
+                      {"mscale_all_dim", Num(c.rope_mscale_all_dim)}};
+    }
+    j = {{"architectures", {"DeepseekV3ForCausalLM"}},
+         {"model_type", "deepseek_v3"},
+         {"vocab_size", c.vocab_size},
+         {"hidden_size", c.hidden_size},
+         {"intermediate_size", c.intermediate_size},
+         {"moe_intermediate_size", c.moe_intermediate_size},
+         {"num_hidden_layers", c.num_layers},
+         {"num_nextn_predict_layers", c.num_nextn_predict_layers},
+         {"num_attention_heads", c.num_heads},
+         {"num_key_value_heads", c.num_heads},
+         {"n_shared_experts", c.n_shared_experts},
+         {"n_routed_experts", c.num_experts},
+         {"num_experts_per_tok", c.top_k},
+         {"routed_scaling_factor", Num(c.routed_scaling_factor)},
+         {"n_group", c.n_group},
+         {"topk_group", c.topk_group},
+         {"topk_method", c.topk_method == TopkMethod::kNoauxTc ? "noaux_tc" : "greedy"},
+         {"scoring_func", c.scoring == ScoringFunc::kSigmoid ? "sigmoid" : "softmax"},
+         {"norm_topk_prob", c.norm_topk_prob},
+         {"first_k_dense_replace", c.first_k_dense_replace},
+         {"moe_layer_freq", c.moe_layer_freq},
+         {"q_lora_rank", c.q_lora_rank > 0 ? json(c.q_lora_rank) : json(nullptr)},
+         {"kv_lora_rank", c.kv_lora_rank},
+         {"qk_nope_head_dim", c.qk_nope_head_dim},
+         {"qk_rope_head_dim", c.qk_rope_head_dim},
+         {"v_head_dim", c.v_head_dim},
+         {"rope_theta", Num(c.rope_theta)},
+         {"rope_scaling", rope_scaling},
+         {"rms_norm_eps", Num(c.rms_norm_eps)},
+         {"max_position_embeddings", c.max_position_embeddings},
+         {"tie_word_embeddings", c.tie_word_embeddings},
+         {"attention_bias", false},
+         {"hidden_act", "silu"},
+         {"torch_dtype", c.fp8_block_rows > 0 ? "bfloat16" : "float32"},
+         {"bos_token_id", 0},
+         {"eos_token_id", 1}};
+  }
+  if (c.fp8_block_rows > 0) {
+    j["quantization_config"] = {{"quant_method", "fp8"},
+                                {"fmt", "e4m3"},
+                                {"activation_scheme", "dynamic"},
+                                {"weight_block_size", {c.fp8_block_rows, c.fp8_block_cols}}};
   }
   return j.dump(2);
 }

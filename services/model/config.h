@@ -15,6 +15,9 @@ namespace moemesh {
 
 enum class Arch { kMixtral, kDeepseekV3 };
 enum class ScoringFunc { kSoftmax, kSigmoid };
+// DeepSeek `topk_method`: kGreedy takes the top-k over all experts; kNoauxTc adds the
+// score-correction bias and limits the choice to the best `topk_group` of `n_group` groups.
+enum class TopkMethod { kGreedy, kNoauxTc };
 
 struct ModelConfig {
   Arch arch = Arch::kMixtral;
@@ -39,17 +42,21 @@ struct ModelConfig {
   float routed_scaling_factor = 1.0f;
   int n_group = 1;
   int topk_group = 1;
+  TopkMethod topk_method = TopkMethod::kGreedy;
   int n_shared_experts = 0;
   int first_k_dense_replace = 0;
   int moe_layer_freq = 1;
+  // Multi-token-prediction layers stored after the last layer (DeepSeek-V3). Read and written
+  // back, never loaded: plain decoding does not use them.
+  int num_nextn_predict_layers = 0;
 
-  // MLA attention (DeepSeek-V3).
-  int q_lora_rank = 0;  // 0: plain q_proj
+  // MLA attention (DeepSeek-V3). head_dim is then qk_nope_head_dim + qk_rope_head_dim.
+  int q_lora_rank = 0;  // 0 (null in config.json): plain q_proj
   int kv_lora_rank = 0;
   int qk_nope_head_dim = 0;
   int qk_rope_head_dim = 0;
   int v_head_dim = 0;
-  // YaRN rope scaling; factor 0 means none.
+  // YaRN rope scaling (`rope_scaling: {type: yarn, ...}`); factor 0 means none (null).
   float rope_factor = 0.0f;
   int rope_original_max_position = 0;
   float rope_beta_fast = 32.0f;
@@ -63,7 +70,14 @@ struct ModelConfig {
 
   bool IsMoeLayer(int layer) const;
   std::vector<int> MoeLayers() const;
+  bool IsMla() const { return arch == Arch::kDeepseekV3; }
+  bool HasYarn() const { return rope_factor > 0.0f; }
 };
+
+// Checks the routing fields against each other (top-k within the experts that group limiting
+// leaves, groups dividing the experts). INVALID_ARGUMENT naming the field. ParseModelConfig
+// runs it; call it again after overriding top_k.
+[[nodiscard]] absl::Status ValidateRouting(const ModelConfig& cfg);
 
 // Parses config.json text. `source` names the file in error messages.
 [[nodiscard]] absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,

@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 #include "services/common/status_macros.h"
+#include "services/model/fp8.h"
 
 namespace moemesh {
 namespace {
@@ -233,11 +234,34 @@ absl::StatusOr<Tensor> Checkpoint::LoadF32(const std::string& name) const {
                                             "' is listed in the index but missing from the file"));
   }
   absl::Span<const uint8_t> bytes = file->Bytes(*info);
+  if (info->dtype == DType::kF8E4M3) return LoadFp8(name, *info, bytes);
   if (info->dtype == DType::kF32 && reinterpret_cast<uintptr_t>(bytes.data()) % alignof(float) == 0) {
     return Tensor::View(info->shape, reinterpret_cast<const float*>(bytes.data()), file);
   }
   Tensor t = Tensor::Zeros(info->shape);
   ConvertToF32(info->dtype, bytes.data(), static_cast<size_t>(info->numel()), t.mutable_data());
+  return t;
+}
+
+absl::StatusOr<Tensor> Checkpoint::LoadFp8(const std::string& name, const TensorInfo& info,
+                                           absl::Span<const uint8_t> bytes) const {
+  const std::string scale_name = Fp8ScaleName(name);
+  auto fail = [&](absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat(dir_, ": FP8 tensor '", name, "': ", what));
+  };
+  if (info.shape.size() != 2) {
+    return fail(absl::StrCat("block-scaled FP8 weights must be 2-D, got shape ", ShapeToString(info.shape)));
+  }
+  if (!Has(scale_name)) {
+    return fail(absl::StrCat("its block scales '", scale_name, "' are not in the checkpoint"));
+  }
+  ASSIGN_OR_RETURN(TensorInfo sinfo, Info(scale_name));
+  if (sinfo.dtype == DType::kF8E4M3) return fail(absl::StrCat("'", scale_name, "' is itself FP8"));
+  ASSIGN_OR_RETURN(Tensor scale, LoadF32(scale_name));
+  Tensor t = Tensor::Zeros(info.shape);
+  RETURN_IF_ERROR(DequantizeFp8Blocks(bytes, info.shape[0], info.shape[1], scale.span(), scale.shape(),
+                                      fp8_block_rows_, fp8_block_cols_, t.mutable_data()),
+                  dir_, ": FP8 tensor '", name, "'");
   return t;
 }
 

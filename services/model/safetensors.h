@@ -73,17 +73,30 @@ class Checkpoint {
   [[nodiscard]] absl::StatusOr<TensorInfo> Info(const std::string& name) const;
   // The tensor as F32. Aligned F32 tensors are zero-copy views into the mapping; other dtypes
   // are converted into an owned buffer. With `expected_shape`, a different shape is an error.
+  // An F8_E4M3 tensor "X" is dequantised with its block scales "X_scale_inv" (see fp8.h);
+  // INVALID_ARGUMENT when that tensor is missing, has the wrong shape, or X is not 2-D.
   [[nodiscard]] absl::StatusOr<Tensor> LoadF32(const std::string& name) const;
   [[nodiscard]] absl::StatusOr<Tensor> LoadF32(const std::string& name,
                                                absl::Span<const int64_t> expected_shape) const;
   // Number of shard files this checkpoint has mapped so far.
   int OpenedFiles() const;
+  // The [rows, cols] block of FP8 scales (config.json quantization_config.weight_block_size),
+  // 128x128 unless set. Call before loading tensors; not synchronised with LoadF32.
+  void set_fp8_block(int rows, int cols) {
+    fp8_block_rows_ = rows;
+    fp8_block_cols_ = cols;
+  }
 
  private:
   Checkpoint() = default;
   absl::StatusOr<std::shared_ptr<SafetensorsFile>> FileFor(const std::string& name) const;
 
+  absl::StatusOr<Tensor> LoadFp8(const std::string& name, const TensorInfo& info,
+                                 absl::Span<const uint8_t> bytes) const;
+
   std::string dir_;
+  int fp8_block_rows_ = 128;
+  int fp8_block_cols_ = 128;
   absl::flat_hash_map<std::string, std::string> file_of_;  // tensor -> shard file name
   mutable absl::Mutex mu_;
   mutable absl::flat_hash_map<std::string, std::shared_ptr<SafetensorsFile>> open_

@@ -14,26 +14,46 @@ RoutingConfig RoutingConfig::From(const ModelConfig& cfg) {
   rc.scoring = cfg.scoring;
   rc.norm_topk_prob = cfg.norm_topk_prob;
   rc.routed_scaling_factor = cfg.routed_scaling_factor;
-  rc.n_group = std::max(1, cfg.n_group);
-  rc.topk_group = std::max(1, cfg.topk_group);
+  if (cfg.topk_method == TopkMethod::kNoauxTc) {
+    rc.n_group = std::max(1, cfg.n_group);
+    rc.topk_group = std::max(1, cfg.topk_group);
+    rc.use_bias = true;
+  } else {
+    rc.n_group = 1;
+    rc.topk_group = 1;
+    rc.use_bias = false;
+  }
   return rc;
 }
 
-void SigmoidGroupTopK(const float* scores, const float* bias, const RoutingConfig& rc,
+void GroupLimitedTopK(const float* scores, const float* bias, const RoutingConfig& rc,
                       int32_t* ids, float* weights) {
   const int e = rc.num_experts;
-  std::vector<float> biased(scores, scores + e);
+  const int k = std::min(rc.top_k, e);
+  std::vector<float> sel(scores, scores + e);
   if (bias != nullptr) {
-    for (int i = 0; i < e; ++i) biased[i] += bias[i];
+    for (int i = 0; i < e; ++i) sel[i] += bias[i];
   }
-  if (rc.n_group > 1) {
-    // Group score: the sum of the two largest biased scores in the group (noaux_tc).
+  if (rc.n_group > 1 && rc.topk_group < rc.n_group && e % rc.n_group == 0) {
     const int per = e / rc.n_group;
     std::vector<float> gscore(rc.n_group);
     for (int g = 0; g < rc.n_group; ++g) {
-      std::vector<float> v(biased.begin() + g * per, biased.begin() + (g + 1) * per);
-      std::partial_sort(v.begin(), v.begin() + std::min(2, per), v.end(), std::greater<float>());
-      gscore[g] = v[0] + (per > 1 ? v[1] : 0.0f);
+      const float* v = sel.data() + g * per;
+      if (bias == nullptr) {
+        gscore[g] = *std::max_element(v, v + per);  // DeepSeek: amax when the gate has no bias
+      } else {
+        // Sum of the two largest (a group of one expert contributes its only score).
+        float a = -std::numeric_limits<float>::infinity(), b = a;
+        for (int i = 0; i < per; ++i) {
+          if (v[i] > a) {
+            b = a;
+            a = v[i];
+          } else if (v[i] > b) {
+            b = v[i];
+          }
+        }
+        gscore[g] = per > 1 ? a + b : a;
+      }
     }
     std::vector<int> gorder(rc.n_group);
     std::iota(gorder.begin(), gorder.end(), 0);
@@ -41,24 +61,27 @@ void SigmoidGroupTopK(const float* scores, const float* bias, const RoutingConfi
                      [&](int a, int b) { return gscore[a] > gscore[b]; });
     std::vector<bool> keep(rc.n_group, false);
     for (int i = 0; i < rc.topk_group; ++i) keep[gorder[i]] = true;
-    // Masked groups get -inf, as DeepSeek's inference code does (not 0.0 as some HF
-    // versions do, which can select a masked expert when kept scores are negative).
+    // Masked groups get -inf, as DeepSeek's inference/model.py does (masked_fill with -inf).
+    // Some Hugging Face versions of modeling_deepseek.py instead multiply by the group mask,
+    // i.e. set masked scores to 0.0. Scores plus bias can be negative (the bias is), and then
+    // a 0.0 in a masked group beats a kept expert, so those versions can choose an expert
+    // outside the kept groups. moemesh follows DeepSeek's code; golden tests pin it.
     for (int g = 0; g < rc.n_group; ++g) {
-      if (!keep[g]) {
-        for (int i = g * per; i < (g + 1) * per; ++i) biased[i] = -std::numeric_limits<float>::infinity();
-      }
+      if (keep[g]) continue;
+      for (int i = g * per; i < (g + 1) * per; ++i) sel[i] = -std::numeric_limits<float>::infinity();
     }
   }
   std::vector<int32_t> order(e);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int32_t a, int32_t b) { return biased[a] > biased[b]; });
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+    return sel[a] > sel[b] || (sel[a] == sel[b] && a < b);
+  });
   float sum = 0;
-  for (int i = 0; i < rc.top_k; ++i) sum += scores[order[i]];
-  for (int i = 0; i < rc.top_k; ++i) {
+  for (int i = 0; i < k; ++i) sum += scores[order[i]];
+  for (int i = 0; i < k; ++i) {
     ids[i] = order[i];
     float w = scores[order[i]];
-    if (rc.norm_topk_prob) w /= sum;
+    if (rc.norm_topk_prob && sum > 0.0f) w /= sum;
     weights[i] = w * rc.routed_scaling_factor;
   }
 }
@@ -70,7 +93,9 @@ Routing Gate::Route(const float* hidden, int64_t t, ComputeBackend* backend) con
   r.weights.resize(t * r.k);
   std::vector<float> logits(t * rc_.num_experts);
   backend->MatMulT(hidden, t, weight_.dim(1), weight_.data(), rc_.num_experts, logits.data());
-  if (rc_.scoring == ScoringFunc::kSoftmax) {
+  const bool with_bias = rc_.use_bias && !bias_.empty();
+  if (rc_.scoring == ScoringFunc::kSoftmax && rc_.n_group <= 1 && !with_bias) {
+    // Mixtral (and DeepSeek with greedy softmax routing): the backend's fused kernel.
     backend->SoftmaxTopK(logits.data(), t, rc_.num_experts, r.k, rc_.norm_topk_prob, r.ids.data(),
                          r.weights.data());
     if (rc_.routed_scaling_factor != 1.0f) {
@@ -78,10 +103,21 @@ Routing Gate::Route(const float* hidden, int64_t t, ComputeBackend* backend) con
     }
     return r;
   }
-  for (float& l : logits) l = 1.0f / (1.0f + std::exp(-l));
+  const int64_t e = rc_.num_experts;
+  if (rc_.scoring == ScoringFunc::kSigmoid) {
+    for (float& l : logits) l = 1.0f / (1.0f + std::exp(-l));
+  } else {
+    for (int64_t i = 0; i < t; ++i) {
+      float* l = logits.data() + i * e;
+      const float mx = *std::max_element(l, l + e);
+      float sum = 0;
+      for (int64_t j = 0; j < e; ++j) sum += (l[j] = std::exp(l[j] - mx));
+      for (int64_t j = 0; j < e; ++j) l[j] /= sum;
+    }
+  }
   for (int64_t i = 0; i < t; ++i) {
-    SigmoidGroupTopK(logits.data() + i * rc_.num_experts, bias_.empty() ? nullptr : bias_.data(),
-                     rc_, r.ids.data() + i * r.k, r.weights.data() + i * r.k);
+    GroupLimitedTopK(logits.data() + i * e, with_bias ? bias_.data() : nullptr, rc_,
+                     r.ids.data() + i * r.k, r.weights.data() + i * r.k);
   }
   return r;
 }

@@ -1,5 +1,6 @@
 #include "tools/cli/commands.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -19,20 +20,74 @@ namespace moemesh::cli {
 absl::Status MakeModel(const MakeModelArgs& a) {
   if (a.out.empty()) return absl::InvalidArgumentError("--out is required");
   GeneratorOptions o;
-  if (a.arch != "mixtral") {
-    return absl::InvalidArgumentError(absl::StrCat("unsupported --arch '", a.arch, "' (supported: mixtral)"));
+  if (a.arch == "mixtral") {
+    o.config = SmallMixtralConfig(a.vocab, a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads,
+                                  a.experts, a.top_k);
+  } else if (a.arch == "deepseek_v3") {
+    ModelConfig& c = o.config;
+    c = SmallDeepseekConfig(a.vocab, a.hidden, a.layers);
+    c.intermediate_size = a.intermediate;
+    c.moe_intermediate_size = a.moe_intermediate > 0 ? a.moe_intermediate : a.intermediate / 4;
+    c.num_heads = a.heads;
+    c.num_kv_heads = a.heads;
+    c.num_experts = a.experts;
+    c.top_k = a.top_k;
+    c.n_shared_experts = a.shared_experts;
+    c.first_k_dense_replace = a.dense_layers;
+    c.moe_layer_freq = a.moe_layer_freq;
+    c.n_group = a.n_group;
+    c.topk_group = a.topk_group;
+    if (a.topk_method == "noaux_tc") {
+      c.topk_method = TopkMethod::kNoauxTc;
+    } else if (a.topk_method == "greedy") {
+      c.topk_method = TopkMethod::kGreedy;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unsupported --topk-method '", a.topk_method,
+                                                     "' (noaux_tc, greedy)"));
+    }
+    if (a.scoring == "sigmoid") {
+      c.scoring = ScoringFunc::kSigmoid;
+    } else if (a.scoring == "softmax") {
+      c.scoring = ScoringFunc::kSoftmax;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unsupported --scoring '", a.scoring, "' (sigmoid, softmax)"));
+    }
+    c.norm_topk_prob = a.norm_topk_prob;
+    c.routed_scaling_factor = static_cast<float>(a.routed_scaling);
+    c.q_lora_rank = a.q_lora_rank;
+    c.kv_lora_rank = a.kv_lora_rank;
+    c.qk_nope_head_dim = a.qk_nope_dim;
+    c.qk_rope_head_dim = a.qk_rope_dim;
+    c.v_head_dim = a.v_head_dim;
+    c.head_dim = a.qk_nope_dim + a.qk_rope_dim;
+    if (a.rope_factor > 0) {
+      c.rope_factor = static_cast<float>(a.rope_factor);
+      c.rope_original_max_position =
+          a.rope_original_max > 0 ? a.rope_original_max
+                                  : std::max(1, static_cast<int>(a.max_position / a.rope_factor));
+      c.rope_beta_fast = static_cast<float>(a.rope_beta_fast);
+      c.rope_beta_slow = static_cast<float>(a.rope_beta_slow);
+      c.rope_mscale = static_cast<float>(a.rope_mscale);
+      c.rope_mscale_all_dim = static_cast<float>(a.rope_mscale_all_dim);
+    }
+    c.num_nextn_predict_layers = a.mtp_layers;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unsupported --arch '", a.arch, "' (supported: mixtral, deepseek_v3)"));
   }
-  o.config = SmallMixtralConfig(a.vocab, a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads,
-                                a.experts, a.top_k);
   o.config.max_position_embeddings = a.max_position;
+  o.config.rope_theta = static_cast<float>(a.rope_theta);
   if (a.dtype == "f32") {
     o.dtype = DType::kF32;
   } else if (a.dtype == "f16") {
     o.dtype = DType::kF16;
   } else if (a.dtype == "bf16") {
     o.dtype = DType::kBF16;
+  } else if (a.dtype == "fp8") {
+    o.dtype = DType::kF8E4M3;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("unsupported --dtype '", a.dtype, "' (f32, f16, bf16)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unsupported --dtype '", a.dtype, "' (f32, f16, bf16, fp8)"));
   }
   o.seed = a.seed;
   o.shard_bytes = static_cast<size_t>(a.shard_mb) << 20;

@@ -22,6 +22,18 @@ struct MakeModelArgs {
   std::string arch, out, dtype;
   int vocab, hidden, intermediate, layers, heads, kv_heads, experts, top_k, shard_mb, max_position;
   uint64_t seed;
+  double rope_theta = 10000.0;
+  // --arch deepseek_v3 only.
+  int moe_intermediate = 0;  // 0: intermediate / 4
+  int shared_experts = 1, dense_layers = 1, moe_layer_freq = 1, n_group = 4, topk_group = 2;
+  std::string topk_method = "noaux_tc", scoring = "sigmoid";
+  bool norm_topk_prob = true;
+  double routed_scaling = 2.5;
+  int q_lora_rank = 128, kv_lora_rank = 64, qk_nope_dim = 32, qk_rope_dim = 16, v_head_dim = 32;
+  double rope_factor = 0.0;  // 0: no YaRN
+  int rope_original_max = 0;
+  double rope_beta_fast = 32.0, rope_beta_slow = 1.0, rope_mscale = 1.0, rope_mscale_all_dim = 1.0;
+  int mtp_layers = 0;
 };
 
 struct GenerateArgs {

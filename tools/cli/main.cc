@@ -1,6 +1,6 @@
 // moemesh: the command-line tool.
 //
-//   moemesh make-model --arch mixtral --out DIR [--vocab --hidden ... --dtype --seed]
+//   moemesh make-model --arch mixtral|deepseek_v3 --out DIR [--vocab --hidden ... --dtype --seed]
 //   moemesh generate  (--model DIR | --gateway ADDR) (--prompt TEXT | --tokens 1,2,3) --max-tokens N
 //   moemesh score     (--model DIR | --gateway ADDR) --tokens 1,2,3
 //   moemesh up        [--model DIR] --groups G [--replicas R]
@@ -22,17 +22,44 @@ ABSL_FLAG(std::string, arch, "mixtral", "make-model: mixtral | deepseek_v3");
 ABSL_FLAG(std::string, out, "", "make-model: output directory");
 ABSL_FLAG(int, vocab, 512, "make-model: vocabulary size");
 ABSL_FLAG(int, hidden, 256, "make-model: hidden size");
-ABSL_FLAG(int, intermediate, 512, "make-model: expert FFN width");
+ABSL_FLAG(int, intermediate, 512,
+          "make-model: expert FFN width (mixtral); dense-layer FFN width (deepseek_v3)");
 ABSL_FLAG(int, layers, 4, "make-model: layers");
 ABSL_FLAG(int, heads, 8, "make-model: attention heads");
 ABSL_FLAG(int, kv_heads, 2, "make-model: key/value heads");
 ABSL_FLAG(int, experts, 8, "make-model: routed experts per layer");
 ABSL_FLAG(int, top_k, 0, "experts per token (make-model: written to config, default 2; "
                          "generate/score: overrides the config when > 0)");
-ABSL_FLAG(std::string, dtype, "f32", "make-model: f32 | f16 | bf16");
+ABSL_FLAG(std::string, dtype, "f32",
+          "make-model: f32 | f16 | bf16 | fp8 (E4M3 projections with 128x128 block scales)");
 ABSL_FLAG(uint64_t, seed, 0, "make-model: weight seed; generate: sampling seed");
 ABSL_FLAG(int, shard_mb, 0, "make-model: write shards of about this many MiB (0: one file)");
 ABSL_FLAG(int, max_position, 4096, "make-model: max_position_embeddings");
+ABSL_FLAG(double, rope_theta, 10000.0, "make-model: rope_theta");
+// make-model --arch deepseek_v3 only.
+ABSL_FLAG(int, moe_intermediate, 0, "deepseek_v3: routed expert FFN width (0: --intermediate / 4)");
+ABSL_FLAG(int, shared_experts, 1, "deepseek_v3: n_shared_experts");
+ABSL_FLAG(int, dense_layers, 1, "deepseek_v3: first_k_dense_replace");
+ABSL_FLAG(int, moe_layer_freq, 1, "deepseek_v3: moe_layer_freq");
+ABSL_FLAG(int, n_group, 4, "deepseek_v3: n_group (expert groups for group-limited routing)");
+ABSL_FLAG(int, topk_group, 2, "deepseek_v3: topk_group (groups kept per token)");
+ABSL_FLAG(std::string, topk_method, "noaux_tc", "deepseek_v3: noaux_tc | greedy");
+ABSL_FLAG(std::string, scoring, "sigmoid", "deepseek_v3: scoring_func, sigmoid | softmax");
+ABSL_FLAG(bool, norm_topk_prob, true, "deepseek_v3: renormalise the top-k weights");
+ABSL_FLAG(double, routed_scaling, 2.5, "deepseek_v3: routed_scaling_factor");
+ABSL_FLAG(int, q_lora_rank, 128, "deepseek_v3: q_lora_rank (0: null, a plain q_proj)");
+ABSL_FLAG(int, kv_lora_rank, 64, "deepseek_v3: kv_lora_rank");
+ABSL_FLAG(int, qk_nope_dim, 32, "deepseek_v3: qk_nope_head_dim");
+ABSL_FLAG(int, qk_rope_dim, 16, "deepseek_v3: qk_rope_head_dim");
+ABSL_FLAG(int, v_head_dim, 32, "deepseek_v3: v_head_dim");
+ABSL_FLAG(double, rope_factor, 0.0, "deepseek_v3: YaRN rope_scaling factor (0: rope_scaling null)");
+ABSL_FLAG(int, rope_original_max, 0,
+          "deepseek_v3: YaRN original_max_position_embeddings (0: max_position / rope_factor)");
+ABSL_FLAG(double, rope_beta_fast, 32.0, "deepseek_v3: YaRN beta_fast");
+ABSL_FLAG(double, rope_beta_slow, 1.0, "deepseek_v3: YaRN beta_slow");
+ABSL_FLAG(double, rope_mscale, 1.0, "deepseek_v3: YaRN mscale");
+ABSL_FLAG(double, rope_mscale_all_dim, 1.0, "deepseek_v3: YaRN mscale_all_dim");
+ABSL_FLAG(int, mtp_layers, 0, "deepseek_v3: num_nextn_predict_layers to write (never loaded)");
 
 ABSL_FLAG(std::string, model, "", "model directory (Hugging Face layout)");
 ABSL_FLAG(std::string, gateway, "", "generate/score through a running gateway at host:port");
@@ -108,6 +135,29 @@ int main(int argc, char** argv) {
     m.seed = absl::GetFlag(FLAGS_seed);
     m.shard_mb = absl::GetFlag(FLAGS_shard_mb);
     m.max_position = absl::GetFlag(FLAGS_max_position);
+    m.rope_theta = absl::GetFlag(FLAGS_rope_theta);
+    m.moe_intermediate = absl::GetFlag(FLAGS_moe_intermediate);
+    m.shared_experts = absl::GetFlag(FLAGS_shared_experts);
+    m.dense_layers = absl::GetFlag(FLAGS_dense_layers);
+    m.moe_layer_freq = absl::GetFlag(FLAGS_moe_layer_freq);
+    m.n_group = absl::GetFlag(FLAGS_n_group);
+    m.topk_group = absl::GetFlag(FLAGS_topk_group);
+    m.topk_method = absl::GetFlag(FLAGS_topk_method);
+    m.scoring = absl::GetFlag(FLAGS_scoring);
+    m.norm_topk_prob = absl::GetFlag(FLAGS_norm_topk_prob);
+    m.routed_scaling = absl::GetFlag(FLAGS_routed_scaling);
+    m.q_lora_rank = absl::GetFlag(FLAGS_q_lora_rank);
+    m.kv_lora_rank = absl::GetFlag(FLAGS_kv_lora_rank);
+    m.qk_nope_dim = absl::GetFlag(FLAGS_qk_nope_dim);
+    m.qk_rope_dim = absl::GetFlag(FLAGS_qk_rope_dim);
+    m.v_head_dim = absl::GetFlag(FLAGS_v_head_dim);
+    m.rope_factor = absl::GetFlag(FLAGS_rope_factor);
+    m.rope_original_max = absl::GetFlag(FLAGS_rope_original_max);
+    m.rope_beta_fast = absl::GetFlag(FLAGS_rope_beta_fast);
+    m.rope_beta_slow = absl::GetFlag(FLAGS_rope_beta_slow);
+    m.rope_mscale = absl::GetFlag(FLAGS_rope_mscale);
+    m.rope_mscale_all_dim = absl::GetFlag(FLAGS_rope_mscale_all_dim);
+    m.mtp_layers = absl::GetFlag(FLAGS_mtp_layers);
     status = moemesh::cli::MakeModel(m);
   } else if (cmd == "generate" || cmd == "score") {
     std::vector<int32_t> tokens;
