@@ -26,7 +26,8 @@ std::vector<float> MlaInvFreq(const ModelConfig& c) {
   const int64_t dim = c.qk_rope_head_dim;
   const double base = c.rope_theta;
   std::vector<double> freq(dim / 2);
-  for (int64_t i = 0; i < dim / 2; ++i) freq[i] = 1.0 / std::pow(base, static_cast<double>(2 * i) / dim);
+  for (int64_t i = 0; i < dim / 2; ++i)
+    freq[i] = 1.0 / std::pow(base, static_cast<double>(2 * i) / dim);
   if (c.HasYarn()) {
     const double orig = c.rope_original_max_position;
     auto correction_dim = [&](double rotations) {
@@ -99,9 +100,11 @@ absl::Status Engine::LoadMla(const Checkpoint& ckpt, int l, Layer* layer) const 
   } else {
     ASSIGN_OR_RETURN(layer->wq, ckpt.LoadF32(p + "q_proj.weight", Shape{nh * qk, h}));
   }
-  ASSIGN_OR_RETURN(layer->wkv_a, ckpt.LoadF32(p + "kv_a_proj_with_mqa.weight", Shape{kvl + rope, h}));
+  ASSIGN_OR_RETURN(layer->wkv_a,
+                   ckpt.LoadF32(p + "kv_a_proj_with_mqa.weight", Shape{kvl + rope, h}));
   ASSIGN_OR_RETURN(layer->kv_a_norm, ckpt.LoadF32(p + "kv_a_layernorm.weight", Shape{kvl}));
-  ASSIGN_OR_RETURN(layer->wkv_b, ckpt.LoadF32(p + "kv_b_proj.weight", Shape{nh * (nope + vd), kvl}));
+  ASSIGN_OR_RETURN(layer->wkv_b,
+                   ckpt.LoadF32(p + "kv_b_proj.weight", Shape{nh * (nope + vd), kvl}));
   ASSIGN_OR_RETURN(layer->wo, ckpt.LoadF32(p + "o_proj.weight", Shape{h, nh * vd}));
   layer->w_uk_t = Tensor::Zeros({nh, kvl, std::max<int64_t>(nope, 1)});
   for (int64_t hd = 0; hd < nh; ++hd) {
@@ -137,10 +140,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
     if (cfg.IsMla()) {
       RETURN_IF_ERROR(e->LoadMla(ckpt, l, layer.get()));
     } else {
-      ASSIGN_OR_RETURN(layer->wq, ckpt.LoadF32(p + "self_attn.q_proj.weight", std::vector<int64_t>{nh * hd, h}));
-      ASSIGN_OR_RETURN(layer->wk, ckpt.LoadF32(p + "self_attn.k_proj.weight", std::vector<int64_t>{nkv * hd, h}));
-      ASSIGN_OR_RETURN(layer->wv, ckpt.LoadF32(p + "self_attn.v_proj.weight", std::vector<int64_t>{nkv * hd, h}));
-      ASSIGN_OR_RETURN(layer->wo, ckpt.LoadF32(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, nh * hd}));
+      ASSIGN_OR_RETURN(
+          layer->wq, ckpt.LoadF32(p + "self_attn.q_proj.weight", std::vector<int64_t>{nh * hd, h}));
+      ASSIGN_OR_RETURN(layer->wk, ckpt.LoadF32(p + "self_attn.k_proj.weight",
+                                               std::vector<int64_t>{nkv * hd, h}));
+      ASSIGN_OR_RETURN(layer->wv, ckpt.LoadF32(p + "self_attn.v_proj.weight",
+                                               std::vector<int64_t>{nkv * hd, h}));
+      ASSIGN_OR_RETURN(
+          layer->wo, ckpt.LoadF32(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, nh * hd}));
     }
     if (!cfg.IsMoeLayer(l)) {
       layer->dense = true;
@@ -154,7 +161,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
   }
   if (cfg.IsMla()) {
     e->inv_freq_ = MlaInvFreq(cfg);
-    double scale = 1.0 / std::sqrt(static_cast<double>(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim));
+    double scale =
+        1.0 / std::sqrt(static_cast<double>(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim));
     if (cfg.HasYarn()) {
       // Softmax scale × mscale², mscale = 0.1 · mscale_all_dim · ln(factor) + 1 (HF's
       // DeepseekV3Attention; DeepSeek's model.py uses its `mscale`, which R1's config sets equal
@@ -274,7 +282,8 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
     as.k_stride = row;
     as.v_stride = row;
     as.scale = attn_scale_;
-    backend_->CausalAttention(as, qa.data() + r0 * nh * row, cache, cache, attn.data() + r0 * nh * kvl);
+    backend_->CausalAttention(as, qa.data() + r0 * nh * row, cache, cache,
+                              attn.data() + r0 * nh * kvl);
     r0 += n;
   }
 

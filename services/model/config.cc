@@ -36,13 +36,13 @@ absl::Status Positive(int v, const char* key, const std::string& source) {
   return absl::OkStatus();
 }
 
-
 absl::Status Invalid(const std::string& source, absl::string_view key, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(source, ": '", key, "' ", what));
 }
 
-// rope_scaling: null, or {"type" (or "rope_type"): "yarn", factor, original_max_position_embeddings,
-// beta_fast, beta_slow, mscale, mscale_all_dim}. Defaults are those of HF's DeepseekV3 code.
+// rope_scaling: null, or {"type" (or "rope_type"): "yarn", factor,
+// original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim}. Defaults are
+// those of HF's DeepseekV3 code.
 absl::Status ParseRopeScaling(const json& j, const std::string& source, ModelConfig* c) {
   if (!j.contains("rope_scaling") || j["rope_scaling"].is_null()) return absl::OkStatus();
   const json& r = j["rope_scaling"];
@@ -58,13 +58,15 @@ absl::Status ParseRopeScaling(const json& j, const std::string& source, ModelCon
   c->rope_factor = 1.0f;
   RETURN_IF_ERROR(Get(r, "factor", &c->rope_factor, src, true));
   c->rope_original_max_position = c->max_position_embeddings;
-  RETURN_IF_ERROR(Get(r, "original_max_position_embeddings", &c->rope_original_max_position, src, true));
+  RETURN_IF_ERROR(
+      Get(r, "original_max_position_embeddings", &c->rope_original_max_position, src, true));
   RETURN_IF_ERROR(Get(r, "beta_fast", &c->rope_beta_fast, src));
   RETURN_IF_ERROR(Get(r, "beta_slow", &c->rope_beta_slow, src));
   RETURN_IF_ERROR(Get(r, "mscale", &c->rope_mscale, src));
   RETURN_IF_ERROR(Get(r, "mscale_all_dim", &c->rope_mscale_all_dim, src));
   if (!(c->rope_factor >= 1.0f) || !std::isfinite(c->rope_factor)) {
-    return Invalid(source, "rope_scaling.factor", absl::StrCat("must be >= 1, got ", c->rope_factor));
+    return Invalid(source, "rope_scaling.factor",
+                   absl::StrCat("must be >= 1, got ", c->rope_factor));
   }
   if (c->rope_original_max_position <= 0) {
     return Invalid(source, "rope_scaling.original_max_position_embeddings", "must be positive");
@@ -81,7 +83,8 @@ absl::Status ParseRopeScaling(const json& j, const std::string& source, ModelCon
 // quantization_config: absent/null, or {quant_method: fp8, weight_block_size: [rows, cols]}
 // as in the published DeepSeek-V3/R1 checkpoints.
 absl::Status ParseQuantization(const json& j, const std::string& source, ModelConfig* c) {
-  if (!j.contains("quantization_config") || j["quantization_config"].is_null()) return absl::OkStatus();
+  if (!j.contains("quantization_config") || j["quantization_config"].is_null())
+    return absl::OkStatus();
   const json& q = j["quantization_config"];
   if (!q.is_object()) return Invalid(source, "quantization_config", "must be an object");
   const std::string src = source + ": quantization_config";
@@ -94,12 +97,14 @@ absl::Status ParseQuantization(const json& j, const std::string& source, ModelCo
   std::string fmt = "e4m3";
   RETURN_IF_ERROR(Get(q, "fmt", &fmt, src));
   if (fmt != "e4m3") {
-    return Invalid(source, "quantization_config.fmt", absl::StrCat("'", fmt, "' is not supported (supported: e4m3)"));
+    return Invalid(source, "quantization_config.fmt",
+                   absl::StrCat("'", fmt, "' is not supported (supported: e4m3)"));
   }
   std::vector<int> block = {128, 128};
   RETURN_IF_ERROR(Get(q, "weight_block_size", &block, src));
   if (block.size() != 2 || block[0] <= 0 || block[1] <= 0) {
-    return Invalid(source, "quantization_config.weight_block_size", "must be two positive integers");
+    return Invalid(source, "quantization_config.weight_block_size",
+                   "must be two positive integers");
   }
   c->fp8_block_rows = block[0];
   c->fp8_block_cols = block[1];
@@ -123,7 +128,8 @@ absl::Status ParseDeepseekV3(const json& j, const std::string& source, ModelConf
   RETURN_IF_ERROR(Get(j, "moe_layer_freq", &c->moe_layer_freq, source));
   RETURN_IF_ERROR(Positive(c->moe_layer_freq, "moe_layer_freq", source));
   RETURN_IF_ERROR(Get(j, "num_nextn_predict_layers", &c->num_nextn_predict_layers, source));
-  if (c->num_nextn_predict_layers < 0) return Invalid(source, "num_nextn_predict_layers", "must not be negative");
+  if (c->num_nextn_predict_layers < 0)
+    return Invalid(source, "num_nextn_predict_layers", "must not be negative");
 
   // Routing.
   c->n_group = 1;
@@ -174,8 +180,8 @@ absl::Status ParseDeepseekV3(const json& j, const std::string& source, ModelConf
   RETURN_IF_ERROR(Positive(c->v_head_dim, "v_head_dim", source));
   if (c->qk_nope_head_dim < 0) return Invalid(source, "qk_nope_head_dim", "must not be negative");
   if (c->qk_rope_head_dim % 2 != 0) {
-    return Invalid(source, "qk_rope_head_dim", absl::StrCat("must be even for rotary embeddings, got ",
-                                                            c->qk_rope_head_dim));
+    return Invalid(source, "qk_rope_head_dim",
+                   absl::StrCat("must be even for rotary embeddings, got ", c->qk_rope_head_dim));
   }
   // Every query head has its own latent projection; there are no shared K/V heads to group.
   c->num_kv_heads = c->num_heads;
@@ -185,7 +191,9 @@ absl::Status ParseDeepseekV3(const json& j, const std::string& source, ModelConf
   if (attention_bias) return Invalid(source, "attention_bias", "true is not supported");
   std::string act = "silu";
   RETURN_IF_ERROR(Get(j, "hidden_act", &act, source));
-  if (act != "silu") return Invalid(source, "hidden_act", absl::StrCat("'", act, "' is not supported (supported: silu)"));
+  if (act != "silu")
+    return Invalid(source, "hidden_act",
+                   absl::StrCat("'", act, "' is not supported (supported: silu)"));
   return ParseRopeScaling(j, source, c);
 }
 
@@ -278,17 +286,17 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& text, const std:
 absl::Status ValidateRouting(const ModelConfig& c) {
   if (c.num_experts <= 0) return absl::OkStatus();  // a dense model routes nothing
   if (c.top_k < 1 || c.top_k > c.num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat("num_experts_per_tok ", c.top_k,
-                                                   " is not in [1, ", c.num_experts,
-                                                   "]: it exceeds the number of experts or is not positive"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_experts_per_tok ", c.top_k, " is not in [1, ", c.num_experts,
+                     "]: it exceeds the number of experts or is not positive"));
   }
   if (c.n_group < 1 || c.num_experts % c.n_group != 0) {
     return absl::InvalidArgumentError(absl::StrCat("n_routed_experts ", c.num_experts,
                                                    " is not divisible by n_group ", c.n_group));
   }
   if (c.topk_group < 1 || c.topk_group > c.n_group) {
-    return absl::InvalidArgumentError(absl::StrCat("topk_group ", c.topk_group, " must be in [1, n_group=",
-                                                   c.n_group, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("topk_group ", c.topk_group, " must be in [1, n_group=", c.n_group, "]"));
   }
   // Only noaux_tc limits groups; then the top-k must fit in the experts of the kept groups,
   // or masked (-inf) experts would be chosen.
@@ -296,8 +304,8 @@ absl::Status ValidateRouting(const ModelConfig& c) {
     const int kept = c.topk_group * (c.num_experts / c.n_group);
     if (c.top_k > kept) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "num_experts_per_tok ", c.top_k, " exceeds the ", kept, " experts of the topk_group=",
-          c.topk_group, " groups that group-limited routing keeps"));
+          "num_experts_per_tok ", c.top_k, " exceeds the ", kept,
+          " experts of the topk_group=", c.topk_group, " groups that group-limited routing keeps"));
     }
   }
   return absl::OkStatus();

@@ -21,12 +21,12 @@ absl::Status DequantizeFp8Blocks(absl::Span<const uint8_t> fp8, int64_t rows, in
                                  absl::Span<const int64_t> scale_shape, int block_rows,
                                  int block_cols, float* out) {
   if (block_rows <= 0 || block_cols <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("FP8 block size ", block_rows, "x", block_cols,
-                                                   " is not positive"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("FP8 block size ", block_rows, "x", block_cols, " is not positive"));
   }
   if (rows < 0 || cols < 0 || static_cast<int64_t>(fp8.size()) != rows * cols) {
-    return absl::InvalidArgumentError(absl::StrCat("FP8 weight has ", fp8.size(), " bytes, expected ",
-                                                   rows, "x", cols));
+    return absl::InvalidArgumentError(
+        absl::StrCat("FP8 weight has ", fp8.size(), " bytes, expected ", rows, "x", cols));
   }
   const std::vector<int64_t> want = Fp8ScaleShape(rows, cols, block_rows, block_cols);
   if (scale_shape != absl::Span<const int64_t>(want) ||
@@ -47,8 +47,8 @@ absl::Status DequantizeFp8Blocks(absl::Span<const uint8_t> fp8, int64_t rows, in
   return absl::OkStatus();
 }
 
-Fp8Blocks QuantizeFp8Blocks(absl::Span<const float> w, int64_t rows, int64_t cols,
-                            int block_rows, int block_cols) {
+Fp8Blocks QuantizeFp8Blocks(absl::Span<const float> w, int64_t rows, int64_t cols, int block_rows,
+                            int block_cols) {
   Fp8Blocks q;
   q.scale_shape = Fp8ScaleShape(rows, cols, block_rows, block_cols);
   q.scale_inv.assign(q.scale_shape[0] * q.scale_shape[1], 1.0f);

@@ -37,8 +37,8 @@ std::vector<int64_t> Fp8ScaleShape(int64_t rows, int64_t cols, int block_rows, i
 // Block-wise quantisation: each block's scale_inv is its largest |value| / 448 (the E4M3
 // maximum; 1 for an all-zero block), and each element is rounded to E4M3 after dividing by it.
 struct Fp8Blocks {
-  std::vector<uint8_t> data;        // [rows, cols] E4M3
-  std::vector<float> scale_inv;     // scale_shape, row-major
+  std::vector<uint8_t> data;     // [rows, cols] E4M3
+  std::vector<float> scale_inv;  // scale_shape, row-major
   std::vector<int64_t> scale_shape;
 };
 Fp8Blocks QuantizeFp8Blocks(absl::Span<const float> w, int64_t rows, int64_t cols,

@@ -26,8 +26,8 @@ RoutingConfig RoutingConfig::From(const ModelConfig& cfg) {
   return rc;
 }
 
-void GroupLimitedTopK(const float* scores, const float* bias, const RoutingConfig& rc,
-                      int32_t* ids, float* weights) {
+void GroupLimitedTopK(const float* scores, const float* bias, const RoutingConfig& rc, int32_t* ids,
+                      float* weights) {
   const int e = rc.num_experts;
   const int k = std::min(rc.top_k, e);
   std::vector<float> sel(scores, scores + e);
@@ -68,7 +68,8 @@ void GroupLimitedTopK(const float* scores, const float* bias, const RoutingConfi
     // outside the kept groups. moemesh follows DeepSeek's code; golden tests pin it.
     for (int g = 0; g < rc.n_group; ++g) {
       if (keep[g]) continue;
-      for (int i = g * per; i < (g + 1) * per; ++i) sel[i] = -std::numeric_limits<float>::infinity();
+      for (int i = g * per; i < (g + 1) * per; ++i)
+        sel[i] = -std::numeric_limits<float>::infinity();
     }
   }
   std::vector<int32_t> order(e);

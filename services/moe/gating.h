@@ -23,8 +23,8 @@ struct RoutingConfig {
   ScoringFunc scoring = ScoringFunc::kSoftmax;
   bool norm_topk_prob = true;
   float routed_scaling_factor = 1.0f;
-  int n_group = 1;     // groups of experts; group limiting applies when > 1
-  int topk_group = 1;  // groups kept per token
+  int n_group = 1;       // groups of experts; group limiting applies when > 1
+  int topk_group = 1;    // groups kept per token
   bool use_bias = true;  // add the score-correction bias (when the gate has one) for selection
   // topk_method greedy gives n_group = topk_group = 1 and use_bias = false (as HF does).
   static RoutingConfig From(const ModelConfig& cfg);
@@ -49,8 +49,8 @@ struct Routing {
 //   5. their weights are the unbiased scores, divided by their sum when norm_topk_prob, and
 //      multiplied by routed_scaling_factor.
 // Ties (of groups and of experts) go to the lower index. Writes k ids and weights.
-void GroupLimitedTopK(const float* scores, const float* bias, const RoutingConfig& rc,
-                      int32_t* ids, float* weights);
+void GroupLimitedTopK(const float* scores, const float* bias, const RoutingConfig& rc, int32_t* ids,
+                      float* weights);
 // The former name of GroupLimitedTopK.
 inline void SigmoidGroupTopK(const float* scores, const float* bias, const RoutingConfig& rc,
                              int32_t* ids, float* weights) {

@@ -14,9 +14,9 @@
 #include <cmath>
 #include <fstream>
 #include <functional>
-#include <ostream>
 #include <limits>
 #include <numeric>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -63,11 +63,13 @@ struct Choice {
   std::vector<float> weights;
 };
 
-Choice Select(const std::vector<float>& scores, const std::vector<float>* bias, const RoutingConfig& rc) {
+Choice Select(const std::vector<float>& scores, const std::vector<float>* bias,
+              const RoutingConfig& rc) {
   Choice c;
   c.ids.resize(rc.top_k);
   c.weights.resize(rc.top_k);
-  GroupLimitedTopK(scores.data(), bias ? bias->data() : nullptr, rc, c.ids.data(), c.weights.data());
+  GroupLimitedTopK(scores.data(), bias ? bias->data() : nullptr, rc, c.ids.data(),
+                   c.weights.data());
   return c;
 }
 
@@ -306,7 +308,11 @@ TEST(DeepseekConfigTest, UnsupportedValuesNameTheField) {
       {"n_group", [](auto& j) { j["n_routed_experts"] = 250; }},
       {"topk_group", [](auto& j) { j["topk_group"] = 9; }},
       {"num_experts_per_tok", [](auto& j) { j["num_experts_per_tok"] = 300; }},
-      {"topk_group", [](auto& j) { j["topk_group"] = 1; j["num_experts_per_tok"] = 40; }},
+      {"topk_group",
+       [](auto& j) {
+         j["topk_group"] = 1;
+         j["num_experts_per_tok"] = 40;
+       }},
       {"rope_scaling.type", [](auto& j) { j["rope_scaling"]["type"] = "linear"; }},
       {"factor", [](auto& j) { j["rope_scaling"].erase("factor"); }},
       {"original_max_position_embeddings",
@@ -352,18 +358,20 @@ TEST(DeepseekConfigTest, TopKOverrideIsValidatedAgainstGroups) {
 TEST(Fp8Test, DequantisesBlocksByHand) {
   // A 3x3 weight in 2x2 blocks: scale_inv is [2, 2]; the last row/column are partial blocks.
   // E4M3 bytes: 0x38 = 1.0, 0x40 = 2.0, 0xB8 = -1.0, 0x30 = 0.5, 0x3C = 1.5, 0x00 = 0.
-  const std::vector<uint8_t> w = {0x38, 0x40, 0xB8,   //
-                                  0x30, 0x3C, 0x38,   //
+  const std::vector<uint8_t> w = {0x38, 0x40, 0xB8,  //
+                                  0x30, 0x3C, 0x38,  //
                                   0x40, 0x00, 0x3C};
-  const std::vector<float> scale = {2.0f, 0.5f,   //
+  const std::vector<float> scale = {2.0f, 0.5f,  //
                                     4.0f, 0.25f};
   std::vector<float> out(9);
-  ASSERT_TRUE(DequantizeFp8Blocks(w, 3, 3, scale, std::vector<int64_t>{2, 2}, 2, 2, out.data()).ok());
+  ASSERT_TRUE(
+      DequantizeFp8Blocks(w, 3, 3, scale, std::vector<int64_t>{2, 2}, 2, 2, out.data()).ok());
   EXPECT_THAT(out, ElementsAre(2.0f, 4.0f, -0.5f,  //
                                1.0f, 3.0f, 0.5f,   //
                                8.0f, 0.0f, 0.375f));
   // A scale of the wrong shape is refused, naming both shapes.
-  absl::Status s = DequantizeFp8Blocks(w, 3, 3, scale, std::vector<int64_t>{1, 4}, 2, 2, out.data());
+  absl::Status s =
+      DequantizeFp8Blocks(w, 3, 3, scale, std::vector<int64_t>{1, 4}, 2, 2, out.data());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("[2, 2]"));
 }
@@ -389,14 +397,14 @@ TEST(Fp8Test, CheckpointDequantisesTransparently) {
   absl::StatusOr<Tensor> t = (*ck)->LoadF32("x.weight", std::vector<int64_t>{rows, cols});
   ASSERT_TRUE(t.ok()) << t.status();
   auto at = [&](int64_t r, int64_t c) { return t->data()[r * cols + c]; };
-  EXPECT_EQ(at(0, 0), 1.0f);            // 2.0 * 0.5
-  EXPECT_EQ(at(0, 1), 0.5f);            // 1.0 * 0.5
-  EXPECT_EQ(at(127, 128), -2.0f);       // -1.0 * 2
-  EXPECT_EQ(at(5, 128), 2.0f);          // 1.0 * 2
-  EXPECT_EQ(at(128, 0), 1.5f);          // 0.5 * 3
-  EXPECT_EQ(at(129, 127), 3.0f);        // 1.0 * 3
-  EXPECT_EQ(at(129, 128), 0.1875f);     // 1.5 * 0.125
-  EXPECT_EQ(at(128, 128), 0.125f);      // 1.0 * 0.125
+  EXPECT_EQ(at(0, 0), 1.0f);         // 2.0 * 0.5
+  EXPECT_EQ(at(0, 1), 0.5f);         // 1.0 * 0.5
+  EXPECT_EQ(at(127, 128), -2.0f);    // -1.0 * 2
+  EXPECT_EQ(at(5, 128), 2.0f);       // 1.0 * 2
+  EXPECT_EQ(at(128, 0), 1.5f);       // 0.5 * 3
+  EXPECT_EQ(at(129, 127), 3.0f);     // 1.0 * 3
+  EXPECT_EQ(at(129, 128), 0.1875f);  // 1.5 * 0.125
+  EXPECT_EQ(at(128, 128), 0.125f);   // 1.0 * 0.125
 
   absl::StatusOr<Tensor> missing = (*ck)->LoadF32("noscale.weight");
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kInvalidArgument);
@@ -416,7 +424,9 @@ TEST(Fp8Test, QuantiseThenDequantiseIsCloseAndUsesFullRange) {
   EXPECT_FLOAT_EQ(q.scale_inv[0], 0.2f / 448.0f);
   EXPECT_EQ(F8E4M3ToFloat(q.data[5]), 448.0f);
   std::vector<float> back(rows * cols);
-  ASSERT_TRUE(DequantizeFp8Blocks(q.data, rows, cols, q.scale_inv, q.scale_shape, 128, 128, back.data()).ok());
+  ASSERT_TRUE(
+      DequantizeFp8Blocks(q.data, rows, cols, q.scale_inv, q.scale_shape, 128, 128, back.data())
+          .ok());
   for (int64_t i = 0; i < rows * cols; ++i) {
     // E4M3 keeps 3 mantissa bits: relative error at most 2^-4 for normal values.
     EXPECT_NEAR(back[i], w[i], std::fabs(w[i]) / 16 + 1e-5) << i;
@@ -515,7 +525,8 @@ class Reference {
       }
     return y;
   }
-  static std::vector<double> Norm(const std::vector<double>& x, int rows, int dim, const Tensor& w, double eps) {
+  static std::vector<double> Norm(const std::vector<double>& x, int rows, int dim, const Tensor& w,
+                                  double eps) {
     std::vector<double> y(x.size());
     for (int r = 0; r < rows; ++r) {
       double ss = 0;
@@ -528,7 +539,8 @@ class Reference {
   // Rotates adjacent pairs (2i, 2i+1) of v[0 .. rope) by pos * freq[i] (view_as_complex).
   void Rotate(double* v, int pos) const {
     for (int i = 0; i < rope_ / 2; ++i) {
-      const double c = std::cos(pos * freq_[i]) * cos_sin_scale_, s = std::sin(pos * freq_[i]) * cos_sin_scale_;
+      const double c = std::cos(pos * freq_[i]) * cos_sin_scale_,
+                   s = std::sin(pos * freq_[i]) * cos_sin_scale_;
       const double re = v[2 * i], im = v[2 * i + 1];
       v[2 * i] = re * c - im * s;
       v[2 * i + 1] = re * s + im * c;
@@ -578,8 +590,8 @@ class Reference {
     }
     return Linear(o, n, W(p + "o_proj.weight"));
   }
-  static std::vector<double> Mlp(const std::vector<double>& x, int n, const Tensor& g, const Tensor& u,
-                                 const Tensor& d) {
+  static std::vector<double> Mlp(const std::vector<double>& x, int n, const Tensor& g,
+                                 const Tensor& u, const Tensor& d) {
     std::vector<double> a = Linear(x, n, g), b = Linear(x, n, u);
     for (size_t i = 0; i < a.size(); ++i) a[i] = a[i] / (1.0 + std::exp(-a[i])) * b[i];
     return Linear(a, n, d);
@@ -587,7 +599,8 @@ class Reference {
   std::vector<double> Ffn(const std::string& p, int l, const std::vector<double>& xn, int n) {
     const int first_dense = j_["first_k_dense_replace"], freq = j_["moe_layer_freq"];
     if (l < first_dense || l % freq != 0) {
-      return Mlp(xn, n, W(p + "mlp.gate_proj.weight"), W(p + "mlp.up_proj.weight"), W(p + "mlp.down_proj.weight"));
+      return Mlp(xn, n, W(p + "mlp.gate_proj.weight"), W(p + "mlp.up_proj.weight"),
+                 W(p + "mlp.down_proj.weight"));
     }
     const int e = j_["n_routed_experts"], k = j_["num_experts_per_tok"];
     const bool noaux = j_["topk_method"] == "noaux_tc";
@@ -608,10 +621,12 @@ class Reference {
       std::vector<double> score(e);
       double z = 0, mx = *std::max_element(&logits[i * e], &logits[i * e] + e);
       for (int x = 0; x < e; ++x) {
-        score[x] = sigmoid ? 1.0 / (1.0 + std::exp(-logits[i * e + x])) : std::exp(logits[i * e + x] - mx);
+        score[x] =
+            sigmoid ? 1.0 / (1.0 + std::exp(-logits[i * e + x])) : std::exp(logits[i * e + x] - mx);
         z += score[x];
       }
-      if (!sigmoid) for (double& s : score) s /= z;
+      if (!sigmoid)
+        for (double& s : score) s /= z;
       std::vector<double> choice(e);
       for (int x = 0; x < e; ++x) choice[x] = score[x] + bias[x];
       // Group limiting: rank groups by the sum of their best two (by the best one without bias).
@@ -783,7 +798,8 @@ TEST_P(DeepseekEngineTest, PrefillThenDecodeEqualsScoring) {
                                    {b.get(), absl::MakeConstSpan(&other[i - 3], 1), false}};
     r = e.Step(step);
     ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_LE(MaxAbsDiff((*r)[0].data(), full->row(static_cast<int64_t>(i)), v), 1e-4) << "position " << i;
+    EXPECT_LE(MaxAbsDiff((*r)[0].data(), full->row(static_cast<int64_t>(i)), v), 1e-4)
+        << "position " << i;
   }
   EXPECT_EQ(a->length(), 10);
   EXPECT_EQ(b->length(), 7);
@@ -806,8 +822,8 @@ TEST(DeepseekModelTest, CacheHoldsOnlyTheLatent) {
   ASSERT_TRUE(e.Step({&in, 1}).ok());
   EXPECT_EQ(seq->cache_floats(), seq->capacity() * o.config.num_layers * per);
   // Expanded per-head K and V would be heads * (qk_nope + qk_rope + v_head) = 4 * 40 floats.
-  EXPECT_LT(per, o.config.num_heads * (o.config.qk_nope_head_dim + o.config.qk_rope_head_dim +
-                                       o.config.v_head_dim));
+  EXPECT_LT(per, o.config.num_heads *
+                     (o.config.qk_nope_head_dim + o.config.qk_rope_head_dim + o.config.v_head_dim));
 }
 
 TEST(DeepseekModelTest, YarnSoftmaxScaleByHand) {
@@ -883,7 +899,8 @@ TEST(DeepseekModelTest, GeneratedTensorNamesAndDtypes) {
   };
   for (const char* n : {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}) {
     EXPECT_EQ(dtype(absl::StrCat("model.layers.1.self_attn.", n, ".weight")), DType::kF8E4M3) << n;
-    EXPECT_EQ(dtype(absl::StrCat("model.layers.1.self_attn.", n, ".weight_scale_inv")), DType::kF32) << n;
+    EXPECT_EQ(dtype(absl::StrCat("model.layers.1.self_attn.", n, ".weight_scale_inv")), DType::kF32)
+        << n;
   }
   EXPECT_EQ(dtype("model.layers.1.self_attn.q_a_layernorm.weight"), DType::kBF16);
   EXPECT_EQ(dtype("model.layers.1.self_attn.kv_a_layernorm.weight"), DType::kBF16);

@@ -42,15 +42,16 @@ absl::Status MakeModel(const MakeModelArgs& a) {
     } else if (a.topk_method == "greedy") {
       c.topk_method = TopkMethod::kGreedy;
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("unsupported --topk-method '", a.topk_method,
-                                                     "' (noaux_tc, greedy)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unsupported --topk-method '", a.topk_method, "' (noaux_tc, greedy)"));
     }
     if (a.scoring == "sigmoid") {
       c.scoring = ScoringFunc::kSigmoid;
     } else if (a.scoring == "softmax") {
       c.scoring = ScoringFunc::kSoftmax;
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("unsupported --scoring '", a.scoring, "' (sigmoid, softmax)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unsupported --scoring '", a.scoring, "' (sigmoid, softmax)"));
     }
     c.norm_topk_prob = a.norm_topk_prob;
     c.routed_scaling_factor = static_cast<float>(a.routed_scaling);
