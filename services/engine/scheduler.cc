@@ -1,6 +1,7 @@
 #include "services/engine/scheduler.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -160,7 +161,21 @@ void Scheduler::Loop() {
     }
     CallOptions opts;
     opts.deadline = deadline;
+    // When every request in the step has been cancelled, cancel the step itself, so the
+    // cancellation reaches the router and the workers mid-step.
+    opts.cancel = std::make_shared<CancelFlag>();
+    auto cancelled_count = std::make_shared<std::atomic<size_t>>(0);
+    std::vector<std::pair<CancelFlag*, int>> watches;
+    if (std::all_of(owners.begin(), owners.end(), [](Active* a) { return a->req.cancel != nullptr; })) {
+      for (Active* a : owners) {
+        watches.emplace_back(a->req.cancel.get(),
+                             a->req.cancel->OnCancel([cancelled_count, n = owners.size(), step = opts.cancel] {
+                               if (cancelled_count->fetch_add(1) + 1 == n) step->Cancel();
+                             }));
+      }
+    }
     absl::StatusOr<std::vector<Tensor>> out = engine_->Step(inputs, opts);
+    for (auto& [flag, id] : watches) flag->RemoveCallback(id);
     {
       absl::MutexLock lock(&mu_);
       ++stats_.steps;
@@ -169,7 +184,8 @@ void Scheduler::Loop() {
     }
     if (!out.ok()) {
       const bool expired = out.status().code() == absl::StatusCode::kDeadlineExceeded;
-      for (Active* a : owners) Finish(*a, expired ? "deadline" : "error", out.status());
+      const bool cancelled = out.status().code() == absl::StatusCode::kCancelled;
+      for (Active* a : owners) Finish(*a, expired ? "deadline" : cancelled ? "cancelled" : "error", out.status());
       std::erase_if(running_, [](const auto& a) { return a->finished; });
       continue;
     }

@@ -206,7 +206,8 @@ absl::StatusOr<std::shared_ptr<SafetensorsFile>> Checkpoint::FileFor(const std::
   absl::MutexLock lock(&mu_);
   auto open = open_.find(it->second);
   if (open != open_.end()) return open->second;
-  ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir_ + "/" + it->second));
+  ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir_ + "/" + it->second), "tensor '", name,
+                   "'");
   open_[it->second] = file;
   return file;
 }

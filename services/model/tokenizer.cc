@@ -182,3 +182,68 @@ std::string Tokenizer::Decode(const std::vector<int32_t>& ids) const {
 }
 
 }  // namespace moemesh
+
+namespace moemesh {
+namespace {
+
+// Length of the UTF-8 sequence starting with `c`, or 0 if `c` cannot start one.
+int Utf8Len(uint8_t c) {
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) return 2;
+  if (c >= 0xE0 && c <= 0xEF) return 3;
+  if (c >= 0xF0 && c <= 0xF4) return 4;
+  return 0;
+}
+
+}  // namespace
+
+std::string Utf8Stream::Push(absl::string_view bytes) {
+  pending_.append(bytes.data(), bytes.size());
+  std::string out;
+  size_t i = 0;
+  while (i < pending_.size()) {
+    const auto c = static_cast<uint8_t>(pending_[i]);
+    const int len = Utf8Len(c);
+    if (len == 0) {
+      out += "\xEF\xBF\xBD";
+      ++i;
+      continue;
+    }
+    if (i + len > pending_.size()) {
+      // Possibly incomplete: keep it if the bytes so far are valid continuations.
+      bool ok = true;
+      for (size_t k = i + 1; k < pending_.size(); ++k) ok &= (static_cast<uint8_t>(pending_[k]) & 0xC0) == 0x80;
+      if (ok) break;
+      out += "\xEF\xBF\xBD";
+      ++i;
+      continue;
+    }
+    bool ok = true;
+    for (int k = 1; k < len; ++k) ok &= (static_cast<uint8_t>(pending_[i + k]) & 0xC0) == 0x80;
+    // Reject overlong 3/4-byte forms and surrogates (0xE0 needs >= 0xA0, 0xED < 0xA0, 0xF0 >= 0x90, 0xF4 < 0x90).
+    if (ok && len >= 3) {
+      const auto c1 = static_cast<uint8_t>(pending_[i + 1]);
+      if ((c == 0xE0 && c1 < 0xA0) || (c == 0xED && c1 >= 0xA0) || (c == 0xF0 && c1 < 0x90) ||
+          (c == 0xF4 && c1 >= 0x90)) {
+        ok = false;
+      }
+    }
+    if (!ok) {
+      out += "\xEF\xBF\xBD";
+      ++i;
+      continue;
+    }
+    out.append(pending_, i, len);
+    i += len;
+  }
+  pending_.erase(0, i);
+  return out;
+}
+
+std::string Utf8Stream::Flush() {
+  std::string out = pending_.empty() ? "" : "\xEF\xBF\xBD";
+  pending_.clear();
+  return out;
+}
+
+}  // namespace moemesh

@@ -38,3 +38,21 @@ class Tokenizer {
 };
 
 }  // namespace moemesh
+
+namespace moemesh {
+
+// Utf8Stream: turns decoded token bytes, arriving piece by piece, into valid UTF-8 text.
+// An incomplete trailing character is held back until its remaining bytes arrive; bytes
+// that can never form a character become U+FFFD. Not thread-safe; one per stream.
+class Utf8Stream {
+ public:
+  // Returns the text that is complete so far.
+  std::string Push(absl::string_view bytes);
+  // Returns what is held back (as U+FFFD if incomplete) and resets.
+  std::string Flush();
+
+ private:
+  std::string pending_;
+};
+
+}  // namespace moemesh

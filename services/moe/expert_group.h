@@ -11,9 +11,12 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "services/tensor/tensor.h"
 
@@ -49,14 +52,26 @@ struct ExpertBatch {
   int64_t num_tokens() const { return tokens.empty() ? 0 : tokens.dim(0); }
 };
 
-// Cancellation shared by everything a request started. Thread-safe.
+// Cancellation shared by everything a request started. Callbacks registered with OnCancel
+// run once, on the thread that calls Cancel (or inline if already cancelled); they must be
+// quick (e.g. grpc::ClientContext::TryCancel). Thread-safe.
 class CancelFlag {
  public:
-  void Cancel() { cancelled_.store(true, std::memory_order_release); }
+  void Cancel();
   bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
+  // Returns an id for RemoveCallback.
+  int OnCancel(std::function<void()> fn);
+  void RemoveCallback(int id);
 
  private:
   std::atomic<bool> cancelled_{false};
+  absl::Mutex mu_;
+  int next_id_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::pair<int, std::function<void()>>> callbacks_ ABSL_GUARDED_BY(mu_);
+  // Set while Cancel runs the callbacks; RemoveCallback from another thread waits for it, so
+  // that a callback never runs after its owner removed it.
+  bool running_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread::id runner_ ABSL_GUARDED_BY(mu_);
 };
 
 struct CallOptions {

@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 
 #include "absl/strings/string_view.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "services/common/status_macros.h"
 
@@ -146,12 +148,85 @@ absl::StatusOr<std::vector<int>> ParseIdRanges(absl::string_view spec) {
       return absl::InvalidArgumentError(absl::StrCat("bad id range '", part, "' in '", spec, "'"));
     }
     if (lo < 0) return absl::InvalidArgumentError(absl::StrCat("negative id in '", spec, "'"));
-    for (int i = lo; i <= hi; ++i) ids.push_back(i);
+    // An int counter would overflow (and never stop) when hi is INT_MAX.
+    for (int64_t i = lo; i <= hi; ++i) ids.push_back(static_cast<int>(i));
   }
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat("empty id list '", spec, "'"));
   return ids;
+}
+
+}  // namespace moemesh
+
+namespace moemesh {
+namespace {
+
+// "0-3,shared" → ids, with kSharedExpertId for "shared".
+absl::StatusOr<std::vector<int>> ParseExpertIds(absl::string_view spec) {
+  std::vector<int> ids;
+  std::vector<std::string> rest;
+  for (absl::string_view part : absl::StrSplit(spec, ',', absl::SkipWhitespace())) {
+    if (part == "shared") {
+      ids.push_back(kSharedExpertId);
+    } else {
+      rest.emplace_back(part);
+    }
+  }
+  if (!rest.empty()) {
+    ASSIGN_OR_RETURN(std::vector<int> r, ParseIdRanges(absl::StrJoin(rest, ",")));
+    ids.insert(ids.end(), r.begin(), r.end());
+  }
+  if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat("no experts in '", spec, "'"));
+  return ids;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<ExpertKey>> ExpertsFromSpec(const ModelConfig& cfg, absl::string_view spec) {
+  ASSIGN_OR_RETURN(std::vector<int> ids, ParseExpertIds(spec));
+  std::vector<ExpertKey> keys;
+  for (int layer : cfg.MoeLayers()) {
+    for (int e : ids) {
+      if (e >= cfg.num_experts) {
+        return absl::InvalidArgumentError(absl::StrCat("expert ", e, " does not exist (the model has ",
+                                                       cfg.num_experts, " per layer)"));
+      }
+      keys.push_back({layer, e});
+    }
+  }
+  return keys;
+}
+
+absl::StatusOr<std::vector<ExpertKey>> ExpertsFromPlacementFile(const ModelConfig& cfg,
+                                                                const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open placement file ", path));
+  std::vector<ExpertKey> keys;
+  std::string line;
+  int lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    line = line.substr(0, line.find('#'));
+    std::vector<absl::string_view> f = absl::StrSplit(line, ' ', absl::SkipWhitespace());
+    if (f.empty()) continue;
+    int layer;
+    if (f.size() != 2 || !absl::SimpleAtoi(f[0], &layer)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ":", lineno, ": expected 'LAYER IDS'"));
+    }
+    if (layer < 0 || layer >= cfg.num_layers || !cfg.IsMoeLayer(layer)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ":", lineno, ": layer ", layer, " is not an MoE layer"));
+    }
+    ASSIGN_OR_RETURN(std::vector<int> ids, ParseExpertIds(f[1]), path, ":", lineno);
+    for (int e : ids) {
+      if (e >= cfg.num_experts) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ":", lineno, ": expert ", e, " does not exist"));
+      }
+      keys.push_back({layer, e});
+    }
+  }
+  if (keys.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no experts listed"));
+  return keys;
 }
 
 }  // namespace moemesh

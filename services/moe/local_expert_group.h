@@ -63,3 +63,14 @@ class LocalExpertGroup final : public ExpertGroup {
 [[nodiscard]] absl::StatusOr<std::vector<int>> ParseIdRanges(absl::string_view spec);
 
 }  // namespace moemesh
+
+namespace moemesh {
+
+// Experts to hold from `--experts` ("0-3,7" in every MoE layer; "shared" adds the shared
+// experts) or a placement file whose lines read "LAYER IDS" ("3 0-7,shared"; '#' comments).
+[[nodiscard]] absl::StatusOr<std::vector<ExpertKey>> ExpertsFromSpec(const ModelConfig& cfg,
+                                                                     absl::string_view spec);
+[[nodiscard]] absl::StatusOr<std::vector<ExpertKey>> ExpertsFromPlacementFile(
+    const ModelConfig& cfg, const std::string& path);
+
+}  // namespace moemesh

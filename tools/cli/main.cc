@@ -4,7 +4,10 @@
 //   moemesh generate  (--model DIR | --gateway ADDR) (--prompt TEXT | --tokens 1,2,3) --max-tokens N
 //   moemesh score     (--model DIR | --gateway ADDR) --tokens 1,2,3
 //   moemesh up        [--model DIR] --groups G [--replicas R]
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -73,6 +76,7 @@ ABSL_FLAG(bool, logprobs, false, "score: print log-probabilities instead of logi
 ABSL_FLAG(int, groups, 1, "generate/score in process: local expert groups; up: expert groups");
 ABSL_FLAG(int, replicas, 1, "up: replicas per expert group");
 ABSL_FLAG(std::string, wire_dtype, "f32", "up: activation dtype on the wire (f32 | bf16)");
+ABSL_FLAG(std::string, address_file, "", "up: write the gateway address to this file once serving");
 ABSL_FLAG(double, timeout, 0, "generate/score via gateway: deadline in seconds (0: none)");
 
 namespace {
@@ -187,7 +191,17 @@ int main(int argc, char** argv) {
     u.groups = c.groups;
     u.replicas = absl::GetFlag(FLAGS_replicas);
     u.wire_dtype = absl::GetFlag(FLAGS_wire_dtype);
-    u.program = argv[0];
+    char exe[4096];
+    const ssize_t len = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    std::string self = len > 0 ? std::string(exe, len) : std::string(argv[0]);
+    u.bin_dir = self.substr(0, self.rfind('/'));
+    const char* home = std::getenv("HOME");
+    const char* cache = std::getenv("XDG_CACHE_HOME");
+    u.default_model_dir = cache ? absl::StrCat(cache, "/moemesh/default-model")
+                                : absl::StrCat(home ? home : "/tmp", "/.cache/moemesh/default-model");
+    u.address_file = absl::GetFlag(FLAGS_address_file);
+    const char* tmp = std::getenv("TMPDIR");
+    u.run_dir = tmp ? tmp : "/tmp";
     status = moemesh::cli::Up(c, u);
   } else {
     std::cerr << "moemesh: unknown command '" << cmd << "'\n" << absl::ProgramUsageMessage() << "\n";

@@ -1,16 +1,146 @@
-// Client side of `moemesh generate/score --gateway` and `moemesh up`.
+// Client side of `moemesh generate/score --gateway` and the `moemesh up` launcher.
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "grpcpp/grpcpp.h"
+#include "moemesh/v1/gateway.grpc.pb.h"
+#include "nlohmann/json.hpp"
+#include "services/common/status_macros.h"
+#include "services/mesh/launcher.h"
+#include "services/model/generator.h"
+#include "services/rpc/server_host.h"
+#include "services/rpc/tensor_proto.h"
 #include "tools/cli/commands.h"
 
 namespace moemesh::cli {
+namespace {
+
+std::unique_ptr<v1::Gateway::Stub> GatewayStub(const std::string& address) {
+  return v1::Gateway::NewStub(MakeChannel(address));
+}
+
+void SetDeadline(const Common& c, grpc::ClientContext* ctx) {
+  if (c.timeout_s > 0) ctx->set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(c.timeout_s)));
+}
+
+}  // namespace
 
 absl::Status GenerateViaGateway(const Common& c, const GenerateArgs& a) {
-  return absl::UnimplementedError("--gateway is not available yet");
+  auto stub = GatewayStub(c.gateway);
+  grpc::ClientContext ctx;
+  SetDeadline(c, &ctx);
+  v1::GenerateRequest req;
+  const bool text_mode = a.tokens.empty();
+  if (text_mode) {
+    if (a.prompt.empty()) return absl::InvalidArgumentError("give --prompt TEXT or --tokens 1,2,3");
+    req.set_prompt(a.prompt);
+  } else {
+    req.mutable_prompt_tokens()->mutable_ids()->Add(a.tokens.begin(), a.tokens.end());
+  }
+  req.set_max_tokens(a.max_tokens);
+  req.mutable_sampling()->set_temperature(a.sampling.temperature);
+  req.mutable_sampling()->set_top_k(a.sampling.top_k);
+  req.mutable_sampling()->set_top_p(a.sampling.top_p);
+  req.mutable_sampling()->set_seed(a.sampling.seed);
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse resp;
+  int64_t n = 0;
+  v1::Usage usage;
+  std::string finish;
+  while (reader->Read(&resp)) {
+    if (text_mode) {
+      std::cout << resp.text();
+    } else {
+      for (int32_t t : resp.token_ids()) std::cout << (n++ > 0 ? "," : "") << t;
+    }
+    std::cout.flush();
+    usage = resp.usage();
+    if (resp.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finish = v1::FinishReason_Name(resp.finish_reason());
+  }
+  std::cout << "\n";
+  RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
+  std::fprintf(stderr, "[%lld prompt tokens, %lld generated, %s]\n",
+               static_cast<long long>(usage.prompt_tokens()), static_cast<long long>(usage.completion_tokens()),
+               finish.c_str());
+  return absl::OkStatus();
 }
+
 absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs) {
-  return absl::UnimplementedError("--gateway is not available yet");
+  auto stub = GatewayStub(c.gateway);
+  grpc::ClientContext ctx;
+  SetDeadline(c, &ctx);
+  v1::ScoreRequest req;
+  req.mutable_tokens()->Add(tokens.begin(), tokens.end());
+  req.set_log_probs(logprobs);
+  v1::ScoreResponse resp;
+  RETURN_IF_ERROR(FromGrpcStatus(stub->Score(&ctx, req, &resp)));
+  ASSIGN_OR_RETURN(Tensor logits, TensorFromProto(resp.logits(), "logits", 2));
+  nlohmann::json j;
+  j["tokens"] = tokens;
+  nlohmann::json rows = nlohmann::json::array();
+  for (int64_t r = 0; r < logits.dim(0); ++r) {
+    rows.push_back(std::vector<float>(logits.row(r), logits.row(r) + logits.dim(1)));
+  }
+  j[logprobs ? "logprobs" : "logits"] = rows;
+  std::cout << j.dump() << "\n";
+  return absl::OkStatus();
 }
+
 absl::Status Up(const Common& c, const UpArgs& a) {
-  return absl::UnimplementedError("up is not available yet");
+  BlockShutdownSignals();
+  MeshOptions o;
+  o.bin_dir = a.bin_dir;
+  o.model = c.model;
+  if (o.model.empty()) {
+    o.model = a.default_model_dir;
+    struct stat st;
+    if (::stat((o.model + "/config.json").c_str(), &st) != 0) {
+      std::fprintf(stderr, "moemesh up: creating the default model in %s\n", o.model.c_str());
+      std::string parent = o.model.substr(0, o.model.rfind('/'));
+      std::string path;
+      for (size_t i = 1; i <= parent.size(); ++i) {
+        if (i == parent.size() || parent[i] == '/') ::mkdir(parent.substr(0, i).c_str(), 0755);
+      }
+      GeneratorOptions g;
+      g.config = SmallMixtralConfig(512, 256, 512, 4, 8, 2, 8, 2);
+      g.seed = 7;
+      RETURN_IF_ERROR(GenerateModel(g, o.model));
+    }
+  }
+  o.groups = a.groups;
+  o.replicas = a.replicas;
+  o.top_k = c.top_k;
+  o.wire_dtype = a.wire_dtype;
+  o.metrics = true;
+  o.work_dir = absl::StrCat(a.run_dir, "/moemesh-up-", ::getpid());
+  std::fprintf(stderr, "moemesh up: starting %d expert group(s) x %d replica(s), router and gateway (logs in %s)\n",
+               a.groups, a.replicas, o.work_dir.c_str());
+  ASSIGN_OR_RETURN(auto mesh, Mesh::Start(o));
+  std::printf("gateway listening on %s\n", mesh->gateway_address().c_str());
+  std::fflush(stdout);
+  if (!a.address_file.empty()) {
+    std::ofstream(a.address_file + ".tmp") << mesh->gateway_address() << "\n";
+    std::rename((a.address_file + ".tmp").c_str(), a.address_file.c_str());
+  }
+  // Wait for Ctrl-C / SIGTERM, reporting any service that dies meanwhile.
+  while (true) {
+    pollfd pfd{ShutdownSignalFd(), POLLIN, 0};
+    if (::poll(&pfd, 1, 200) > 0) break;
+    for (const std::string& name : mesh->Reap()) {
+      std::fprintf(stderr, "moemesh up: %s exited (log in %s)\n", name.c_str(), o.work_dir.c_str());
+    }
+  }
+  std::fprintf(stderr, "moemesh up: stopping\n");
+  return mesh->Stop();
 }
 
 }  // namespace moemesh::cli

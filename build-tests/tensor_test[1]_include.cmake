@@ -1,5 +1,0 @@
-if(EXISTS "/work/main/build-tests/tensor_test[1]_tests.cmake")
-  include("/work/main/build-tests/tensor_test[1]_tests.cmake")
-else()
-  add_test(tensor_test_NOT_BUILT tensor_test_NOT_BUILT)
-endif()

@@ -1,0 +1,120 @@
+// moemesh-expert-worker: serves one expert group of a checkpoint over gRPC.
+//
+//   moemesh-expert-worker --model DIR --experts 0-3 [--port 0 --port_file F]
+//   moemesh-expert-worker --model DIR --placement FILE
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "expert_worker/worker_service.h"
+#include "services/common/status_macros.h"
+#include "services/compute/backend.h"
+#include "services/model/config.h"
+#include "services/model/safetensors.h"
+#include "services/rpc/server_host.h"
+
+ABSL_FLAG(std::string, model, "", "checkpoint directory");
+ABSL_FLAG(std::string, experts, "", "experts held in every MoE layer, e.g. 0-3 (\"shared\" adds shared experts)");
+ABSL_FLAG(std::string, placement, "", "placement file: lines of 'LAYER IDS' (instead of --experts)");
+ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
+ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
+ABSL_FLAG(std::string, port_file, "", "write the bound port here once serving");
+ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (-1: off, 0: pick one)");
+ABSL_FLAG(std::string, name, "", "name of this worker (defaults to its expert spec)");
+ABSL_FLAG(int, threads, 1, "compute threads (each uses the BLAS threads)");
+ABSL_FLAG(int, max_queue, 256, "queued calls before RESOURCE_EXHAUSTED");
+ABSL_FLAG(double, drain_seconds, 10, "grace period for in-flight calls on SIGTERM");
+
+namespace moemesh::expert_worker {
+namespace {
+
+struct Options {
+  std::string model, experts, placement, host, port_file, name;
+  int port = 0, metrics_port = -1, threads = 1, max_queue = 256;
+  double drain_seconds = 10;
+};
+
+absl::StatusOr<Options> GetOptions() {
+  Options o;
+  o.model = absl::GetFlag(FLAGS_model);
+  o.experts = absl::GetFlag(FLAGS_experts);
+  o.placement = absl::GetFlag(FLAGS_placement);
+  o.host = absl::GetFlag(FLAGS_host);
+  o.port = absl::GetFlag(FLAGS_port);
+  o.port_file = absl::GetFlag(FLAGS_port_file);
+  o.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  o.name = absl::GetFlag(FLAGS_name);
+  o.threads = absl::GetFlag(FLAGS_threads);
+  o.max_queue = absl::GetFlag(FLAGS_max_queue);
+  o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
+  if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
+  if (o.experts.empty() == o.placement.empty()) {
+    return absl::InvalidArgumentError("give exactly one of --experts and --placement");
+  }
+  if (o.port < 0 || o.port > 65535) return absl::InvalidArgumentError("--port out of range");
+  if (o.threads < 1 || o.max_queue < 1) return absl::InvalidArgumentError("--threads and --max_queue must be >= 1");
+  if (o.name.empty()) o.name = o.experts.empty() ? o.placement : absl::StrCat("experts-", o.experts);
+  return o;
+}
+
+absl::Status Run(const Options& o) {
+  ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
+  ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(o.model));
+  std::vector<ExpertKey> keys;
+  if (!o.experts.empty()) {
+    ASSIGN_OR_RETURN(keys, ExpertsFromSpec(cfg, o.experts));
+  } else {
+    ASSIGN_OR_RETURN(keys, ExpertsFromPlacementFile(cfg, o.placement));
+  }
+  auto backend = MakeCpuBackend();
+  ASSIGN_OR_RETURN(auto group, LocalExpertGroup::Load(*ckpt, cfg, keys, backend.get(), o.name));
+  WorkerInfo info;
+  info.name = o.name;
+  info.architecture = cfg.arch == Arch::kMixtral ? "MixtralForCausalLM" : "DeepseekV3ForCausalLM";
+  if (!keys.empty()) {
+    const ExpertTensorNames n = keys[0].expert == kSharedExpertId
+                                    ? SharedExpertNames(cfg, keys[0].layer)
+                                    : RoutedExpertNames(cfg, keys[0].layer, keys[0].expert);
+    if (auto ti = ckpt->Info(n.gate); ti.ok()) info.weight_dtype = ti->dtype;
+  }
+  info.backend = backend->name();
+  info.device = "cpu";
+  Metrics metrics("expert_worker");
+  if (o.metrics_port >= 0) {
+    ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
+    std::fprintf(stderr, "expert_worker %s: metrics on %s:%d\n", o.name.c_str(), o.host.c_str(), mport);
+  }
+  const int64_t bytes = group->weight_bytes();
+  const size_t held = group->experts().size();
+  WorkerService service(std::move(group), info, o.threads, o.max_queue, &metrics);
+  ServerHostOptions so;
+  so.address = absl::StrCat(o.host, ":", o.port);
+  so.port_file = o.port_file;
+  ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
+  std::fprintf(stderr, "expert_worker %s: serving %zu experts (%.1f MiB) on %s\n", o.name.c_str(),
+               held, bytes / 1048576.0, host->address().c_str());
+  const int sig = WaitForShutdownSignal();
+  std::fprintf(stderr, "expert_worker %s: signal %d, draining\n", o.name.c_str(), sig);
+  host->Drain(absl::Seconds(o.drain_seconds));
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace moemesh::expert_worker
+
+int main(int argc, char** argv) {
+  moemesh::BlockShutdownSignals();
+  absl::ParseCommandLine(argc, argv);
+  auto options = moemesh::expert_worker::GetOptions();
+  if (!options.ok()) {
+    std::fprintf(stderr, "moemesh-expert-worker: %s\n", std::string(options.status().message()).c_str());
+    return 2;
+  }
+  if (auto s = moemesh::expert_worker::Run(*options); !s.ok()) {
+    std::fprintf(stderr, "moemesh-expert-worker: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,98 @@
+#include "expert_worker/worker_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "services/rpc/tensor_proto.h"
+
+namespace moemesh::expert_worker {
+
+WorkerService::WorkerService(std::unique_ptr<LocalExpertGroup> group, WorkerInfo info, int threads,
+                             size_t max_queue, Metrics* metrics)
+    : group_(std::move(group)), info_(std::move(info)), metrics_(metrics), pool_(threads, max_queue) {}
+
+grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext* ctx,
+                                                    const v1::RunExpertsRequest* req,
+                                                    v1::RunExpertsResponse* resp) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const absl::Time received = absl::Now();
+  auto fail = [&](const absl::Status& s) {
+    metrics_->CountRequest("RunExperts", s.code());
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  };
+  auto batch = std::make_shared<ExpertBatch>();
+  batch->layer = req->layer();
+  auto tokens = TensorFromProto(req->tokens(), "tokens", 2);
+  if (!tokens.ok()) return fail(tokens.status());
+  batch->tokens = *std::move(tokens);
+  if (batch->tokens.rank() != 2) return fail(absl::InvalidArgumentError("tokens must be [n, hidden]"));
+  if (req->experts_size() != req->weights_size()) {
+    return fail(absl::InvalidArgumentError(absl::StrCat("experts has ", req->experts_size(),
+                                                        " entries but weights has ", req->weights_size())));
+  }
+  batch->offsets.assign(req->offsets().begin(), req->offsets().end());
+  batch->assignments.resize(req->experts_size());
+  for (int i = 0; i < req->experts_size(); ++i) {
+    batch->assignments[i] = {req->experts(i), req->weights(i)};
+  }
+  DType out_dtype = DType::kF32;
+  if (req->output_dtype() != v1::DTYPE_UNSPECIFIED) {
+    auto d = DTypeFromProto(req->output_dtype());
+    if (!d.ok() || (*d != DType::kF32 && *d != DType::kBF16 && *d != DType::kF16)) {
+      return fail(absl::InvalidArgumentError("output_dtype must be F32, F16 or BF16"));
+    }
+    out_dtype = *d;
+  }
+  const bool queued = pool_.TrySchedule([this, ctx, reactor, resp, batch, out_dtype, received] {
+    if (ctx->IsCancelled()) {
+      metrics_->CountRequest("RunExperts", absl::StatusCode::kCancelled);
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled before compute"));
+      return;
+    }
+    if (absl::FromChrono(ctx->deadline()) < absl::Now()) {
+      metrics_->CountRequest("RunExperts", absl::StatusCode::kDeadlineExceeded);
+      reactor->Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued"));
+      return;
+    }
+    const absl::Time start = absl::Now();
+    absl::StatusOr<Tensor> out = group_->Run(*batch);
+    const absl::Time end = absl::Now();
+    metrics_->ObserveCompute(absl::ToDoubleSeconds(end - start), batch->num_tokens(),
+                             static_cast<int64_t>(batch->assignments.size()));
+    metrics_->ObserveLatency("RunExperts", absl::ToDoubleSeconds(end - received));
+    metrics_->CountRequest("RunExperts", out.status().code());
+    if (!out.ok()) {
+      reactor->Finish(ToGrpcStatus(out.status()));
+      return;
+    }
+    TensorToProto(*out, out_dtype, resp->mutable_output());
+    reactor->Finish(grpc::Status::OK);
+  });
+  if (!queued) {
+    return fail(absl::ResourceExhaustedError("expert worker queue is full"));
+  }
+  metrics_->SetQueueDepth(static_cast<double>(pool_.queued()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerService::Describe(grpc::CallbackServerContext* ctx,
+                                                  const v1::DescribeRequest* req,
+                                                  v1::DescribeResponse* resp) {
+  for (const ExpertKey& k : group_->experts()) {
+    v1::ExpertSlot* s = resp->add_experts();
+    s->set_layer(k.layer);
+    s->set_expert(k.expert);
+  }
+  resp->set_architecture(info_.architecture);
+  resp->set_hidden_size(static_cast<int32_t>(group_->hidden()));
+  resp->set_weight_dtype(DTypeToProto(info_.weight_dtype));
+  resp->set_backend(info_.backend);
+  resp->set_device(info_.device);
+  resp->set_weight_bytes(group_->weight_bytes());
+  resp->set_name(info_.name);
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace moemesh::expert_worker

@@ -1,0 +1,46 @@
+// The ExpertWorker gRPC service: RunExperts and Describe over a LocalExpertGroup.
+//
+// Handlers parse on the gRPC thread and hand the compute to a ThreadPool, so no gRPC thread
+// blocks; a full queue answers RESOURCE_EXHAUSTED. Calls whose deadline has passed or whose
+// client cancelled are dropped before compute. Thread-safe.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "moemesh/v1/expert_worker.grpc.pb.h"
+#include "services/common/thread_pool.h"
+#include "services/metrics/metrics.h"
+#include "services/moe/local_expert_group.h"
+
+namespace moemesh::expert_worker {
+
+struct WorkerInfo {
+  std::string name;
+  std::string architecture;
+  DType weight_dtype = DType::kF32;
+  std::string backend = "cpu";
+  std::string device = "cpu";
+};
+
+class WorkerService final : public v1::ExpertWorker::CallbackService {
+ public:
+  WorkerService(std::unique_ptr<LocalExpertGroup> group, WorkerInfo info, int threads,
+                size_t max_queue, Metrics* metrics);
+
+  grpc::ServerUnaryReactor* RunExperts(grpc::CallbackServerContext* ctx,
+                                       const v1::RunExpertsRequest* req,
+                                       v1::RunExpertsResponse* resp) override;
+  grpc::ServerUnaryReactor* Describe(grpc::CallbackServerContext* ctx,
+                                     const v1::DescribeRequest* req,
+                                     v1::DescribeResponse* resp) override;
+
+ private:
+  std::unique_ptr<LocalExpertGroup> group_;
+  WorkerInfo info_;
+  Metrics* metrics_;
+  ThreadPool pool_;
+};
+
+}  // namespace moemesh::expert_worker

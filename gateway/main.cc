@@ -1,0 +1,142 @@
+// moemesh-gateway: the front door and the dense half of the model.
+//
+//   moemesh-gateway --model DIR --router HOST:PORT [--port 0 --port_file F]
+//
+// Loads only the dense tensors (embeddings, attention, norms, LM head); every MoE layer is a
+// call to the router. With --inproc it runs the experts in process instead (no router).
+#include <cstdio>
+#include <optional>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "gateway/gateway_service.h"
+#include "services/common/status_macros.h"
+#include "services/engine/engine.h"
+#include "services/engine/inproc.h"
+#include "services/engine/scheduler.h"
+#include "services/rpc/remote_moe_layer.h"
+#include "services/rpc/server_host.h"
+
+ABSL_FLAG(std::string, model, "", "checkpoint directory");
+ABSL_FLAG(std::string, router, "", "router address host:port");
+ABSL_FLAG(bool, inproc, false, "run the experts in this process instead of calling a router");
+ABSL_FLAG(int, top_k, 0, "experts per token (0: the config's); must match the router's");
+ABSL_FLAG(std::string, wire_dtype, "f32", "activation dtype to and from the router: f32 | bf16");
+ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
+ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
+ABSL_FLAG(std::string, port_file, "", "write the bound port here once serving");
+ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (-1: off, 0: pick one)");
+ABSL_FLAG(int, max_step_tokens, 256, "prefill chunk budget per engine step");
+ABSL_FLAG(int, max_running, 64, "sequences batched together");
+ABSL_FLAG(int, max_queued, 1024, "waiting requests before RESOURCE_EXHAUSTED");
+ABSL_FLAG(double, router_wait, 60, "seconds to wait for the router at start");
+ABSL_FLAG(double, drain_seconds, 30, "grace period for in-flight requests on SIGTERM");
+
+namespace moemesh::gateway {
+namespace {
+
+struct Options {
+  std::string model, router, host, port_file;
+  bool inproc = false;
+  int top_k = 0, port = 0, metrics_port = -1;
+  DType wire = DType::kF32;
+  SchedulerOptions sched;
+  double router_wait = 60, drain_seconds = 30;
+};
+
+absl::StatusOr<Options> GetOptions() {
+  Options o;
+  o.model = absl::GetFlag(FLAGS_model);
+  o.router = absl::GetFlag(FLAGS_router);
+  o.inproc = absl::GetFlag(FLAGS_inproc);
+  o.top_k = absl::GetFlag(FLAGS_top_k);
+  o.host = absl::GetFlag(FLAGS_host);
+  o.port = absl::GetFlag(FLAGS_port);
+  o.port_file = absl::GetFlag(FLAGS_port_file);
+  o.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  o.sched.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
+  o.sched.max_running = absl::GetFlag(FLAGS_max_running);
+  o.sched.max_queued = absl::GetFlag(FLAGS_max_queued);
+  o.router_wait = absl::GetFlag(FLAGS_router_wait);
+  o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
+  if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
+  if (o.router.empty() == !o.inproc) return absl::InvalidArgumentError("give exactly one of --router and --inproc");
+  const std::string wire = absl::GetFlag(FLAGS_wire_dtype);
+  if (wire == "f32") {
+    o.wire = DType::kF32;
+  } else if (wire == "bf16") {
+    o.wire = DType::kBF16;
+  } else {
+    return absl::InvalidArgumentError("--wire_dtype must be f32 or bf16");
+  }
+  if (o.sched.max_step_tokens < 1 || o.sched.max_running < 1 || o.sched.max_queued < 1) {
+    return absl::InvalidArgumentError("--max_step_tokens, --max_running and --max_queued must be >= 1");
+  }
+  return o;
+}
+
+absl::Status Run(const Options& o) {
+  std::unique_ptr<InprocModel> inproc;
+  std::unique_ptr<Checkpoint> ckpt;
+  std::unique_ptr<ComputeBackend> backend;
+  std::unique_ptr<RemoteMoeLayer> remote;
+  std::unique_ptr<Engine> engine_owned;
+  Engine* engine = nullptr;
+  ModelConfig cfg;
+  if (o.inproc) {
+    ASSIGN_OR_RETURN(inproc, InprocModel::Load(o.model, InprocOptions{1, o.top_k}));
+    engine = inproc->engine.get();
+    cfg = inproc->config;
+  } else {
+    ASSIGN_OR_RETURN(cfg, LoadModelConfig(o.model));
+    RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
+    ASSIGN_OR_RETURN(ckpt, Checkpoint::Open(o.model));
+    backend = MakeCpuBackend();
+    remote = std::make_unique<RemoteMoeLayer>(o.router, o.wire);
+    if (!remote->WaitForReady(absl::Seconds(o.router_wait))) {
+      return absl::UnavailableError(absl::StrCat("router ", o.router, " is not reachable"));
+    }
+    ASSIGN_OR_RETURN(engine_owned, Engine::Load(*ckpt, cfg, backend.get(), remote.get()));
+    engine = engine_owned.get();
+  }
+  std::optional<Tokenizer> tokenizer;
+  if (auto t = Tokenizer::Load(o.model + "/tokenizer.json"); t.ok()) tokenizer = *std::move(t);
+  Metrics metrics("gateway");
+  if (o.metrics_port >= 0) {
+    ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
+    std::fprintf(stderr, "gateway: metrics on %s:%d\n", o.host.c_str(), mport);
+  }
+  Scheduler scheduler(engine, o.sched);
+  GatewayService service(&scheduler, cfg, std::move(tokenizer), &metrics);
+  ServerHostOptions so;
+  so.address = absl::StrCat(o.host, ":", o.port);
+  so.port_file = o.port_file;
+  ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
+  std::fprintf(stderr, "gateway: %s, %d layers, serving on %s\n", o.inproc ? "in-process experts" : o.router.c_str(),
+               cfg.num_layers, host->address().c_str());
+  const int sig = WaitForShutdownSignal();
+  std::fprintf(stderr, "gateway: signal %d, draining\n", sig);
+  host->Drain(absl::Seconds(o.drain_seconds));
+  scheduler.Stop(false);
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace moemesh::gateway
+
+int main(int argc, char** argv) {
+  moemesh::BlockShutdownSignals();
+  absl::ParseCommandLine(argc, argv);
+  auto options = moemesh::gateway::GetOptions();
+  if (!options.ok()) {
+    std::fprintf(stderr, "moemesh-gateway: %s\n", std::string(options.status().message()).c_str());
+    return 2;
+  }
+  if (auto s = moemesh::gateway::Run(*options); !s.ok()) {
+    std::fprintf(stderr, "moemesh-gateway: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

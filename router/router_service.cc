@@ -1,0 +1,100 @@
+#include "router/router_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "services/rpc/tensor_proto.h"
+
+namespace moemesh::router {
+namespace {
+
+// A unary reactor that turns client cancellation into a CancelFlag for the fan-out.
+class ForwardReactor final : public grpc::ServerUnaryReactor {
+ public:
+  ForwardReactor() : cancel_(std::make_shared<CancelFlag>()) {}
+  void OnCancel() override { cancel_->Cancel(); }
+  void OnDone() override { delete this; }
+  std::shared_ptr<CancelFlag> cancel() const { return cancel_; }
+
+ private:
+  std::shared_ptr<CancelFlag> cancel_;
+};
+
+}  // namespace
+
+RouterService::RouterService(std::unique_ptr<MoeDispatcher> dispatcher,
+                             std::vector<std::shared_ptr<ReplicaSet>> groups, int threads,
+                             size_t max_queue, Metrics* metrics)
+    : dispatcher_(std::move(dispatcher)),
+      groups_(std::move(groups)),
+      metrics_(metrics),
+      pool_(threads, max_queue) {}
+
+grpc::ServerUnaryReactor* RouterService::Forward(grpc::CallbackServerContext* ctx,
+                                                 const v1::ForwardRequest* req,
+                                                 v1::ForwardResponse* resp) {
+  auto* reactor = new ForwardReactor();
+  const absl::Time received = absl::Now();
+  auto finish = [this, reactor, received](const absl::Status& s) {
+    metrics_->CountRequest("Forward", s.code());
+    metrics_->ObserveLatency("Forward", absl::ToDoubleSeconds(absl::Now() - received));
+    reactor->Finish(ToGrpcStatus(s));
+  };
+  auto hidden = TensorFromProto(req->hidden(), "hidden", 2);
+  if (!hidden.ok()) {
+    finish(hidden.status());
+    return reactor;
+  }
+  DType out_dtype = DType::kF32;
+  if (req->output_dtype() != v1::DTYPE_UNSPECIFIED) {
+    auto d = DTypeFromProto(req->output_dtype());
+    if (!d.ok() || *d == DType::kF8E4M3) {
+      finish(absl::InvalidArgumentError("output_dtype must be F32, F16 or BF16"));
+      return reactor;
+    }
+    out_dtype = *d;
+  }
+  CallOptions opts;
+  opts.deadline = absl::FromChrono(ctx->deadline());
+  opts.cancel = reactor->cancel();
+  const int layer = req->layer();
+  const bool queued = pool_.TrySchedule([this, layer, h = *std::move(hidden), opts, resp, out_dtype,
+                                         finish]() mutable {
+    if (opts.cancel->cancelled()) {
+      finish(absl::CancelledError("cancelled before gating"));
+      return;
+    }
+    dispatcher_->ForwardAsync(layer, std::move(h), opts,
+                              [this, layer, resp, out_dtype, finish](absl::StatusOr<Tensor> out,
+                                                                      const DispatchStats& stats) {
+                                if (out.ok()) {
+                                  metrics_->AddExpertTokens(layer, stats.expert_tokens);
+                                  metrics_->AddTokenSends(stats.token_sends);
+                                  TensorToProto(*out, out_dtype, resp->mutable_output());
+                                }
+                                finish(out.status());
+                              });
+  });
+  if (!queued) finish(absl::ResourceExhaustedError("router queue is full"));
+  metrics_->SetQueueDepth(static_cast<double>(pool_.queued()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterService::Topology(grpc::CallbackServerContext* ctx,
+                                                  const v1::TopologyRequest* req,
+                                                  v1::TopologyResponse* resp) {
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    v1::GroupInfo* gi = resp->add_groups();
+    gi->set_group(static_cast<int32_t>(g));
+    for (const auto& r : groups_[g]->State()) {
+      v1::ReplicaInfo* ri = gi->add_replicas();
+      ri->set_endpoint(r.endpoint);
+      ri->set_outstanding(r.outstanding);
+      ri->set_healthy(r.healthy);
+    }
+  }
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace moemesh::router

@@ -1,0 +1,100 @@
+// Metrics: every Prometheus metric moemesh exports, defined in this one place.
+//
+// Names follow Prometheus conventions: `moemesh_` prefix, base units (`_seconds`, `_bytes`),
+// `_total` for counters, and no per-request labels (labels are bounded: service, method,
+// code, layer, expert, group). Where each is measured:
+//
+//   moemesh_requests_total{service,method,code}        every RPC handler, at Finish
+//   moemesh_request_duration_seconds{service,method}   handler receive → Finish
+//   moemesh_queue_depth{service}                       worker pool queue / gateway waiting
+//   moemesh_busy_ratio{service}                        worker: compute time / wall time
+//   moemesh_expert_compute_seconds_total               worker: time inside expert FFNs
+//   moemesh_expert_tokens_total{layer,expert}          router: tokens routed to each expert
+//   moemesh_worker_tokens_total{service}               worker: token rows computed
+//   moemesh_dispatch_token_sends_total                 router: (token, group) sends
+//   moemesh_replica_retries_total{group}               router: retries on another replica
+//   moemesh_tokens_total{kind=prompt|completion}       gateway: tokens in and out
+//   moemesh_running_sequences                          gateway: sequences in the batch
+//   moemesh_step_tokens / moemesh_step_duration_seconds gateway: batch size and step time
+//   moemesh_time_to_first_token_seconds                gateway
+//
+// Thread-safe. Serve() starts an HTTP /metrics endpoint.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace moemesh {
+
+class Metrics {
+ public:
+  // `service`: "gateway", "router" or "expert_worker".
+  explicit Metrics(std::string service);
+  ~Metrics();
+
+  // Starts /metrics on `address` ("127.0.0.1:0" picks a port); returns the port.
+  [[nodiscard]] absl::StatusOr<int> Serve(const std::string& address);
+  // The text exposition of every metric (for tests and debugging).
+  std::string Render() const;
+
+  void CountRequest(const std::string& method, absl::StatusCode code);
+  void ObserveLatency(const std::string& method, double seconds);
+  void SetQueueDepth(double depth);
+
+  // Expert worker.
+  void ObserveCompute(double seconds, int64_t tokens, int64_t assignments);
+
+  // Router.
+  void AddExpertTokens(int layer, const std::vector<int64_t>& per_expert);
+  void AddTokenSends(int64_t sends);
+  void CountRetry(int group);
+
+  // Gateway.
+  void AddTokens(int64_t prompt, int64_t completion);
+  void SetRunning(double running);
+  void ObserveStep(double seconds, int64_t tokens);
+  void ObserveTimeToFirstToken(double seconds);
+
+ private:
+  prometheus::Counter& Counter(prometheus::Family<prometheus::Counter>* f,
+                               const std::map<std::string, std::string>& labels);
+
+  const std::string service_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  prometheus::Family<prometheus::Counter>* requests_;
+  prometheus::Family<prometheus::Histogram>* latency_;
+  prometheus::Family<prometheus::Gauge>* queue_depth_;
+  prometheus::Family<prometheus::Gauge>* busy_ratio_;
+  prometheus::Family<prometheus::Counter>* compute_seconds_;
+  prometheus::Family<prometheus::Counter>* expert_tokens_;
+  prometheus::Family<prometheus::Counter>* worker_tokens_;
+  prometheus::Family<prometheus::Counter>* token_sends_;
+  prometheus::Family<prometheus::Counter>* retries_;
+  prometheus::Family<prometheus::Counter>* tokens_;
+  prometheus::Family<prometheus::Gauge>* running_;
+  prometheus::Family<prometheus::Histogram>* step_tokens_;
+  prometheus::Family<prometheus::Histogram>* step_seconds_;
+  prometheus::Family<prometheus::Histogram>* ttft_;
+
+  absl::Mutex mu_;  // guards the busy-ratio window
+  absl::Time window_start_ ABSL_GUARDED_BY(mu_);
+  double window_busy_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace moemesh

@@ -1,0 +1,171 @@
+#include "services/rpc/remote_expert_group.h"
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "services/metrics/metrics.h"
+#include "services/rpc/server_host.h"
+#include "services/rpc/tensor_proto.h"
+
+namespace moemesh {
+
+GrpcExpertGroup::GrpcExpertGroup(std::string target, DType wire)
+    : target_(std::move(target)),
+      wire_(wire),
+      channel_(MakeChannel(target_, absl::StartsWith(target_, "dns:"))),
+      stub_(v1::ExpertWorker::NewStub(channel_)) {}
+
+namespace {
+
+// One RunExperts call in flight; owns the context and messages until the callback.
+struct Call {
+  grpc::ClientContext ctx;
+  v1::RunExpertsRequest req;
+  v1::RunExpertsResponse resp;
+  std::shared_ptr<CancelFlag> cancel;
+  int cancel_id = -1;
+};
+
+}  // namespace
+
+void GrpcExpertGroup::RunExpertsAsync(std::shared_ptr<const ExpertBatch> batch,
+                                      const CallOptions& opts, ExpertDone done) {
+  auto call = std::make_shared<Call>();
+  call->req.set_layer(batch->layer);
+  TensorToProto(batch->tokens, wire_, call->req.mutable_tokens());
+  call->req.mutable_offsets()->Add(batch->offsets.begin(), batch->offsets.end());
+  call->req.mutable_experts()->Reserve(static_cast<int>(batch->assignments.size()));
+  call->req.mutable_weights()->Reserve(static_cast<int>(batch->assignments.size()));
+  for (const ExpertAssignment& a : batch->assignments) {
+    call->req.add_experts(a.expert);
+    call->req.add_weights(a.weight);
+  }
+  call->req.set_output_dtype(DTypeToProto(wire_));
+  if (opts.deadline != absl::InfiniteFuture()) call->ctx.set_deadline(absl::ToChronoTime(opts.deadline));
+  if (opts.cancel) {
+    call->cancel = opts.cancel;
+    std::weak_ptr<Call> weak = call;
+    call->cancel_id = opts.cancel->OnCancel([weak] {
+      if (auto c = weak.lock()) c->ctx.TryCancel();
+    });
+  }
+  outstanding_.fetch_add(1);
+  stub_->async()->RunExperts(&call->ctx, &call->req, &call->resp,
+                             [this, call, done = std::move(done)](grpc::Status s) {
+                               outstanding_.fetch_sub(1);
+                               if (call->cancel) call->cancel->RemoveCallback(call->cancel_id);
+                               if (!s.ok()) {
+                                 done(absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                                                   absl::StrCat(target_, ": ", s.error_message())));
+                                 return;
+                               }
+                               done(TensorFromProto(call->resp.output(), "expert output", 2));
+                             });
+}
+
+absl::StatusOr<v1::DescribeResponse> GrpcExpertGroup::Describe(absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  ctx.set_wait_for_ready(true);
+  v1::DescribeRequest req;
+  v1::DescribeResponse resp;
+  grpc::Status s = stub_->Describe(&ctx, req, &resp);
+  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                                   absl::StrCat(target_, ": Describe: ", s.error_message()));
+  return resp;
+}
+
+struct ReplicaSet::Attempt {
+  std::shared_ptr<const ExpertBatch> batch;
+  CallOptions opts;
+  ExpertDone done;
+  std::vector<bool> tried;
+  absl::Status last;
+};
+
+ReplicaSet::ReplicaSet(std::vector<std::shared_ptr<GrpcExpertGroup>> replicas,
+                       ReplicaSetOptions options, Metrics* metrics)
+    : replicas_(std::move(replicas)),
+      options_(options),
+      metrics_(metrics),
+      unhealthy_until_(replicas_.size(), absl::InfinitePast()) {}
+
+std::string ReplicaSet::name() const {
+  std::vector<std::string> names;
+  for (const auto& r : replicas_) names.push_back(r->name());
+  return absl::StrCat("group ", options_.group_index, " [", absl::StrJoin(names, "|"), "]");
+}
+
+std::vector<ReplicaSet::ReplicaState> ReplicaSet::State() const {
+  std::vector<ReplicaState> out;
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = absl::Now();
+  for (size_t i = 0; i < replicas_.size(); ++i) {
+    out.push_back({replicas_[i]->name(), replicas_[i]->outstanding(), unhealthy_until_[i] <= now});
+  }
+  return out;
+}
+
+int ReplicaSet::Pick(const std::vector<bool>& tried) const {
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = absl::Now();
+  int best = -1;
+  bool best_healthy = false;
+  for (size_t i = 0; i < replicas_.size(); ++i) {
+    if (tried[i]) continue;
+    const bool healthy = unhealthy_until_[i] <= now;
+    if (best < 0 || (healthy && !best_healthy) ||
+        (healthy == best_healthy && replicas_[i]->outstanding() < replicas_[best]->outstanding())) {
+      best = static_cast<int>(i);
+      best_healthy = healthy;
+    }
+  }
+  return best;
+}
+
+void ReplicaSet::RunExpertsAsync(std::shared_ptr<const ExpertBatch> batch, const CallOptions& opts,
+                                 ExpertDone done) {
+  auto a = std::make_shared<Attempt>();
+  a->batch = std::move(batch);
+  a->opts = opts;
+  a->done = std::move(done);
+  a->tried.assign(replicas_.size(), false);
+  Try(std::move(a));
+}
+
+void ReplicaSet::Try(std::shared_ptr<Attempt> a) {
+  const int r = Pick(a->tried);
+  if (r < 0) {
+    a->done(absl::UnavailableError(absl::StrCat("no replica of ", name(), " could serve the call; last error: ",
+                                                a->last.message())));
+    return;
+  }
+  a->tried[r] = true;
+  CallOptions attempt = a->opts;
+  const absl::Time attempt_deadline = absl::Now() + options_.attempt_timeout;
+  if (attempt_deadline < attempt.deadline) attempt.deadline = attempt_deadline;
+  replicas_[r]->RunExpertsAsync(a->batch, attempt, [this, a, r](absl::StatusOr<Tensor> result) {
+    if (result.ok()) {
+      absl::MutexLock lock(&mu_);
+      unhealthy_until_[r] = absl::InfinitePast();
+    }
+    const absl::StatusCode code = result.status().code();
+    const bool retriable = code == absl::StatusCode::kUnavailable ||
+                           (code == absl::StatusCode::kDeadlineExceeded && absl::Now() < a->opts.deadline);
+    const bool cancelled = a->opts.cancel && a->opts.cancel->cancelled();
+    if (result.ok() || !retriable || cancelled) {
+      a->done(std::move(result));
+      return;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      unhealthy_until_[r] = absl::Now() + options_.unhealthy_for;
+    }
+    a->last = result.status();
+    if (metrics_ != nullptr) metrics_->CountRetry(options_.group_index);
+    Try(a);
+  });
+}
+
+}  // namespace moemesh

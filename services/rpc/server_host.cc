@@ -1,0 +1,123 @@
+#include "services/rpc/server_host.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+
+namespace moemesh {
+
+absl::StatusOr<std::unique_ptr<ServerHost>> ServerHost::Start(
+    const ServerHostOptions& options, const std::vector<grpc::Service*>& services) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  std::unique_ptr<ServerHost> host(new ServerHost());
+  grpc::ServerBuilder builder;
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  int port = 0;
+  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &port);
+  for (grpc::Service* s : services) builder.RegisterService(s);
+  host->server_ = builder.BuildAndStart();
+  if (host->server_ == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.address));
+  }
+  host->port_ = port;
+  host->host_ = options.address.substr(0, options.address.rfind(':'));
+  host->SetServing(true);
+  if (!options.port_file.empty()) {
+    const std::string tmp = options.port_file + ".tmp";
+    {
+      std::ofstream out(tmp);
+      out << port << "\n";
+      if (!out) return absl::InternalError(absl::StrCat("cannot write ", tmp));
+    }
+    if (std::rename(tmp.c_str(), options.port_file.c_str()) != 0) {
+      return absl::InternalError(absl::StrCat("cannot write ", options.port_file));
+    }
+  }
+  return host;
+}
+
+ServerHost::~ServerHost() {
+  if (!drained_) Drain(absl::Seconds(1));
+}
+
+std::string ServerHost::address() const { return absl::StrCat(host_, ":", port_); }
+
+void ServerHost::SetServing(bool serving) {
+  if (auto* h = server_->GetHealthCheckService()) h->SetServingStatus(serving);
+}
+
+void ServerHost::Drain(absl::Duration grace) {
+  if (drained_) return;
+  drained_ = true;
+  SetServing(false);
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  server_->Wait();
+}
+
+namespace {
+
+int g_signal_pipe[2] = {-1, -1};
+
+void OnShutdownSignal(int sig) {
+  const char c = static_cast<char>(sig);
+  [[maybe_unused]] ssize_t n = ::write(g_signal_pipe[1], &c, 1);
+}
+
+}  // namespace
+
+// A handler (not a blocked mask) because libraries such as OpenBLAS start threads before
+// main runs; a process-directed signal may land on any of them.
+void BlockShutdownSignals() {
+  if (g_signal_pipe[0] >= 0) return;
+  if (::pipe2(g_signal_pipe, O_CLOEXEC) != 0) return;
+  struct sigaction sa = {};
+  sa.sa_handler = OnShutdownSignal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGINT, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+}
+
+int ShutdownSignalFd() { return g_signal_pipe[0]; }
+
+int WaitForShutdownSignal() {
+  char c = 0;
+  while (::read(g_signal_pipe[0], &c, 1) < 0 && errno == EINTR) {
+  }
+  return c;
+}
+
+grpc::ChannelArguments DefaultChannelArguments(int max_message_bytes) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(max_message_bytes);
+  args.SetMaxSendMessageSize(max_message_bytes);
+  // Reconnect quickly after a peer restarts (the default backoff reaches minutes).
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  return args;
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool round_robin) {
+  grpc::ChannelArguments args = DefaultChannelArguments();
+  if (round_robin) {
+    args.SetLoadBalancingPolicyName("round_robin");
+    args.SetServiceConfigJSON(
+        R"({"loadBalancingConfig":[{"round_robin":{}}],)"
+        R"("healthCheckConfig":{"serviceName":""}})");
+  }
+  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+}
+
+}  // namespace moemesh

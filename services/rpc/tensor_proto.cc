@@ -1,0 +1,75 @@
+#include "services/rpc/tensor_proto.h"
+
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace moemesh {
+
+absl::StatusOr<DType> DTypeFromProto(v1::DType d) {
+  switch (d) {
+    case v1::DTYPE_F32: return DType::kF32;
+    case v1::DTYPE_F16: return DType::kF16;
+    case v1::DTYPE_BF16: return DType::kBF16;
+    case v1::DTYPE_F8_E4M3: return DType::kF8E4M3;
+    default: return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", static_cast<int>(d)));
+  }
+}
+
+v1::DType DTypeToProto(DType d) {
+  switch (d) {
+    case DType::kF32: return v1::DTYPE_F32;
+    case DType::kF16: return v1::DTYPE_F16;
+    case DType::kBF16: return v1::DTYPE_BF16;
+    case DType::kF8E4M3: return v1::DTYPE_F8_E4M3;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+void TensorToProto(const Tensor& t, DType wire, v1::Tensor* out) {
+  out->set_dtype(DTypeToProto(wire));
+  out->clear_shape();
+  for (int64_t d : t.shape()) out->add_shape(d);
+  const size_t n = static_cast<size_t>(t.numel());
+  std::string* data = out->mutable_data();
+  data->resize(n * DTypeSize(wire));
+  if (n > 0) ConvertFromF32(wire, t.data(), n, data->data());
+}
+
+absl::StatusOr<Tensor> TensorFromProto(const v1::Tensor& p, absl::string_view what, int max_rank) {
+  auto dtype = DTypeFromProto(p.dtype());
+  if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", dtype.status().message()));
+  if (p.shape_size() == 0 || p.shape_size() > max_rank) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": rank ", p.shape_size(), " is not in [1, ", max_rank, "]"));
+  }
+  std::vector<int64_t> shape;
+  uint64_t n = 1;
+  for (int64_t d : p.shape()) {
+    if (d < 0 || (d > 0 && n > std::numeric_limits<uint32_t>::max() / static_cast<uint64_t>(d))) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": bad dimension ", d));
+    }
+    n *= static_cast<uint64_t>(d);
+    shape.push_back(d);
+  }
+  const uint64_t expect = n * DTypeSize(*dtype);
+  if (p.data().size() != expect) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": shape ", ShapeToString(shape), " of ",
+                                                   DTypeName(*dtype), " needs ", expect,
+                                                   " bytes, got ", p.data().size()));
+  }
+  Tensor t = Tensor::Zeros(std::move(shape));
+  if (n > 0) ConvertToF32(*dtype, p.data().data(), n, t.mutable_data());
+  return t;
+}
+
+grpc::Status ToGrpcStatus(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Status FromGrpcStatus(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+}  // namespace moemesh
