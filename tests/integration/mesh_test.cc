@@ -1,0 +1,222 @@
+// The mesh contract: real processes, real gRPC on loopback, compared with the single-process
+// engine on the same generated checkpoint.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "services/engine/inproc.h"
+#include "services/rpc/tensor_proto.h"
+#include "tests/mesh_util.h"
+#include "tests/test_util.h"
+
+namespace moemesh::testing {
+namespace {
+
+class MeshTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    GeneratorOptions g;
+    g.config = SmallMixtralConfig(128, 64, 96, 3, 4, 2, 8, 2);
+    g.seed = 11;
+    model_ = new std::string(MakeModel(*dir_, "model", g));
+    auto m = InprocModel::Load(*model_);
+    ASSERT_TRUE(m.ok()) << m.status();
+    inproc_ = m->release();
+  }
+  static void TearDownTestSuite() {
+    delete inproc_;
+    delete model_;
+    delete dir_;
+  }
+  static std::vector<int32_t> Tokens(int n, int salt) {
+    std::vector<int32_t> t;
+    for (int i = 0; i < n; ++i) t.push_back((i * 37 + salt * 11 + 5) % 128);
+    return t;
+  }
+
+  static TempDir* dir_;
+  static std::string* model_;
+  static InprocModel* inproc_;
+};
+TempDir* MeshTest::dir_ = nullptr;
+std::string* MeshTest::model_ = nullptr;
+InprocModel* MeshTest::inproc_ = nullptr;
+
+struct Layout {
+  int groups;
+  int replicas;
+};
+
+class MeshLayoutTest : public MeshTest, public ::testing::WithParamInterface<Layout> {};
+
+TEST_P(MeshLayoutTest, LogitsMatchSingleProcess) {
+  const Layout l = GetParam();
+  MeshOptions o = TestMeshOptions(*model_, dir_->Join(absl::StrCat("work-", l.groups, "-", l.replicas)),
+                                  l.groups, l.replicas);
+  o.gateway_args = {"--max_step_tokens=16"};  // prompts longer than 16 are prefilled in chunks
+  auto mesh = Mesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  auto gw = GatewayClient((*mesh)->gateway_address());
+  for (int n : {1, 7, 40}) {
+    const std::vector<int32_t> tokens = Tokens(n, n);
+    auto got = ScoreViaGateway(gw.get(), tokens);
+    ASSERT_TRUE(got.ok()) << got.status();
+    auto want = inproc_->engine->Score(tokens);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_EQ(got->shape(), want->shape());
+    EXPECT_LE(MaxAbsDiff(got->data(), want->data(), got->numel()), 1e-4) << "n=" << n;
+  }
+  EXPECT_TRUE((*mesh)->Stop().ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, MeshLayoutTest,
+                         ::testing::Values(Layout{1, 1}, Layout{2, 1}, Layout{4, 1}, Layout{2, 2}),
+                         [](const auto& info) {
+                           return absl::StrCat("groups", info.param.groups, "_replicas", info.param.replicas);
+                         });
+
+TEST_F(MeshTest, ConcurrentGreedyGenerationMatchesSingleProcess) {
+  auto mesh = Mesh::Start(TestMeshOptions(*model_, dir_->Join("work-concurrent"), 2));
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 8; ++i) prompts.push_back(Tokens(1 + i * 5, i));
+  const int kMax = 12;
+  const auto want = GenerateInproc(*model_, prompts, kMax);
+  std::vector<absl::StatusOr<std::vector<int32_t>>> got(prompts.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto gw = GatewayClient((*mesh)->gateway_address());
+      got[i] = GenerateViaGateway(gw.get(), prompts[i], kMax);
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(got[i].ok()) << got[i].status();
+    EXPECT_EQ(*got[i], want[i]) << "prompt " << i;
+  }
+  EXPECT_TRUE((*mesh)->Stop().ok());
+}
+
+TEST_F(MeshTest, BadLayerOrExpertGetsAClearErrorAndServiceContinues) {
+  auto mesh = Mesh::Start(TestMeshOptions(*model_, dir_->Join("work-errors"), 2));
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  const int64_t h = inproc_->config.hidden_size;
+  Tensor x = Tensor::FromVector({2, h}, RandomFloats(2 * h, 3));
+
+  auto router = RouterClient((*mesh)->router_address());
+  {
+    grpc::ClientContext ctx;
+    v1::ForwardRequest req;
+    req.set_layer(99);
+    TensorToProto(x, DType::kF32, req.mutable_hidden());
+    v1::ForwardResponse resp;
+    grpc::Status s = router->Forward(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(s.error_message().find("layer 99"), std::string::npos) << s.error_message();
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::ForwardRequest req;
+    req.set_layer(0);
+    TensorToProto(Tensor::FromVector({2, h + 1}, RandomFloats(2 * (h + 1), 3)), DType::kF32, req.mutable_hidden());
+    v1::ForwardResponse resp;
+    EXPECT_EQ(router->Forward(&ctx, req, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  // Worker g0 holds experts 0-3.
+  const Mesh::Process& w0 = (*mesh)->workers()[0];
+  ASSERT_EQ(w0.group, 0);
+  auto worker = WorkerClient(w0.address);
+  auto run = [&](int layer, int expert, grpc::Status* status, v1::RunExpertsResponse* resp) {
+    grpc::ClientContext ctx;
+    v1::RunExpertsRequest req;
+    req.set_layer(layer);
+    TensorToProto(x, DType::kF32, req.mutable_tokens());
+    for (int v : {0, 1, 2}) req.add_offsets(v);
+    req.add_experts(expert);
+    req.add_weights(0.5f);
+    req.add_experts(expert);
+    req.add_weights(0.5f);
+    *status = worker->RunExperts(&ctx, req, resp);
+  };
+  grpc::Status s;
+  v1::RunExpertsResponse resp;
+  run(0, 99, &s, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find("expert 99"), std::string::npos) << s.error_message();
+  run(0, 5, &s, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << s.error_message();
+  EXPECT_NE(s.error_message().find("expert 5"), std::string::npos) << s.error_message();
+  run(7, 1, &s, &resp);
+  EXPECT_TRUE(s.error_code() == grpc::StatusCode::NOT_FOUND ||
+              s.error_code() == grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  {
+    grpc::ClientContext ctx;
+    v1::RunExpertsRequest req;
+    req.set_layer(0);
+    TensorToProto(x, DType::kF32, req.mutable_tokens());
+    req.mutable_tokens()->mutable_data()->resize(7);  // bytes do not match the shape
+    grpc::Status bad = worker->RunExperts(&ctx, req, &resp);
+    EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  // Still serving: a valid call succeeds and a request through the gateway works.
+  run(0, 2, &s, &resp);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.output().shape_size(), 2);
+  auto gw = GatewayClient((*mesh)->gateway_address());
+  EXPECT_TRUE(ScoreViaGateway(gw.get(), {1, 2, 3}).ok());
+  // Bad requests at the gateway are INVALID_ARGUMENT too.
+  auto bad_tok = ScoreViaGateway(gw.get(), {1, 999});
+  EXPECT_EQ(bad_tok.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE((*mesh)->Stop().ok());
+}
+
+TEST_F(MeshTest, RouterRefusesToStartWhenAnExpertIsMissing) {
+  MeshOptions o = TestMeshOptions(*model_, dir_->Join("work-missing"), 2);
+  o.group_experts = {"0-3", "4-6"};  // nobody holds expert 7
+  o.startup_timeout = absl::Seconds(60);
+  auto mesh = Mesh::Start(o);
+  ASSERT_FALSE(mesh.ok());
+  EXPECT_NE(mesh.status().message().find("expert 7"), std::string::npos) << mesh.status();
+}
+
+TEST_F(MeshTest, UpCommandServesARequestAndStopsCleanly) {
+  const std::string addr_file = dir_->Join("up.addr");
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const std::string bin = std::string(MOEMESH_BIN_DIR) + "/moemesh";
+    const std::string log = dir_->Join("up.log");
+    FILE* f = std::freopen(log.c_str(), "w", stderr);
+    (void)f;
+    ::execl(bin.c_str(), bin.c_str(), "up", ("--model=" + *model_).c_str(), "--groups=2",
+            ("--address_file=" + addr_file).c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  std::string address;
+  for (int i = 0; i < 600 && address.empty(); ++i) {
+    std::ifstream in(addr_file);
+    in >> address;
+    if (address.empty()) absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_FALSE(address.empty()) << ReadFileOrDie(dir_->Join("up.log"));
+  auto gw = GatewayClient(address);
+  auto got = GenerateViaGateway(gw.get(), {1, 2, 3}, 5);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, GenerateInproc(*model_, {{1, 2, 3}}, 5)[0]);
+  ASSERT_EQ(::kill(pid, SIGTERM), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << "\n" << ReadFileOrDie(dir_->Join("up.log"));
+}
+
+}  // namespace
+}  // namespace moemesh::testing
