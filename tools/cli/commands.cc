@@ -169,7 +169,7 @@ absl::Status Generate(const Common& c, const GenerateArgs& a) {
     done.Notify();
   }));
   done.WaitForNotification();
-  std::cout << "\n";
+  std::cout << std::endl;
   const double total = absl::ToDoubleSeconds(absl::Now() - start);
   std::fprintf(stderr, "[%lld prompt tokens, %lld generated, first token %.3f s, %.1f tokens/s]\n",
                static_cast<long long>(prompt.size()), static_cast<long long>(n),

@@ -66,7 +66,7 @@ absl::Status GenerateViaGateway(const Common& c, const GenerateArgs& a) {
     usage = resp.usage();
     if (resp.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finish = v1::FinishReason_Name(resp.finish_reason());
   }
-  std::cout << "\n";
+  std::cout << std::endl;
   RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
   std::fprintf(stderr, "[%lld prompt tokens, %lld generated, %s]\n",
                static_cast<long long>(usage.prompt_tokens()), static_cast<long long>(usage.completion_tokens()),
