@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "expert_worker/worker_service.h"
 #include "services/common/status_macros.h"
+#include "services/engine/inproc.h"
 #include "services/compute/backend.h"
 #include "services/model/config.h"
 #include "services/model/safetensors.h"
@@ -61,7 +62,7 @@ absl::StatusOr<Options> GetOptions() {
 
 absl::Status Run(const Options& o) {
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
-  ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(o.model));
+  ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg));
   std::vector<ExpertKey> keys;
   if (!o.experts.empty()) {
     ASSIGN_OR_RETURN(keys, ExpertsFromSpec(cfg, o.experts));

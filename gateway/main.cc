@@ -92,7 +92,7 @@ absl::Status Run(const Options& o) {
   } else {
     ASSIGN_OR_RETURN(cfg, LoadModelConfig(o.model));
     RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
-    ASSIGN_OR_RETURN(ckpt, Checkpoint::Open(o.model));
+    ASSIGN_OR_RETURN(ckpt, OpenModelCheckpoint(o.model, cfg));
     backend = MakeCpuBackend();
     remote = std::make_unique<RemoteMoeLayer>(o.router, o.wire);
     if (!remote->WaitForReady(absl::Seconds(o.router_wait))) {

@@ -81,7 +81,7 @@ absl::StatusOr<Options> GetOptions() {
 absl::Status Run(const Options& o) {
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
   RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
-  ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(o.model));
+  ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg));
   ASSIGN_OR_RETURN(auto gates, MoeDispatcher::LoadGates(*ckpt, cfg));
   Metrics metrics("router");
   std::vector<MoeDispatcher::GroupEntry> entries;

@@ -30,6 +30,13 @@ std::vector<ExpertKey> DefaultPlacement(const ModelConfig& cfg, int g, int group
   return keys;
 }
 
+absl::StatusOr<std::unique_ptr<Checkpoint>> OpenModelCheckpoint(const std::string& dir,
+                                                                const ModelConfig& cfg) {
+  ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(dir));
+  if (cfg.fp8_block_rows > 0) ckpt->set_fp8_block(cfg.fp8_block_rows, cfg.fp8_block_cols);
+  return ckpt;
+}
+
 absl::StatusOr<std::unique_ptr<InprocModel>> InprocModel::Load(const std::string& dir,
                                                                const InprocOptions& options) {
   auto m = std::make_unique<InprocModel>();
@@ -38,10 +45,7 @@ absl::StatusOr<std::unique_ptr<InprocModel>> InprocModel::Load(const std::string
   if (options.groups < 1 || options.groups > m->config.num_experts) {
     return absl::InvalidArgumentError(absl::StrCat("groups must be in [1, ", m->config.num_experts, "]"));
   }
-  ASSIGN_OR_RETURN(m->checkpoint, Checkpoint::Open(dir));
-  if (m->config.fp8_block_rows > 0) {
-    m->checkpoint->set_fp8_block(m->config.fp8_block_rows, m->config.fp8_block_cols);
-  }
+  ASSIGN_OR_RETURN(m->checkpoint, OpenModelCheckpoint(dir, m->config));
   m->backend = MakeCpuBackend();
   std::vector<MoeDispatcher::GroupEntry> groups;
   for (int g = 0; g < options.groups; ++g) {

@@ -29,6 +29,10 @@ struct InprocOptions {
 // evenly (contiguous ranges) in every MoE layer; shared experts go to group 0.
 std::vector<ExpertKey> DefaultPlacement(const ModelConfig& cfg, int g, int groups);
 
+// Opens a checkpoint with the config's FP8 block size, as every service must.
+[[nodiscard]] absl::StatusOr<std::unique_ptr<Checkpoint>> OpenModelCheckpoint(
+    const std::string& dir, const ModelConfig& cfg);
+
 struct InprocModel {
   std::unique_ptr<Checkpoint> checkpoint;
   ModelConfig config;
