@@ -26,9 +26,10 @@ namespace {
 
 TempDir::TempDir() {
   const char* base = std::getenv("TEST_TMPDIR");
-  std::string tmpl = absl::StrCat(base != nullptr && *base != '\0' ? base : "/tmp",
-                                  "/moemesh_test_XXXXXX");
-  if (::mkdtemp(tmpl.data()) == nullptr) Die(absl::StrCat("mkdtemp ", tmpl, ": ", std::strerror(errno)));
+  std::string tmpl =
+      absl::StrCat(base != nullptr && *base != '\0' ? base : "/tmp", "/moemesh_test_XXXXXX");
+  if (::mkdtemp(tmpl.data()) == nullptr)
+    Die(absl::StrCat("mkdtemp ", tmpl, ": ", std::strerror(errno)));
   path_ = tmpl;
 }
 

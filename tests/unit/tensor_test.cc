@@ -48,13 +48,13 @@ TEST(DTypeTest, RejectsUnknownNames) {
 
 TEST(HalfTest, KnownEncodings) {
   // sign | 5-bit exponent (bias 15) | 10-bit mantissa.
-  EXPECT_EQ(FloatToHalf(1.0f), 0x3C00);   // 0 01111 0000000000
-  EXPECT_EQ(FloatToHalf(-2.0f), 0xC000);  // 1 10000 0000000000
-  EXPECT_EQ(FloatToHalf(0.5f), 0x3800);   // 0 01110 0000000000
-  EXPECT_EQ(FloatToHalf(1.5f), 0x3E00);   // 0 01111 1000000000
-  EXPECT_EQ(FloatToHalf(65504.0f), 0x7BFF);   // largest finite: (2 - 2^-10) * 2^15
-  EXPECT_EQ(FloatToHalf(Pow2(-14)), 0x0400);  // smallest normal
-  EXPECT_EQ(FloatToHalf(Pow2(-24)), 0x0001);  // smallest subnormal
+  EXPECT_EQ(FloatToHalf(1.0f), 0x3C00);                 // 0 01111 0000000000
+  EXPECT_EQ(FloatToHalf(-2.0f), 0xC000);                // 1 10000 0000000000
+  EXPECT_EQ(FloatToHalf(0.5f), 0x3800);                 // 0 01110 0000000000
+  EXPECT_EQ(FloatToHalf(1.5f), 0x3E00);                 // 0 01111 1000000000
+  EXPECT_EQ(FloatToHalf(65504.0f), 0x7BFF);             // largest finite: (2 - 2^-10) * 2^15
+  EXPECT_EQ(FloatToHalf(Pow2(-14)), 0x0400);            // smallest normal
+  EXPECT_EQ(FloatToHalf(Pow2(-24)), 0x0001);            // smallest subnormal
   EXPECT_EQ(FloatToHalf(1023.0f * Pow2(-24)), 0x03FF);  // largest subnormal
   EXPECT_EQ(FloatToHalf(0.0f), 0x0000);
   EXPECT_EQ(FloatToHalf(-0.0f), 0x8000);
@@ -131,9 +131,9 @@ TEST(BF16Test, KnownEncodings) {
 }
 
 TEST(BF16Test, RoundsToNearestEven) {
-  const float ulp1 = Pow2(-7);  // bf16 has 7 mantissa bits
-  EXPECT_EQ(FloatToBF16(1.0f + ulp1 / 2), 0x3F80);       // tie -> even (down)
-  EXPECT_EQ(FloatToBF16(1.0f + 3 * ulp1 / 2), 0x3F82);   // tie -> even (up)
+  const float ulp1 = Pow2(-7);                          // bf16 has 7 mantissa bits
+  EXPECT_EQ(FloatToBF16(1.0f + ulp1 / 2), 0x3F80);      // tie -> even (down)
+  EXPECT_EQ(FloatToBF16(1.0f + 3 * ulp1 / 2), 0x3F82);  // tie -> even (up)
   EXPECT_EQ(FloatToBF16(1.0f + ulp1 / 2 + Pow2(-20)), 0x3F81);
   EXPECT_EQ(FloatToBF16(1.0f + ulp1 / 2 - Pow2(-20)), 0x3F80);
   // FLT_MAX rounds up past the largest finite bf16 to infinity.
@@ -154,15 +154,15 @@ TEST(BF16Test, EveryFiniteBF16RoundTrips) {
 
 TEST(F8E4M3Test, KnownEncodings) {
   // sign | 4-bit exponent (bias 7) | 3-bit mantissa.
-  EXPECT_EQ(FloatToF8E4M3(1.0f), 0x38);   // 0 0111 000
+  EXPECT_EQ(FloatToF8E4M3(1.0f), 0x38);  // 0 0111 000
   EXPECT_EQ(F8E4M3ToFloat(0x38), 1.0f);
   EXPECT_EQ(FloatToF8E4M3(-1.0f), 0xB8);
   EXPECT_EQ(FloatToF8E4M3(448.0f), 0x7E);  // 0 1111 110 = 1.75 * 2^8
   EXPECT_EQ(F8E4M3ToFloat(0x7E), 448.0f);
   EXPECT_EQ(F8E4M3ToFloat(0x39), 1.125f);
-  EXPECT_EQ(F8E4M3ToFloat(0x08), Pow2(-6));          // smallest normal
-  EXPECT_EQ(F8E4M3ToFloat(0x01), Pow2(-9));          // smallest subnormal: 1/8 * 2^-6
-  EXPECT_EQ(F8E4M3ToFloat(0x07), 7.0f * Pow2(-9));   // largest subnormal
+  EXPECT_EQ(F8E4M3ToFloat(0x08), Pow2(-6));         // smallest normal
+  EXPECT_EQ(F8E4M3ToFloat(0x01), Pow2(-9));         // smallest subnormal: 1/8 * 2^-6
+  EXPECT_EQ(F8E4M3ToFloat(0x07), 7.0f * Pow2(-9));  // largest subnormal
   EXPECT_EQ(FloatToF8E4M3(Pow2(-9)), 0x01);
   EXPECT_EQ(FloatToF8E4M3(0.0f), 0x00);
   EXPECT_TRUE(std::isnan(F8E4M3ToFloat(0x7F)));
