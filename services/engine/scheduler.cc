@@ -97,12 +97,16 @@ void Scheduler::Loop() {
       };
       mu_.Await(absl::Condition(&has_work));
       if (stopping_ && !drain_) {
-        for (auto& a : queue_) Finish(*a, "cancelled", absl::UnavailableError("the server is shutting down"));
-        queue_.clear();
-        for (auto& a : running_) Finish(*a, "cancelled", absl::UnavailableError("the server is shutting down"));
+        // Callbacks run after the lock is released: they may call back into the scheduler.
+        std::vector<std::unique_ptr<Active>> abandoned = std::move(running_);
         running_.clear();
+        for (auto& a : queue_) abandoned.push_back(std::move(a));
+        queue_.clear();
         stats_.running = 0;
         stats_.queued = 0;
+        mu_.Unlock();
+        for (auto& a : abandoned) Finish(*a, "cancelled", absl::UnavailableError("the server is shutting down"));
+        mu_.Lock();
         return;
       }
       if (stopping_ && queue_.empty() && running_.empty()) return;
