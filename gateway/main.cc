@@ -16,6 +16,7 @@
 #include "services/engine/engine.h"
 #include "services/engine/inproc.h"
 #include "services/engine/scheduler.h"
+#include "services/moe/shared_experts_layer.h"
 #include "services/rpc/remote_moe_layer.h"
 #include "services/rpc/server_host.h"
 
@@ -23,6 +24,9 @@ ABSL_FLAG(std::string, model, "", "checkpoint directory");
 ABSL_FLAG(std::string, router, "", "router address host:port");
 ABSL_FLAG(bool, inproc, false, "run the experts in this process instead of calling a router");
 ABSL_FLAG(int, top_k, 0, "experts per token (0: the config's); must match the router's");
+ABSL_FLAG(std::string, shared_experts, "mesh",
+          "where DeepSeek shared experts run: mesh | gateway (overlapped with the router call); "
+          "must match the router's");
 ABSL_FLAG(std::string, wire_dtype, "f32", "activation dtype to and from the router: f32 | bf16");
 ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
 ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
@@ -42,6 +46,7 @@ struct Options {
   bool inproc = false;
   int top_k = 0, port = 0, metrics_port = -1;
   DType wire = DType::kF32;
+  bool shared_in_gateway = false;
   SchedulerOptions sched;
   double router_wait = 60, drain_seconds = 30;
 };
@@ -63,6 +68,9 @@ absl::StatusOr<Options> GetOptions() {
   o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.router.empty() == !o.inproc) return absl::InvalidArgumentError("give exactly one of --router and --inproc");
+  const std::string shared = absl::GetFlag(FLAGS_shared_experts);
+  if (shared != "mesh" && shared != "gateway") return absl::InvalidArgumentError("--shared_experts must be mesh or gateway");
+  o.shared_in_gateway = shared == "gateway";
   const std::string wire = absl::GetFlag(FLAGS_wire_dtype);
   if (wire == "f32") {
     o.wire = DType::kF32;
@@ -82,6 +90,7 @@ absl::Status Run(const Options& o) {
   std::unique_ptr<Checkpoint> ckpt;
   std::unique_ptr<ComputeBackend> backend;
   std::unique_ptr<RemoteMoeLayer> remote;
+  std::unique_ptr<SharedExpertsLayer> shared_layer;
   std::unique_ptr<Engine> engine_owned;
   Engine* engine = nullptr;
   ModelConfig cfg;
@@ -98,7 +107,15 @@ absl::Status Run(const Options& o) {
     if (!remote->WaitForReady(absl::Seconds(o.router_wait))) {
       return absl::UnavailableError(absl::StrCat("router ", o.router, " is not reachable"));
     }
-    ASSIGN_OR_RETURN(engine_owned, Engine::Load(*ckpt, cfg, backend.get(), remote.get()));
+    MoeLayer* moe = remote.get();
+    if (o.shared_in_gateway && cfg.n_shared_experts > 0) {
+      std::vector<ExpertKey> keys;
+      for (int layer : cfg.MoeLayers()) keys.push_back({layer, kSharedExpertId});
+      ASSIGN_OR_RETURN(auto group, LocalExpertGroup::Load(*ckpt, cfg, keys, backend.get(), "gateway-shared"));
+      shared_layer = std::make_unique<SharedExpertsLayer>(remote.get(), std::move(group));
+      moe = shared_layer.get();
+    }
+    ASSIGN_OR_RETURN(engine_owned, Engine::Load(*ckpt, cfg, backend.get(), moe));
     engine = engine_owned.get();
   }
   std::optional<Tokenizer> tokenizer;

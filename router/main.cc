@@ -24,6 +24,8 @@
 ABSL_FLAG(std::string, model, "", "checkpoint directory (config and gate weights are read)");
 ABSL_FLAG(std::string, groups, "", "expert groups: ',' between groups, '|' between replicas");
 ABSL_FLAG(int, top_k, 0, "experts per token (0: the config's num_experts_per_tok)");
+ABSL_FLAG(std::string, shared_experts, "mesh",
+          "where DeepSeek shared experts run: mesh (a worker group holds them) | gateway");
 ABSL_FLAG(std::string, wire_dtype, "f32", "activation dtype to and from workers: f32 | bf16");
 ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
 ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
@@ -43,6 +45,7 @@ struct Options {
   std::vector<std::vector<std::string>> groups;
   int top_k = 0, port = 0, metrics_port = -1, threads = 2, max_queue = 1024;
   DType wire = DType::kF32;
+  bool dispatch_shared = true;
   double attempt_timeout = 30, startup_timeout = 60, drain_seconds = 10;
 };
 
@@ -66,6 +69,9 @@ absl::StatusOr<Options> GetOptions() {
     o.groups.push_back(std::move(replicas));
   }
   if (o.groups.empty()) return absl::InvalidArgumentError("--groups is required");
+  const std::string shared = absl::GetFlag(FLAGS_shared_experts);
+  if (shared != "mesh" && shared != "gateway") return absl::InvalidArgumentError("--shared_experts must be mesh or gateway");
+  o.dispatch_shared = shared == "mesh";
   const std::string wire = absl::GetFlag(FLAGS_wire_dtype);
   if (wire == "f32") {
     o.wire = DType::kF32;
@@ -116,7 +122,8 @@ absl::Status Run(const Options& o) {
     entries.push_back({set, holds});
   }
   auto backend = MakeCpuBackend();
-  ASSIGN_OR_RETURN(auto dispatcher, MoeDispatcher::Create(cfg, std::move(gates), std::move(entries), backend.get()));
+  ASSIGN_OR_RETURN(auto dispatcher, MoeDispatcher::Create(cfg, std::move(gates), std::move(entries), backend.get(),
+                                                              o.dispatch_shared));
   if (o.metrics_port >= 0) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
     std::fprintf(stderr, "router: metrics on %s:%d\n", o.host.c_str(), mport);

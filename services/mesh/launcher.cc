@@ -117,6 +117,8 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
   ::mkdir(o.work_dir.c_str(), 0755);
   const absl::Time deadline = absl::Now() + o.startup_timeout;
   const std::string metrics_flag = o.metrics ? "--metrics_port=0" : "--metrics_port=-1";
+  const std::string shared_flag =
+      absl::StrCat("--shared_experts=", o.shared_experts_in_gateway ? "gateway" : "mesh");
   for (int g = 0; g < o.groups; ++g) {
     std::string spec;
     if (!o.group_experts.empty()) {
@@ -124,7 +126,7 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
     } else {
       const int lo = cfg.num_experts * g / o.groups, hi = cfg.num_experts * (g + 1) / o.groups - 1;
       spec = absl::StrCat(lo, "-", hi);
-      if (g == 0 && cfg.n_shared_experts > 0) absl::StrAppend(&spec, ",shared");
+      if (g == 0 && cfg.n_shared_experts > 0 && !o.shared_experts_in_gateway) absl::StrAppend(&spec, ",shared");
     }
     for (int r = 0; r < o.replicas; ++r) {
       const std::string name = absl::StrCat("worker-g", g, "-r", r);
@@ -146,13 +148,13 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
   }
   std::vector<std::string> rargs = {"--model=" + o.model, "--groups=" + absl::StrJoin(groups, ","),
                                     "--wire_dtype=" + o.wire_dtype, absl::StrCat("--top_k=", o.top_k),
-                                    metrics_flag};
+                                    metrics_flag, shared_flag};
   rargs.insert(rargs.end(), o.router_args.begin(), o.router_args.end());
   ASSIGN_OR_RETURN(m->router_, m->Spawn("router", o.bin_dir + "/moemesh-router", rargs));
   RETURN_IF_ERROR(m->WaitServing(&m->router_, deadline));
   std::vector<std::string> gargs = {"--model=" + o.model, "--router=" + m->router_.address,
                                     "--wire_dtype=" + o.wire_dtype, absl::StrCat("--top_k=", o.top_k),
-                                    metrics_flag};
+                                    metrics_flag, shared_flag};
   gargs.insert(gargs.end(), o.gateway_args.begin(), o.gateway_args.end());
   ASSIGN_OR_RETURN(m->gateway_, m->Spawn("gateway", o.bin_dir + "/moemesh-gateway", gargs));
   RETURN_IF_ERROR(m->WaitServing(&m->gateway_, deadline));

@@ -30,8 +30,9 @@ absl::StatusOr<absl::flat_hash_map<int, Gate>> MoeDispatcher::LoadGates(const Ch
 
 absl::StatusOr<std::unique_ptr<MoeDispatcher>> MoeDispatcher::Create(
     const ModelConfig& cfg, absl::flat_hash_map<int, Gate> gates, std::vector<GroupEntry> groups,
-    ComputeBackend* backend) {
+    ComputeBackend* backend, bool dispatch_shared) {
   std::unique_ptr<MoeDispatcher> d(new MoeDispatcher());
+  d->dispatch_shared_ = dispatch_shared && cfg.n_shared_experts > 0;
   d->cfg_ = cfg;
   d->backend_ = backend;
   d->gates_ = std::move(gates);
@@ -45,7 +46,7 @@ absl::StatusOr<std::unique_ptr<MoeDispatcher>> MoeDispatcher::Create(
     for (int e = 0; e < cfg.num_experts; ++e) {
       if (!d->holders_.contains(ExpertKey{layer, e})) missing.push_back(absl::StrCat("(layer ", layer, ", expert ", e, ")"));
     }
-    if (cfg.n_shared_experts > 0 && !d->holders_.contains(ExpertKey{layer, kSharedExpertId})) {
+    if (d->dispatch_shared_ && !d->holders_.contains(ExpertKey{layer, kSharedExpertId})) {
       missing.push_back(absl::StrCat("(layer ", layer, ", shared experts)"));
     }
   }
@@ -117,8 +118,7 @@ void MoeDispatcher::ForwardAsync(
   std::vector<std::vector<int32_t>> offsets(ng, std::vector<int32_t>{0});
   std::vector<std::vector<ExpertAssignment>> assigns(ng);
   std::vector<int64_t> load(ng, 0);
-  std::vector<int> token_group_of_choice(routing.k + 1);
-  const bool shared = cfg_.n_shared_experts > 0;
+  const bool shared = dispatch_shared_;
   for (int64_t i = 0; i < t; ++i) {
     // Choose a group for each of the token's experts.
     std::vector<std::pair<int, ExpertAssignment>> picks;  // (group, assignment)

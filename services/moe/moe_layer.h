@@ -51,10 +51,12 @@ class MoeDispatcher final : public MoeLayer {
     std::vector<ExpertKey> holds;  // what this group serves (kSharedExpertId for shared)
   };
 
-  // Fails with FAILED_PRECONDITION naming every (layer, expert) no group holds.
+  // Fails with FAILED_PRECONDITION naming every (layer, expert) no group holds. With
+  // `dispatch_shared` false, shared experts are left to the caller (the gateway runs them,
+  // see SharedExpertsLayer) and no group needs to hold them.
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<MoeDispatcher>> Create(
       const ModelConfig& cfg, absl::flat_hash_map<int, Gate> gates, std::vector<GroupEntry> groups,
-      ComputeBackend* backend);
+      ComputeBackend* backend, bool dispatch_shared = true);
 
   // Loads every MoE layer's gate (and score-correction bias) from a checkpoint.
   [[nodiscard]] static absl::StatusOr<absl::flat_hash_map<int, Gate>> LoadGates(
@@ -71,6 +73,7 @@ class MoeDispatcher final : public MoeLayer {
   MoeDispatcher() = default;
   ModelConfig cfg_;
   ComputeBackend* backend_ = nullptr;
+  bool dispatch_shared_ = true;
   absl::flat_hash_map<int, Gate> gates_;
   std::vector<GroupEntry> groups_;
   // (layer, expert) → indices into groups_ of the groups holding it.

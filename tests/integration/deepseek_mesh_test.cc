@@ -15,6 +15,7 @@ struct Case {
   int groups;
   int replicas;
   DType dtype;
+  bool shared_in_gateway = false;
 };
 
 class DeepseekMeshTest : public ::testing::TestWithParam<Case> {};
@@ -32,6 +33,7 @@ TEST_P(DeepseekMeshTest, LogitsAndGreedyTokensMatchSingleProcess) {
 
   MeshOptions o = TestMeshOptions(model, dir.Join("work"), c.groups, c.replicas);
   o.gateway_args = {"--max_step_tokens=16"};
+  o.shared_experts_in_gateway = c.shared_in_gateway;
   auto mesh = Mesh::Start(o);
   ASSERT_TRUE(mesh.ok()) << mesh.status();
   auto gw = GatewayClient((*mesh)->gateway_address());
@@ -72,10 +74,12 @@ TEST_P(DeepseekMeshTest, LogitsAndGreedyTokensMatchSingleProcess) {
 INSTANTIATE_TEST_SUITE_P(
     Layouts, DeepseekMeshTest,
     ::testing::Values(Case{1, 1, DType::kF32}, Case{2, 1, DType::kF32}, Case{4, 1, DType::kF32},
-                      Case{2, 2, DType::kF32}, Case{2, 1, DType::kF8E4M3}),
+                      Case{2, 2, DType::kF32}, Case{2, 1, DType::kF8E4M3},
+                      Case{2, 1, DType::kF32, /*shared_in_gateway=*/true}),
     [](const auto& info) {
       return absl::StrCat("groups", info.param.groups, "_replicas", info.param.replicas, "_",
-                          info.param.dtype == DType::kF32 ? "f32" : "fp8");
+                          info.param.dtype == DType::kF32 ? "f32" : "fp8",
+                          info.param.shared_in_gateway ? "_shared_in_gateway" : "");
     });
 
 }  // namespace
