@@ -142,8 +142,11 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
   std::vector<std::string> groups;
   for (int g = 0; g < o.groups; ++g) {
     std::vector<std::string> reps;
-    for (const Process& p : m->workers_)
-      if (p.group == g) reps.push_back(p.address);
+    for (const Process& p : m->workers_) {
+      if (p.group != g) continue;
+      reps.push_back(o.dns_targets ? absl::StrCat("dns:///localhost:", p.address.substr(p.address.rfind(':') + 1))
+                                   : p.address);
+    }
     groups.push_back(absl::StrJoin(reps, "|"));
   }
   std::vector<std::string> rargs = {"--model=" + o.model, "--groups=" + absl::StrJoin(groups, ","),

@@ -29,7 +29,10 @@ struct MeshOptions {
   int top_k = 0;
   std::string wire_dtype = "f32";
   bool metrics = false;  // give every service a /metrics port
-  bool shared_experts_in_gateway = false;  // DeepSeek shared experts: gateway instead of group 0
+  bool shared_experts_in_gateway = false;
+  // Name single-replica groups to the router as dns:///localhost:PORT (gRPC's DNS resolver
+  // and round_robin, as with a headless Kubernetes Service) instead of host:port.
+  bool dns_targets = false;  // DeepSeek shared experts: gateway instead of group 0
   absl::Duration startup_timeout = absl::Seconds(120);
   // Extra flags per service.
   std::vector<std::string> worker_args, router_args, gateway_args;

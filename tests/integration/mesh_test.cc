@@ -77,6 +77,21 @@ TEST_P(MeshLayoutTest, LogitsMatchSingleProcess) {
   EXPECT_TRUE((*mesh)->Stop().ok());
 }
 
+TEST_F(MeshTest, GroupsNamedByDnsWork) {
+  MeshOptions o = TestMeshOptions(*model_, dir_->Join("work-dns"), 2);
+  o.dns_targets = true;
+  auto mesh = Mesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  auto gw = GatewayClient((*mesh)->gateway_address());
+  const std::vector<int32_t> tokens = Tokens(12, 3);
+  auto got = ScoreViaGateway(gw.get(), tokens);
+  ASSERT_TRUE(got.ok()) << got.status();
+  auto want = inproc_->engine->Score(tokens);
+  ASSERT_TRUE(want.ok());
+  EXPECT_LE(MaxAbsDiff(got->data(), want->data(), got->numel()), 1e-4);
+  EXPECT_TRUE((*mesh)->Stop().ok());
+}
+
 INSTANTIATE_TEST_SUITE_P(Layouts, MeshLayoutTest,
                          ::testing::Values(Layout{1, 1}, Layout{2, 1}, Layout{4, 1}, Layout{2, 2}),
                          [](const auto& info) {

@@ -76,6 +76,9 @@ ABSL_FLAG(bool, logprobs, false, "score: print log-probabilities instead of logi
 ABSL_FLAG(int, groups, 1, "generate/score in process: local expert groups; up: expert groups");
 ABSL_FLAG(int, replicas, 1, "up: replicas per expert group");
 ABSL_FLAG(std::string, wire_dtype, "f32", "up: activation dtype on the wire (f32 | bf16)");
+ABSL_FLAG(bool, shared_in_gateway, false,
+          "up: run DeepSeek shared experts in the gateway (overlapped with the router call) "
+          "instead of in expert group 0");
 ABSL_FLAG(std::string, address_file, "", "up: write the gateway address to this file once serving");
 ABSL_FLAG(double, timeout, 0, "generate/score via gateway: deadline in seconds (0: none)");
 
@@ -200,6 +203,7 @@ int main(int argc, char** argv) {
     u.default_model_dir = cache ? absl::StrCat(cache, "/moemesh/default-model")
                                 : absl::StrCat(home ? home : "/tmp", "/.cache/moemesh/default-model");
     u.address_file = absl::GetFlag(FLAGS_address_file);
+    u.shared_in_gateway = absl::GetFlag(FLAGS_shared_in_gateway);
     const char* tmp = std::getenv("TMPDIR");
     u.run_dir = tmp ? tmp : "/tmp";
     status = moemesh::cli::Up(c, u);

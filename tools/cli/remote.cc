@@ -51,12 +51,16 @@ absl::Status GenerateViaGateway(const Common& c, const GenerateArgs& a) {
   req.mutable_sampling()->set_top_k(a.sampling.top_k);
   req.mutable_sampling()->set_top_p(a.sampling.top_p);
   req.mutable_sampling()->set_seed(a.sampling.seed);
+  const absl::Time start = absl::Now();
+  absl::Time first = start;
   auto reader = stub->Generate(&ctx, req);
   v1::GenerateResponse resp;
-  int64_t n = 0;
+  int64_t n = 0, received = 0;
   v1::Usage usage;
   std::string finish;
   while (reader->Read(&resp)) {
+    if (received == 0 && resp.token_ids_size() > 0) first = absl::Now();
+    received += resp.token_ids_size();
     if (text_mode) {
       std::cout << resp.text();
     } else {
@@ -68,9 +72,11 @@ absl::Status GenerateViaGateway(const Common& c, const GenerateArgs& a) {
   }
   std::cout << std::endl;
   RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
-  std::fprintf(stderr, "[%lld prompt tokens, %lld generated, %s]\n",
+  const double decode_s = absl::ToDoubleSeconds(absl::Now() - first);
+  std::fprintf(stderr, "[%lld prompt tokens, %lld generated, %s, first token %.3f s, %.1f tokens/s]\n",
                static_cast<long long>(usage.prompt_tokens()), static_cast<long long>(usage.completion_tokens()),
-               finish.c_str());
+               finish.c_str(), absl::ToDoubleSeconds(first - start),
+               received > 1 ? (received - 1) / std::max(1e-9, decode_s) : 0.0);
   return absl::OkStatus();
 }
 
@@ -120,6 +126,7 @@ absl::Status Up(const Common& c, const UpArgs& a) {
   o.replicas = a.replicas;
   o.top_k = c.top_k;
   o.wire_dtype = a.wire_dtype;
+  o.shared_experts_in_gateway = a.shared_in_gateway;
   o.metrics = true;
   o.work_dir = absl::StrCat(a.run_dir, "/moemesh-up-", ::getpid());
   std::fprintf(stderr, "moemesh up: starting %d expert group(s) x %d replica(s), router and gateway (logs in %s)\n",
