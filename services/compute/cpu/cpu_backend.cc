@@ -78,8 +78,15 @@ class CpuBackend final : public ComputeBackend {
       const int64_t out_stride = s.heads * s.v_dim;
       // scores[i, j] = scale * q_i · k_j over all cache rows; masked below.
       if (s.num_new == 1) {
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, s.ctx, s.qk_dim, s.scale, kg, s.k_stride, qh, 1,
-                    0.0f, scores.data(), 1);
+        // Decode: plain loops. Hundreds of tiny BLAS calls per token cost more in thread
+        // hand-offs than the arithmetic.
+        for (int64_t j = 0; j < s.ctx; ++j) {
+          const float* kj = kg + j * s.k_stride;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < s.qk_dim; ++d) dot += qh[d] * kj[d];
+          scores[j] = dot * s.scale;
+        }
       } else {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.num_new, s.ctx, s.qk_dim, s.scale,
                     qh, s.q_stride, kg, s.k_stride, 0.0f, scores.data(), s.ctx);
@@ -99,8 +106,13 @@ class CpuBackend final : public ComputeBackend {
         for (int64_t j = visible; j < s.ctx; ++j) row[j] = 0.0f;
       }
       if (s.num_new == 1) {
-        cblas_sgemv(CblasRowMajor, CblasTrans, s.ctx, s.v_dim, 1.0f, vg, s.v_stride,
-                    scores.data(), 1, 0.0f, oh, 1);
+        for (int64_t d = 0; d < s.v_dim; ++d) oh[d] = 0.0f;
+        for (int64_t j = 0; j < s.ctx; ++j) {
+          const float p = scores[j];
+          const float* vj = vg + j * s.v_stride;
+#pragma omp simd
+          for (int64_t d = 0; d < s.v_dim; ++d) oh[d] += p * vj[d];
+        }
       } else {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s.num_new, s.v_dim, s.ctx, 1.0f,
                     scores.data(), s.ctx, vg, s.v_stride, 0.0f, oh, out_stride);
