@@ -2,7 +2,9 @@
 //
 //   moemesh-expert-worker --model DIR --experts 0-3 [--port 0 --port_file F]
 //   moemesh-expert-worker --model DIR --placement FILE
+//   moemesh-expert-worker --model DIR --experts 0-3 --backend cuda --device 1
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -12,6 +14,9 @@
 #include "services/common/status_macros.h"
 #include "services/engine/inproc.h"
 #include "services/compute/backend.h"
+#ifdef MOEMESH_HAVE_CUDA
+#include "services/compute/cuda/cuda_backend.h"
+#endif
 #include "services/model/config.h"
 #include "services/model/safetensors.h"
 #include "services/rpc/server_host.h"
@@ -27,13 +32,16 @@ ABSL_FLAG(std::string, name, "", "name of this worker (defaults to its expert sp
 ABSL_FLAG(int, threads, 1, "compute threads (each uses the BLAS threads)");
 ABSL_FLAG(int, max_queue, 256, "queued calls before RESOURCE_EXHAUSTED");
 ABSL_FLAG(double, drain_seconds, 10, "grace period for in-flight calls on SIGTERM");
+ABSL_FLAG(std::string, backend, "cpu",
+          "compute backend: cpu | cuda (cuda needs a CUDA build and a GPU)");
+ABSL_FLAG(int, device, 0, "CUDA device for --backend cuda");
 
 namespace moemesh::expert_worker {
 namespace {
 
 struct Options {
-  std::string model, experts, placement, host, port_file, name;
-  int port = 0, metrics_port = -1, threads = 1, max_queue = 256;
+  std::string model, experts, placement, host, port_file, name, backend = "cpu";
+  int port = 0, metrics_port = -1, threads = 1, max_queue = 256, device = 0;
   double drain_seconds = 10;
 };
 
@@ -50,12 +58,25 @@ absl::StatusOr<Options> GetOptions() {
   o.threads = absl::GetFlag(FLAGS_threads);
   o.max_queue = absl::GetFlag(FLAGS_max_queue);
   o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
+  o.backend = absl::GetFlag(FLAGS_backend);
+  o.device = absl::GetFlag(FLAGS_device);
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.experts.empty() == o.placement.empty()) {
     return absl::InvalidArgumentError("give exactly one of --experts and --placement");
   }
   if (o.port < 0 || o.port > 65535) return absl::InvalidArgumentError("--port out of range");
   if (o.threads < 1 || o.max_queue < 1) return absl::InvalidArgumentError("--threads and --max_queue must be >= 1");
+  if (o.backend != "cpu" && o.backend != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend must be cpu or cuda, got '", o.backend, "'"));
+  }
+#ifndef MOEMESH_HAVE_CUDA
+  if (o.backend == "cuda") {
+    return absl::InvalidArgumentError(
+        "--backend cuda: this binary was built without CUDA (nvcc was not found)");
+  }
+#endif
+  if (o.device < 0) return absl::InvalidArgumentError("--device must be >= 0");
   if (o.name.empty()) o.name = o.experts.empty() ? o.placement : absl::StrCat("experts-", o.experts);
   return o;
 }
@@ -69,7 +90,18 @@ absl::Status Run(const Options& o) {
   } else {
     ASSIGN_OR_RETURN(keys, ExpertsFromPlacementFile(cfg, o.placement));
   }
-  auto backend = MakeCpuBackend();
+  std::unique_ptr<ComputeBackend> backend;
+  std::string device = "cpu";
+  if (o.backend == "cuda") {
+#ifdef MOEMESH_HAVE_CUDA
+    ASSIGN_OR_RETURN(backend, MakeCudaBackend(o.device), "--backend cuda --device ", o.device);
+    device = absl::StrCat("cuda:", o.device, " ", CudaDeviceName(o.device));
+#else
+    return absl::InvalidArgumentError("--backend cuda: this binary was built without CUDA");
+#endif
+  } else {
+    backend = MakeCpuBackend();
+  }
   ASSIGN_OR_RETURN(auto group, LocalExpertGroup::Load(*ckpt, cfg, keys, backend.get(), o.name));
   WorkerInfo info;
   info.name = o.name;
@@ -81,7 +113,7 @@ absl::Status Run(const Options& o) {
     if (auto ti = ckpt->Info(n.gate); ti.ok()) info.weight_dtype = ti->dtype;
   }
   info.backend = backend->name();
-  info.device = "cpu";
+  info.device = device;
   Metrics metrics("expert_worker");
   if (o.metrics_port >= 0) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
@@ -94,8 +126,8 @@ absl::Status Run(const Options& o) {
   so.address = absl::StrCat(o.host, ":", o.port);
   so.port_file = o.port_file;
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
-  std::fprintf(stderr, "expert_worker %s: serving %zu experts (%.1f MiB) on %s\n", o.name.c_str(),
-               held, bytes / 1048576.0, host->address().c_str());
+  std::fprintf(stderr, "expert_worker %s: serving %zu experts (%.1f MiB) on %s, compute on %s\n",
+               o.name.c_str(), held, bytes / 1048576.0, host->address().c_str(), device.c_str());
   const int sig = WaitForShutdownSignal();
   std::fprintf(stderr, "expert_worker %s: signal %d, draining\n", o.name.c_str(), sig);
   host->Drain(absl::Seconds(o.drain_seconds));
