@@ -12,8 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "expert_worker/worker_service.h"
 #include "services/common/status_macros.h"
-#include "services/engine/inproc.h"
 #include "services/compute/backend.h"
+#include "services/engine/inproc.h"
 #ifdef MOEMESH_HAVE_CUDA
 #include "services/compute/cuda/cuda_backend.h"
 #endif
@@ -22,8 +22,10 @@
 #include "services/rpc/server_host.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory");
-ABSL_FLAG(std::string, experts, "", "experts held in every MoE layer, e.g. 0-3 (\"shared\" adds shared experts)");
-ABSL_FLAG(std::string, placement, "", "placement file: lines of 'LAYER IDS' (instead of --experts)");
+ABSL_FLAG(std::string, experts, "",
+          "experts held in every MoE layer, e.g. 0-3 (\"shared\" adds shared experts)");
+ABSL_FLAG(std::string, placement, "",
+          "placement file: lines of 'LAYER IDS' (instead of --experts)");
 ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
 ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
 ABSL_FLAG(std::string, port_file, "", "write the bound port here once serving");
@@ -65,7 +67,8 @@ absl::StatusOr<Options> GetOptions() {
     return absl::InvalidArgumentError("give exactly one of --experts and --placement");
   }
   if (o.port < 0 || o.port > 65535) return absl::InvalidArgumentError("--port out of range");
-  if (o.threads < 1 || o.max_queue < 1) return absl::InvalidArgumentError("--threads and --max_queue must be >= 1");
+  if (o.threads < 1 || o.max_queue < 1)
+    return absl::InvalidArgumentError("--threads and --max_queue must be >= 1");
   if (o.backend != "cpu" && o.backend != "cuda") {
     return absl::InvalidArgumentError(
         absl::StrCat("--backend must be cpu or cuda, got '", o.backend, "'"));
@@ -77,7 +80,8 @@ absl::StatusOr<Options> GetOptions() {
   }
 #endif
   if (o.device < 0) return absl::InvalidArgumentError("--device must be >= 0");
-  if (o.name.empty()) o.name = o.experts.empty() ? o.placement : absl::StrCat("experts-", o.experts);
+  if (o.name.empty())
+    o.name = o.experts.empty() ? o.placement : absl::StrCat("experts-", o.experts);
   return o;
 }
 
@@ -117,7 +121,8 @@ absl::Status Run(const Options& o) {
   Metrics metrics("expert_worker");
   if (o.metrics_port >= 0) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
-    std::fprintf(stderr, "expert_worker %s: metrics on %s:%d\n", o.name.c_str(), o.host.c_str(), mport);
+    std::fprintf(stderr, "expert_worker %s: metrics on %s:%d\n", o.name.c_str(), o.host.c_str(),
+                 mport);
   }
   const int64_t bytes = group->weight_bytes();
   const size_t held = group->experts().size();
@@ -142,7 +147,8 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   auto options = moemesh::expert_worker::GetOptions();
   if (!options.ok()) {
-    std::fprintf(stderr, "moemesh-expert-worker: %s\n", std::string(options.status().message()).c_str());
+    std::fprintf(stderr, "moemesh-expert-worker: %s\n",
+                 std::string(options.status().message()).c_str());
     return 2;
   }
   if (auto s = moemesh::expert_worker::Run(*options); !s.ok()) {

@@ -8,7 +8,10 @@ namespace moemesh::expert_worker {
 
 WorkerService::WorkerService(std::unique_ptr<LocalExpertGroup> group, WorkerInfo info, int threads,
                              size_t max_queue, Metrics* metrics)
-    : group_(std::move(group)), info_(std::move(info)), metrics_(metrics), pool_(threads, max_queue) {}
+    : group_(std::move(group)),
+      info_(std::move(info)),
+      metrics_(metrics),
+      pool_(threads, max_queue) {}
 
 grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext* ctx,
                                                     const v1::RunExpertsRequest* req,
@@ -25,10 +28,11 @@ grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext*
   auto tokens = TensorFromProto(req->tokens(), "tokens", 2);
   if (!tokens.ok()) return fail(tokens.status());
   batch->tokens = *std::move(tokens);
-  if (batch->tokens.rank() != 2) return fail(absl::InvalidArgumentError("tokens must be [n, hidden]"));
+  if (batch->tokens.rank() != 2)
+    return fail(absl::InvalidArgumentError("tokens must be [n, hidden]"));
   if (req->experts_size() != req->weights_size()) {
-    return fail(absl::InvalidArgumentError(absl::StrCat("experts has ", req->experts_size(),
-                                                        " entries but weights has ", req->weights_size())));
+    return fail(absl::InvalidArgumentError(absl::StrCat(
+        "experts has ", req->experts_size(), " entries but weights has ", req->weights_size())));
   }
   batch->offsets.assign(req->offsets().begin(), req->offsets().end());
   batch->assignments.resize(req->experts_size());
@@ -51,7 +55,8 @@ grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext*
     }
     if (absl::FromChrono(ctx->deadline()) < absl::Now()) {
       metrics_->CountRequest("RunExperts", absl::StatusCode::kDeadlineExceeded);
-      reactor->Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued"));
+      reactor->Finish(
+          grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued"));
       return;
     }
     const absl::Time start = absl::Now();

@@ -28,7 +28,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     GenerateReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
   };
 
-  GenerateReactor(Metrics* metrics) : metrics_(metrics), link_(std::make_shared<Link>()), cancel_(std::make_shared<CancelFlag>()) {
+  GenerateReactor(Metrics* metrics)
+      : metrics_(metrics),
+        link_(std::make_shared<Link>()),
+        cancel_(std::make_shared<CancelFlag>()) {
     absl::MutexLock lock(&link_->mu);
     link_->reactor = this;
   }
@@ -135,7 +138,9 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
   GenerationRequest g;
   switch (req->input_case()) {
     case v1::GenerateRequest::kPrompt: {
-      if (!tokenizer_) return fail(absl::FailedPreconditionError("the model has no tokenizer; send prompt_tokens"));
+      if (!tokenizer_)
+        return fail(
+            absl::FailedPreconditionError("the model has no tokenizer; send prompt_tokens"));
       auto ids = tokenizer_->Encode(req->prompt());
       if (!ids.ok()) return fail(ids.status());
       g.prompt = *std::move(ids);
@@ -238,7 +243,8 @@ grpc::ServerUnaryReactor* GatewayService::Score(grpc::CallbackServerContext* ctx
 grpc::ServerUnaryReactor* GatewayService::ModelInfo(grpc::CallbackServerContext* ctx,
                                                     const v1::ModelInfoRequest* req,
                                                     v1::ModelInfoResponse* resp) {
-  resp->set_architecture(config_.arch == Arch::kMixtral ? "MixtralForCausalLM" : "DeepseekV3ForCausalLM");
+  resp->set_architecture(config_.arch == Arch::kMixtral ? "MixtralForCausalLM"
+                                                        : "DeepseekV3ForCausalLM");
   resp->set_vocab_size(config_.vocab_size);
   resp->set_hidden_size(config_.hidden_size);
   resp->set_num_layers(config_.num_layers);

@@ -21,8 +21,8 @@ class GatewayService final : public v1::Gateway::CallbackService {
   GatewayService(Scheduler* scheduler, const ModelConfig& config,
                  std::optional<Tokenizer> tokenizer, Metrics* metrics);
 
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* ctx, const v1::GenerateRequest* req) override;
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* ctx,
+                                                           const v1::GenerateRequest* req) override;
   grpc::ServerUnaryReactor* Score(grpc::CallbackServerContext* ctx, const v1::ScoreRequest* req,
                                   v1::ScoreResponse* resp) override;
   grpc::ServerUnaryReactor* ModelInfo(grpc::CallbackServerContext* ctx,

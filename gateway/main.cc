@@ -67,9 +67,11 @@ absl::StatusOr<Options> GetOptions() {
   o.router_wait = absl::GetFlag(FLAGS_router_wait);
   o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
-  if (o.router.empty() == !o.inproc) return absl::InvalidArgumentError("give exactly one of --router and --inproc");
+  if (o.router.empty() == !o.inproc)
+    return absl::InvalidArgumentError("give exactly one of --router and --inproc");
   const std::string shared = absl::GetFlag(FLAGS_shared_experts);
-  if (shared != "mesh" && shared != "gateway") return absl::InvalidArgumentError("--shared_experts must be mesh or gateway");
+  if (shared != "mesh" && shared != "gateway")
+    return absl::InvalidArgumentError("--shared_experts must be mesh or gateway");
   o.shared_in_gateway = shared == "gateway";
   const std::string wire = absl::GetFlag(FLAGS_wire_dtype);
   if (wire == "f32") {
@@ -80,7 +82,8 @@ absl::StatusOr<Options> GetOptions() {
     return absl::InvalidArgumentError("--wire_dtype must be f32 or bf16");
   }
   if (o.sched.max_step_tokens < 1 || o.sched.max_running < 1 || o.sched.max_queued < 1) {
-    return absl::InvalidArgumentError("--max_step_tokens, --max_running and --max_queued must be >= 1");
+    return absl::InvalidArgumentError(
+        "--max_step_tokens, --max_running and --max_queued must be >= 1");
   }
   return o;
 }
@@ -111,7 +114,8 @@ absl::Status Run(const Options& o) {
     if (o.shared_in_gateway && cfg.n_shared_experts > 0) {
       std::vector<ExpertKey> keys;
       for (int layer : cfg.MoeLayers()) keys.push_back({layer, kSharedExpertId});
-      ASSIGN_OR_RETURN(auto group, LocalExpertGroup::Load(*ckpt, cfg, keys, backend.get(), "gateway-shared"));
+      ASSIGN_OR_RETURN(auto group,
+                       LocalExpertGroup::Load(*ckpt, cfg, keys, backend.get(), "gateway-shared"));
       shared_layer = std::make_unique<SharedExpertsLayer>(remote.get(), std::move(group));
       moe = shared_layer.get();
     }
@@ -131,8 +135,9 @@ absl::Status Run(const Options& o) {
   so.address = absl::StrCat(o.host, ":", o.port);
   so.port_file = o.port_file;
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
-  std::fprintf(stderr, "gateway: %s, %d layers, serving on %s\n", o.inproc ? "in-process experts" : o.router.c_str(),
-               cfg.num_layers, host->address().c_str());
+  std::fprintf(stderr, "gateway: %s, %d layers, serving on %s\n",
+               o.inproc ? "in-process experts" : o.router.c_str(), cfg.num_layers,
+               host->address().c_str());
   const int sig = WaitForShutdownSignal();
   std::fprintf(stderr, "gateway: signal %d, draining\n", sig);
   host->Drain(absl::Seconds(o.drain_seconds));

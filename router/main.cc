@@ -33,7 +33,8 @@ ABSL_FLAG(std::string, port_file, "", "write the bound port here once serving");
 ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (-1: off, 0: pick one)");
 ABSL_FLAG(int, threads, 2, "gating threads");
 ABSL_FLAG(int, max_queue, 1024, "queued calls before RESOURCE_EXHAUSTED");
-ABSL_FLAG(double, attempt_timeout, 30, "seconds per worker call attempt before trying another replica");
+ABSL_FLAG(double, attempt_timeout, 30,
+          "seconds per worker call attempt before trying another replica");
 ABSL_FLAG(double, startup_timeout, 60, "seconds to wait for workers to answer Describe");
 ABSL_FLAG(double, drain_seconds, 10, "grace period for in-flight calls on SIGTERM");
 
@@ -63,14 +64,16 @@ absl::StatusOr<Options> GetOptions() {
   o.startup_timeout = absl::GetFlag(FLAGS_startup_timeout);
   o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
-  for (absl::string_view g : absl::StrSplit(absl::GetFlag(FLAGS_groups), ',', absl::SkipWhitespace())) {
+  for (absl::string_view g :
+       absl::StrSplit(absl::GetFlag(FLAGS_groups), ',', absl::SkipWhitespace())) {
     std::vector<std::string> replicas = absl::StrSplit(g, '|', absl::SkipWhitespace());
     if (replicas.empty()) return absl::InvalidArgumentError("--groups has an empty group");
     o.groups.push_back(std::move(replicas));
   }
   if (o.groups.empty()) return absl::InvalidArgumentError("--groups is required");
   const std::string shared = absl::GetFlag(FLAGS_shared_experts);
-  if (shared != "mesh" && shared != "gateway") return absl::InvalidArgumentError("--shared_experts must be mesh or gateway");
+  if (shared != "mesh" && shared != "gateway")
+    return absl::InvalidArgumentError("--shared_experts must be mesh or gateway");
   o.dispatch_shared = shared == "mesh";
   const std::string wire = absl::GetFlag(FLAGS_wire_dtype);
   if (wire == "f32") {
@@ -80,7 +83,8 @@ absl::StatusOr<Options> GetOptions() {
   } else {
     return absl::InvalidArgumentError("--wire_dtype must be f32 or bf16");
   }
-  if (o.attempt_timeout <= 0 || o.startup_timeout <= 0) return absl::InvalidArgumentError("timeouts must be positive");
+  if (o.attempt_timeout <= 0 || o.startup_timeout <= 0)
+    return absl::InvalidArgumentError("timeouts must be positive");
   return o;
 }
 
@@ -100,8 +104,9 @@ absl::Status Run(const Options& o) {
       ASSIGN_OR_RETURN(v1::DescribeResponse d, rep->Describe(absl::Seconds(o.startup_timeout)),
                        "group ", g);
       if (d.hidden_size() != cfg.hidden_size) {
-        return absl::FailedPreconditionError(absl::StrCat(o.groups[g][r], " serves hidden size ", d.hidden_size(),
-                                                          ", the model has ", cfg.hidden_size));
+        return absl::FailedPreconditionError(absl::StrCat(o.groups[g][r], " serves hidden size ",
+                                                          d.hidden_size(), ", the model has ",
+                                                          cfg.hidden_size));
       }
       std::vector<ExpertKey> these;
       for (const auto& s : d.experts()) these.push_back({s.layer(), s.expert()});
@@ -109,8 +114,9 @@ absl::Status Run(const Options& o) {
       if (r == 0) {
         holds = these;
       } else if (these != holds) {
-        return absl::FailedPreconditionError(absl::StrCat("replicas of group ", g, " hold different experts: ",
-                                                          o.groups[g][0], " and ", o.groups[g][r]));
+        return absl::FailedPreconditionError(
+            absl::StrCat("replicas of group ", g, " hold different experts: ", o.groups[g][0],
+                         " and ", o.groups[g][r]));
       }
       replicas.push_back(std::move(rep));
     }
@@ -122,8 +128,8 @@ absl::Status Run(const Options& o) {
     entries.push_back({set, holds});
   }
   auto backend = MakeCpuBackend();
-  ASSIGN_OR_RETURN(auto dispatcher, MoeDispatcher::Create(cfg, std::move(gates), std::move(entries), backend.get(),
-                                                              o.dispatch_shared));
+  ASSIGN_OR_RETURN(auto dispatcher, MoeDispatcher::Create(cfg, std::move(gates), std::move(entries),
+                                                          backend.get(), o.dispatch_shared));
   if (o.metrics_port >= 0) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
     std::fprintf(stderr, "router: metrics on %s:%d\n", o.host.c_str(), mport);
@@ -133,8 +139,8 @@ absl::Status Run(const Options& o) {
   so.address = absl::StrCat(o.host, ":", o.port);
   so.port_file = o.port_file;
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
-  std::fprintf(stderr, "router: %zu groups, top-%d of %d experts, serving on %s\n", sets.size(), cfg.top_k,
-               cfg.num_experts, host->address().c_str());
+  std::fprintf(stderr, "router: %zu groups, top-%d of %d experts, serving on %s\n", sets.size(),
+               cfg.top_k, cfg.num_experts, host->address().c_str());
   const int sig = WaitForShutdownSignal();
   std::fprintf(stderr, "router: signal %d, draining\n", sig);
   host->Drain(absl::Seconds(o.drain_seconds));

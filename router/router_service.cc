@@ -57,23 +57,23 @@ grpc::ServerUnaryReactor* RouterService::Forward(grpc::CallbackServerContext* ct
   opts.deadline = absl::FromChrono(ctx->deadline());
   opts.cancel = reactor->cancel();
   const int layer = req->layer();
-  const bool queued = pool_.TrySchedule([this, layer, h = *std::move(hidden), opts, resp, out_dtype,
-                                         finish]() mutable {
-    if (opts.cancel->cancelled()) {
-      finish(absl::CancelledError("cancelled before gating"));
-      return;
-    }
-    dispatcher_->ForwardAsync(layer, std::move(h), opts,
-                              [this, layer, resp, out_dtype, finish](absl::StatusOr<Tensor> out,
-                                                                      const DispatchStats& stats) {
-                                if (out.ok()) {
-                                  metrics_->AddExpertTokens(layer, stats.expert_tokens);
-                                  metrics_->AddTokenSends(stats.token_sends);
-                                  TensorToProto(*out, out_dtype, resp->mutable_output());
-                                }
-                                finish(out.status());
-                              });
-  });
+  const bool queued = pool_.TrySchedule(
+      [this, layer, h = *std::move(hidden), opts, resp, out_dtype, finish]() mutable {
+        if (opts.cancel->cancelled()) {
+          finish(absl::CancelledError("cancelled before gating"));
+          return;
+        }
+        dispatcher_->ForwardAsync(layer, std::move(h), opts,
+                                  [this, layer, resp, out_dtype, finish](
+                                      absl::StatusOr<Tensor> out, const DispatchStats& stats) {
+                                    if (out.ok()) {
+                                      metrics_->AddExpertTokens(layer, stats.expert_tokens);
+                                      metrics_->AddTokenSends(stats.token_sends);
+                                      TensorToProto(*out, out_dtype, resp->mutable_output());
+                                    }
+                                    finish(out.status());
+                                  });
+      });
   if (!queued) finish(absl::ResourceExhaustedError("router queue is full"));
   metrics_->SetQueueDepth(static_cast<double>(pool_.queued()));
   return reactor;

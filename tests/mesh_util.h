@@ -28,10 +28,9 @@ std::unique_ptr<v1::ExpertWorker::Stub> WorkerClient(const std::string& address)
 absl::StatusOr<Tensor> ScoreViaGateway(v1::Gateway::Stub* stub, const std::vector<int32_t>& tokens,
                                        absl::Duration timeout = absl::Seconds(60));
 // Greedy generation through the gateway, collecting the streamed ids.
-absl::StatusOr<std::vector<int32_t>> GenerateViaGateway(v1::Gateway::Stub* stub,
-                                                        const std::vector<int32_t>& prompt,
-                                                        int max_tokens,
-                                                        absl::Duration timeout = absl::Seconds(120));
+absl::StatusOr<std::vector<int32_t>> GenerateViaGateway(
+    v1::Gateway::Stub* stub, const std::vector<int32_t>& prompt, int max_tokens,
+    absl::Duration timeout = absl::Seconds(120));
 // Greedy generation in process (the yardstick), one sequence at a time.
 std::vector<std::vector<int32_t>> GenerateInproc(const std::string& model,
                                                  const std::vector<std::vector<int32_t>>& prompts,

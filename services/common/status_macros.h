@@ -11,10 +11,10 @@
 
 #include <utility>
 
-#include "absl/strings/string_view.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 namespace moemesh {
 
@@ -37,18 +37,18 @@ const absl::Status& ToStatus(const absl::StatusOr<T>& s) {
 #define MOEMESH_CONCAT_INNER_(a, b) a##b
 #define MOEMESH_CONCAT_(a, b) MOEMESH_CONCAT_INNER_(a, b)
 
-#define RETURN_IF_ERROR(expr, ...)                                                        \
-  do {                                                                                    \
-    const ::absl::Status _moemesh_st = ::moemesh::internal::ToStatus(expr);               \
-    if (!_moemesh_st.ok())                                                                \
+#define RETURN_IF_ERROR(expr, ...)                                                               \
+  do {                                                                                           \
+    const ::absl::Status _moemesh_st = ::moemesh::internal::ToStatus(expr);                      \
+    if (!_moemesh_st.ok())                                                                       \
       return ::moemesh::WithContext(_moemesh_st, ::absl::StrCat("" __VA_OPT__(, ) __VA_ARGS__)); \
   } while (0)
 
 #define ASSIGN_OR_RETURN(lhs, expr, ...) \
   ASSIGN_OR_RETURN_IMPL_(MOEMESH_CONCAT_(_moemesh_so_, __LINE__), lhs, expr, __VA_ARGS__)
 
-#define ASSIGN_OR_RETURN_IMPL_(so, lhs, expr, ...)                                         \
-  auto so = (expr);                                                                        \
-  if (!so.ok())                                                                            \
+#define ASSIGN_OR_RETURN_IMPL_(so, lhs, expr, ...)                                             \
+  auto so = (expr);                                                                            \
+  if (!so.ok())                                                                                \
     return ::moemesh::WithContext(so.status(), ::absl::StrCat("" __VA_OPT__(, ) __VA_ARGS__)); \
   lhs = std::move(so).value()

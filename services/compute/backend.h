@@ -59,9 +59,8 @@ class ComputeBackend {
 
   // The SiLU-gated FFN y[m, hidden] = w2(silu(w1 x) * w3 x) for x[m, hidden];
   // w1, w3: [inter, hidden]; w2: [hidden, inter]. `workspace` holds 2 * m * inter floats.
-  virtual void ExpertFfn(const float* x, int64_t m, int64_t hidden, int64_t inter,
-                         const float* w1, const float* w3, const float* w2, float* workspace,
-                         float* y) = 0;
+  virtual void ExpertFfn(const float* x, int64_t m, int64_t hidden, int64_t inter, const float* w1,
+                         const float* w3, const float* w2, float* workspace, float* y) = 0;
 
   // Softmax top-k gating with Mixtral semantics: for each row of logits[t, e], softmax over all
   // e experts, take the k largest (ties: lower expert index first), and when `renormalize`,

@@ -123,7 +123,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
   e->backend_ = backend;
   e->moe_ = moe;
   const int64_t h = cfg.hidden_size, v = cfg.vocab_size;
-  ASSIGN_OR_RETURN(e->embed_, ckpt.LoadF32("model.embed_tokens.weight", std::vector<int64_t>{v, h}));
+  ASSIGN_OR_RETURN(e->embed_,
+                   ckpt.LoadF32("model.embed_tokens.weight", std::vector<int64_t>{v, h}));
   ASSIGN_OR_RETURN(e->norm_, ckpt.LoadF32("model.norm.weight", std::vector<int64_t>{h}));
   if (cfg.tie_word_embeddings && !ckpt.Has("lm_head.weight")) {
     e->lm_head_ = e->embed_;
@@ -135,8 +136,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
   for (int l = 0; l < cfg.num_layers; ++l) {
     auto layer = std::make_unique<Layer>();
     const std::string p = LayerPrefix(l);
-    ASSIGN_OR_RETURN(layer->input_norm, ckpt.LoadF32(p + "input_layernorm.weight", std::vector<int64_t>{h}));
-    ASSIGN_OR_RETURN(layer->post_norm, ckpt.LoadF32(p + "post_attention_layernorm.weight", std::vector<int64_t>{h}));
+    ASSIGN_OR_RETURN(layer->input_norm,
+                     ckpt.LoadF32(p + "input_layernorm.weight", std::vector<int64_t>{h}));
+    ASSIGN_OR_RETURN(layer->post_norm,
+                     ckpt.LoadF32(p + "post_attention_layernorm.weight", std::vector<int64_t>{h}));
     if (cfg.IsMla()) {
       RETURN_IF_ERROR(e->LoadMla(ckpt, l, layer.get()));
     } else {
@@ -182,7 +185,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
   }
   // HF: inv_freq[i] = theta^(-2i / head_dim), computed in float32 as HF does.
   for (int64_t i = 0; i < hd / 2; ++i) {
-    e->inv_freq_.push_back(1.0f / std::pow(cfg.rope_theta, static_cast<float>(2 * i) / static_cast<float>(hd)));
+    e->inv_freq_.push_back(
+        1.0f / std::pow(cfg.rope_theta, static_cast<float>(2 * i) / static_cast<float>(hd)));
   }
   e->attn_scale_ = 1.0f / std::sqrt(static_cast<float>(hd));
   e->k_row_ = nkv * hd;
@@ -303,23 +307,28 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
   return absl::OkStatus();
 }
 
-absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const float* xn, int64_t t,
-                               const std::vector<int32_t>& positions, float* out) {
+absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const float* xn,
+                               int64_t t, const std::vector<int32_t>& positions, float* out) {
   if (cfg_.IsMla()) return MlaAttention(l, inputs, xn, t, positions, out);
   const Layer& L = *layers_[l];
-  const int64_t h = cfg_.hidden_size, hd = cfg_.head_dim, nh = cfg_.num_heads, nkv = cfg_.num_kv_heads;
+  const int64_t h = cfg_.hidden_size, hd = cfg_.head_dim, nh = cfg_.num_heads,
+                nkv = cfg_.num_kv_heads;
   std::vector<float> q(t * nh * hd), k(t * nkv * hd), v(t * nkv * hd), attn(t * nh * hd);
   backend_->MatMulT(xn, t, h, L.wq.data(), nh * hd, q.data());
   backend_->MatMulT(xn, t, h, L.wk.data(), nkv * hd, k.data());
   backend_->MatMulT(xn, t, h, L.wv.data(), nkv * hd, v.data());
-  backend_->Rope(q.data(), t, nh, hd, nh * hd, hd, positions.data(), inv_freq_.data(), rope_mscale_, false);
-  backend_->Rope(k.data(), t, nkv, hd, nkv * hd, hd, positions.data(), inv_freq_.data(), rope_mscale_, false);
+  backend_->Rope(q.data(), t, nh, hd, nh * hd, hd, positions.data(), inv_freq_.data(), rope_mscale_,
+                 false);
+  backend_->Rope(k.data(), t, nkv, hd, nkv * hd, hd, positions.data(), inv_freq_.data(),
+                 rope_mscale_, false);
   int64_t row = 0;
   for (const StepInput& in : inputs) {
     Sequence* s = in.seq;
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    std::memcpy(s->k_[l].data() + s->length_ * k_row_, k.data() + row * k_row_, n * k_row_ * sizeof(float));
-    std::memcpy(s->v_[l].data() + s->length_ * v_row_, v.data() + row * v_row_, n * v_row_ * sizeof(float));
+    std::memcpy(s->k_[l].data() + s->length_ * k_row_, k.data() + row * k_row_,
+                n * k_row_ * sizeof(float));
+    std::memcpy(s->v_[l].data() + s->length_ * v_row_, v.data() + row * v_row_,
+                n * v_row_ * sizeof(float));
     AttentionShape as;
     as.num_new = n;
     as.ctx = s->length_ + n;
@@ -348,13 +357,14 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
     if (in.tokens.empty()) return absl::InvalidArgumentError("step input without tokens");
     for (int32_t tok : in.tokens) {
       if (tok < 0 || tok >= cfg_.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", tok, " is outside the vocabulary [0, ",
-                                                       cfg_.vocab_size, ")"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "token id ", tok, " is outside the vocabulary [0, ", cfg_.vocab_size, ")"));
       }
     }
     const int64_t end = in.seq->length_ + static_cast<int64_t>(in.tokens.size());
     if (end > cfg_.max_position_embeddings) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence of ", end, " tokens exceeds max_position_embeddings ",
+      return absl::InvalidArgumentError(absl::StrCat("sequence of ", end,
+                                                     " tokens exceeds max_position_embeddings ",
                                                      cfg_.max_position_embeddings));
     }
     t += static_cast<int64_t>(in.tokens.size());
@@ -385,15 +395,16 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
       const int64_t inter = L.w1.dim(0);
       work.resize(2 * t * inter);
       Tensor y = Tensor::Zeros({t, h});
-      backend_->ExpertFfn(xn.data(), t, h, inter, L.w1.data(), L.w3.data(), L.w2.data(), work.data(),
-                          y.mutable_data());
+      backend_->ExpertFfn(xn.data(), t, h, inter, L.w1.data(), L.w3.data(), L.w2.data(),
+                          work.data(), y.mutable_data());
       float* xd = x.mutable_data();
       for (int64_t i = 0; i < t * h; ++i) xd[i] += y.data()[i];
     } else {
       if (opts.cancel && opts.cancel->cancelled()) return absl::CancelledError("step cancelled");
       ASSIGN_OR_RETURN(Tensor moe_out, moe_->Forward(l, xn, opts), absl::StrCat("MoE layer ", l));
       if (moe_out.numel() != t * h) {
-        return absl::InternalError(absl::StrCat("MoE layer ", l, " returned ", moe_out.ShapeString()));
+        return absl::InternalError(
+            absl::StrCat("MoE layer ", l, " returned ", moe_out.ShapeString()));
       }
       float* xd = x.mutable_data();
       const float* md = moe_out.data();

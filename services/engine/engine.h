@@ -84,8 +84,8 @@ class Engine {
  private:
   struct Layer;
   Engine() = default;
-  absl::Status Attention(int layer, absl::Span<const StepInput> inputs, const float* xn,
-                         int64_t t, const std::vector<int32_t>& positions, float* out);
+  absl::Status Attention(int layer, absl::Span<const StepInput> inputs, const float* xn, int64_t t,
+                         const std::vector<int32_t>& positions, float* out);
   absl::Status MlaAttention(int layer, absl::Span<const StepInput> inputs, const float* xn,
                             int64_t t, const std::vector<int32_t>& positions, float* out);
   [[nodiscard]] absl::Status LoadMla(const Checkpoint& ckpt, int layer, Layer* out) const;

@@ -9,8 +9,8 @@ namespace moemesh {
 absl::Status ApplyTopKOverride(int top_k, ModelConfig* cfg) {
   if (top_k <= 0) return absl::OkStatus();
   if (top_k > cfg->num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat("top-k ", top_k, " exceeds the ", cfg->num_experts,
-                                                   " experts of the model"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("top-k ", top_k, " exceeds the ", cfg->num_experts, " experts of the model"));
   }
   ModelConfig changed = *cfg;
   changed.top_k = top_k;
@@ -43,21 +43,24 @@ absl::StatusOr<std::unique_ptr<InprocModel>> InprocModel::Load(const std::string
   ASSIGN_OR_RETURN(m->config, LoadModelConfig(dir));
   RETURN_IF_ERROR(ApplyTopKOverride(options.top_k, &m->config));
   if (options.groups < 1 || options.groups > m->config.num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat("groups must be in [1, ", m->config.num_experts, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("groups must be in [1, ", m->config.num_experts, "]"));
   }
   ASSIGN_OR_RETURN(m->checkpoint, OpenModelCheckpoint(dir, m->config));
   m->backend = MakeCpuBackend();
   std::vector<MoeDispatcher::GroupEntry> groups;
   for (int g = 0; g < options.groups; ++g) {
     std::vector<ExpertKey> keys = DefaultPlacement(m->config, g, options.groups);
-    ASSIGN_OR_RETURN(auto group, LocalExpertGroup::Load(*m->checkpoint, m->config, keys,
-                                                        m->backend.get(), absl::StrCat("local-", g)));
+    ASSIGN_OR_RETURN(auto group,
+                     LocalExpertGroup::Load(*m->checkpoint, m->config, keys, m->backend.get(),
+                                            absl::StrCat("local-", g)));
     groups.push_back({std::shared_ptr<ExpertGroup>(std::move(group)), keys});
   }
   ASSIGN_OR_RETURN(auto gates, MoeDispatcher::LoadGates(*m->checkpoint, m->config));
   ASSIGN_OR_RETURN(m->moe, MoeDispatcher::Create(m->config, std::move(gates), std::move(groups),
                                                  m->backend.get()));
-  ASSIGN_OR_RETURN(m->engine, Engine::Load(*m->checkpoint, m->config, m->backend.get(), m->moe.get()));
+  ASSIGN_OR_RETURN(m->engine,
+                   Engine::Load(*m->checkpoint, m->config, m->backend.get(), m->moe.get()));
   return m;
 }
 

@@ -18,8 +18,8 @@
 namespace moemesh {
 
 struct InprocOptions {
-  int groups = 1;        // local expert groups the experts are split over
-  int top_k = 0;         // overrides num_experts_per_tok when > 0
+  int groups = 1;  // local expert groups the experts are split over
+  int top_k = 0;   // overrides num_experts_per_tok when > 0
 };
 
 // Applies overrides (top-k) to a loaded config; INVALID_ARGUMENT when out of range.

@@ -13,10 +13,10 @@ struct Scheduler::Active {
   GenerationCallback cb;
   std::unique_ptr<Sequence> seq;
   std::unique_ptr<Sampler> sampler;
-  int64_t prefilled = 0;           // prompt tokens already in the cache
-  int32_t next_token = -1;         // sampled, not yet fed
+  int64_t prefilled = 0;    // prompt tokens already in the cache
+  int32_t next_token = -1;  // sampled, not yet fed
   int64_t generated = 0;
-  std::vector<float> score_rows;   // score_only: logits gathered over prefill chunks
+  std::vector<float> score_rows;  // score_only: logits gathered over prefill chunks
   bool finished = false;
 };
 
@@ -53,7 +53,8 @@ absl::Status Scheduler::Submit(GenerationRequest request, GenerationCallback on_
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("the server is shutting down");
   if (static_cast<int>(queue_.size()) >= options_.max_queued) {
-    return absl::ResourceExhaustedError(absl::StrCat("queue full (", options_.max_queued, " waiting)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("queue full (", options_.max_queued, " waiting)"));
   }
   queue_.push_back(std::move(a));
   return absl::OkStatus();
@@ -81,7 +82,8 @@ void Scheduler::Finish(Active& a, std::string reason, absl::Status status) {
   ev.prompt_tokens = static_cast<int64_t>(a.req.prompt.size());
   ev.completion_tokens = a.generated;
   if (a.req.score_only && ev.status.ok()) {
-    ev.logits = Tensor::FromVector({ev.prompt_tokens, engine_->config().vocab_size}, std::move(a.score_rows));
+    ev.logits = Tensor::FromVector({ev.prompt_tokens, engine_->config().vocab_size},
+                                   std::move(a.score_rows));
   }
   a.cb(ev);
 }
@@ -105,7 +107,8 @@ void Scheduler::Loop() {
         stats_.running = 0;
         stats_.queued = 0;
         mu_.Unlock();
-        for (auto& a : abandoned) Finish(*a, "cancelled", absl::UnavailableError("the server is shutting down"));
+        for (auto& a : abandoned)
+          Finish(*a, "cancelled", absl::UnavailableError("the server is shutting down"));
         mu_.Lock();
         return;
       }
@@ -170,12 +173,14 @@ void Scheduler::Loop() {
     opts.cancel = std::make_shared<CancelFlag>();
     auto cancelled_count = std::make_shared<std::atomic<size_t>>(0);
     std::vector<std::pair<CancelFlag*, int>> watches;
-    if (std::all_of(owners.begin(), owners.end(), [](Active* a) { return a->req.cancel != nullptr; })) {
+    if (std::all_of(owners.begin(), owners.end(),
+                    [](Active* a) { return a->req.cancel != nullptr; })) {
       for (Active* a : owners) {
-        watches.emplace_back(a->req.cancel.get(),
-                             a->req.cancel->OnCancel([cancelled_count, n = owners.size(), step = opts.cancel] {
-                               if (cancelled_count->fetch_add(1) + 1 == n) step->Cancel();
-                             }));
+        watches.emplace_back(
+            a->req.cancel.get(),
+            a->req.cancel->OnCancel([cancelled_count, n = owners.size(), step = opts.cancel] {
+              if (cancelled_count->fetch_add(1) + 1 == n) step->Cancel();
+            }));
       }
     }
     absl::StatusOr<std::vector<Tensor>> out = engine_->Step(inputs, opts);
@@ -189,7 +194,8 @@ void Scheduler::Loop() {
     if (!out.ok()) {
       const bool expired = out.status().code() == absl::StatusCode::kDeadlineExceeded;
       const bool cancelled = out.status().code() == absl::StatusCode::kCancelled;
-      for (Active* a : owners) Finish(*a, expired ? "deadline" : cancelled ? "cancelled" : "error", out.status());
+      for (Active* a : owners)
+        Finish(*a, expired ? "deadline" : cancelled ? "cancelled" : "error", out.status());
       std::erase_if(running_, [](const auto& a) { return a->finished; });
       continue;
     }
@@ -207,8 +213,8 @@ void Scheduler::Loop() {
         }
         if (a->prefilled < prompt_len) continue;
       }
-      const int32_t tok = a->sampler->Sample(logits.span().subspan(
-          (logits.dim(0) - 1) * cfg.vocab_size, cfg.vocab_size));
+      const int32_t tok = a->sampler->Sample(
+          logits.span().subspan((logits.dim(0) - 1) * cfg.vocab_size, cfg.vocab_size));
       ++a->generated;
       a->next_token = tok;
       GenerationEvent ev;
@@ -216,7 +222,8 @@ void Scheduler::Loop() {
       ev.prompt_tokens = prompt_len;
       ev.completion_tokens = a->generated;
       a->cb(ev);
-      if (std::find(a->req.stop_tokens.begin(), a->req.stop_tokens.end(), tok) != a->req.stop_tokens.end()) {
+      if (std::find(a->req.stop_tokens.begin(), a->req.stop_tokens.end(), tok) !=
+          a->req.stop_tokens.end()) {
         Finish(*a, "stop", absl::OkStatus());
       } else if (a->generated >= a->req.max_tokens) {
         Finish(*a, "length", absl::OkStatus());

@@ -37,9 +37,9 @@ struct GenerationRequest {
 };
 
 struct GenerationEvent {
-  bool done = false;     // false: `token` is a new token; true: the request ended
+  bool done = false;  // false: `token` is a new token; true: the request ended
   int32_t token = -1;
-  Tensor logits;         // score_only: [prompt, vocab] on the final event
+  Tensor logits;              // score_only: [prompt, vocab] on the final event
   std::string finish_reason;  // "length", "stop", "max_position", "cancelled", "deadline", "error"
   absl::Status status;        // non-OK with finish_reason "error" / "deadline" / "cancelled"
   int64_t prompt_tokens = 0;

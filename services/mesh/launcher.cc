@@ -31,7 +31,8 @@ absl::Status WaitForServing(const std::string& address, absl::Time deadline) {
     grpc::health::v1::HealthCheckRequest req;
     grpc::health::v1::HealthCheckResponse resp;
     grpc::Status s = stub->Check(&ctx, req, &resp);
-    if (s.ok() && resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) return absl::OkStatus();
+    if (s.ok() && resp.status() == grpc::health::v1::HealthCheckResponse::SERVING)
+      return absl::OkStatus();
     last = s.ok() ? "NOT_SERVING" : s.error_message();
     absl::SleepFor(absl::Milliseconds(50));
   }
@@ -95,7 +96,8 @@ absl::Status Mesh::WaitServing(Process* p, absl::Time deadline) {
       return absl::UnavailableError(absl::StrCat(p->name, " exited during start-up: ", text));
     }
     if (absl::Now() > deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(p->name, " did not start in time (log: ", p->log, ")"));
+      return absl::DeadlineExceededError(
+          absl::StrCat(p->name, " did not start in time (log: ", p->log, ")"));
     }
     absl::SleepFor(absl::Milliseconds(20));
   }
@@ -105,11 +107,12 @@ absl::Status Mesh::WaitServing(Process* p, absl::Time deadline) {
 absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
   std::unique_ptr<Mesh> m(new Mesh());
   m->options_ = o;
-  if (o.groups < 1 || o.replicas < 1) return absl::InvalidArgumentError("groups and replicas must be >= 1");
+  if (o.groups < 1 || o.replicas < 1)
+    return absl::InvalidArgumentError("groups and replicas must be >= 1");
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
   if (o.groups > cfg.num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat("--groups ", o.groups, " exceeds the ", cfg.num_experts,
-                                                   " experts per layer"));
+    return absl::InvalidArgumentError(absl::StrCat("--groups ", o.groups, " exceeds the ",
+                                                   cfg.num_experts, " experts per layer"));
   }
   if (!o.group_experts.empty() && static_cast<int>(o.group_experts.size()) != o.groups) {
     return absl::InvalidArgumentError("group_experts needs one spec per group");
@@ -126,11 +129,13 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
     } else {
       const int lo = cfg.num_experts * g / o.groups, hi = cfg.num_experts * (g + 1) / o.groups - 1;
       spec = absl::StrCat(lo, "-", hi);
-      if (g == 0 && cfg.n_shared_experts > 0 && !o.shared_experts_in_gateway) absl::StrAppend(&spec, ",shared");
+      if (g == 0 && cfg.n_shared_experts > 0 && !o.shared_experts_in_gateway)
+        absl::StrAppend(&spec, ",shared");
     }
     for (int r = 0; r < o.replicas; ++r) {
       const std::string name = absl::StrCat("worker-g", g, "-r", r);
-      std::vector<std::string> args = {"--model=" + o.model, "--experts=" + spec, "--name=" + name, metrics_flag};
+      std::vector<std::string> args = {"--model=" + o.model, "--experts=" + spec, "--name=" + name,
+                                       metrics_flag};
       args.insert(args.end(), o.worker_args.begin(), o.worker_args.end());
       ASSIGN_OR_RETURN(Process p, m->Spawn(name, o.bin_dir + "/moemesh-expert-worker", args));
       p.group = g;
@@ -144,20 +149,27 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
     std::vector<std::string> reps;
     for (const Process& p : m->workers_) {
       if (p.group != g) continue;
-      reps.push_back(o.dns_targets ? absl::StrCat("dns:///localhost:", p.address.substr(p.address.rfind(':') + 1))
+      reps.push_back(o.dns_targets ? absl::StrCat("dns:///localhost:",
+                                                  p.address.substr(p.address.rfind(':') + 1))
                                    : p.address);
     }
     groups.push_back(absl::StrJoin(reps, "|"));
   }
-  std::vector<std::string> rargs = {"--model=" + o.model, "--groups=" + absl::StrJoin(groups, ","),
-                                    "--wire_dtype=" + o.wire_dtype, absl::StrCat("--top_k=", o.top_k),
-                                    metrics_flag, shared_flag};
+  std::vector<std::string> rargs = {"--model=" + o.model,
+                                    "--groups=" + absl::StrJoin(groups, ","),
+                                    "--wire_dtype=" + o.wire_dtype,
+                                    absl::StrCat("--top_k=", o.top_k),
+                                    metrics_flag,
+                                    shared_flag};
   rargs.insert(rargs.end(), o.router_args.begin(), o.router_args.end());
   ASSIGN_OR_RETURN(m->router_, m->Spawn("router", o.bin_dir + "/moemesh-router", rargs));
   RETURN_IF_ERROR(m->WaitServing(&m->router_, deadline));
-  std::vector<std::string> gargs = {"--model=" + o.model, "--router=" + m->router_.address,
-                                    "--wire_dtype=" + o.wire_dtype, absl::StrCat("--top_k=", o.top_k),
-                                    metrics_flag, shared_flag};
+  std::vector<std::string> gargs = {"--model=" + o.model,
+                                    "--router=" + m->router_.address,
+                                    "--wire_dtype=" + o.wire_dtype,
+                                    absl::StrCat("--top_k=", o.top_k),
+                                    metrics_flag,
+                                    shared_flag};
   gargs.insert(gargs.end(), o.gateway_args.begin(), o.gateway_args.end());
   ASSIGN_OR_RETURN(m->gateway_, m->Spawn("gateway", o.bin_dir + "/moemesh-gateway", gargs));
   RETURN_IF_ERROR(m->WaitServing(&m->gateway_, deadline));
@@ -178,7 +190,8 @@ absl::Status Mesh::Signal(const std::string& name, int sig) {
   for (Process* p : All()) {
     if (p->name == name && p->pid > 0) {
       if (!p->running) return absl::FailedPreconditionError(absl::StrCat(name, " is not running"));
-      if (::kill(p->pid, sig) != 0) return absl::InternalError(absl::StrCat("kill ", name, ": ", std::strerror(errno)));
+      if (::kill(p->pid, sig) != 0)
+        return absl::InternalError(absl::StrCat("kill ", name, ": ", std::strerror(errno)));
       return absl::OkStatus();
     }
   }

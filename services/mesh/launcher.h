@@ -43,7 +43,7 @@ struct MeshOptions {
 class Mesh {
  public:
   struct Process {
-    std::string name;     // "gateway", "router", "worker-g0-r1"
+    std::string name;  // "gateway", "router", "worker-g0-r1"
     pid_t pid = -1;
     std::string address;  // host:port once serving
     std::string log;      // stdout+stderr file

@@ -23,20 +23,60 @@ Metrics::Metrics(std::string service)
   using prometheus::BuildCounter;
   using prometheus::BuildGauge;
   using prometheus::BuildHistogram;
-  requests_ = &BuildCounter().Name("moemesh_requests_total").Help("RPCs handled, by method and status code").Register(*registry_);
-  latency_ = &BuildHistogram().Name("moemesh_request_duration_seconds").Help("RPC handling time").Register(*registry_);
-  queue_depth_ = &BuildGauge().Name("moemesh_queue_depth").Help("Work waiting to start").Register(*registry_);
-  busy_ratio_ = &BuildGauge().Name("moemesh_busy_ratio").Help("Fraction of recent wall time spent computing").Register(*registry_);
-  compute_seconds_ = &BuildCounter().Name("moemesh_expert_compute_seconds_total").Help("Time spent in expert FFNs").Register(*registry_);
-  expert_tokens_ = &BuildCounter().Name("moemesh_expert_tokens_total").Help("Tokens routed to each expert").Register(*registry_);
-  worker_tokens_ = &BuildCounter().Name("moemesh_worker_tokens_total").Help("Token rows computed by an expert worker").Register(*registry_);
-  token_sends_ = &BuildCounter().Name("moemesh_dispatch_token_sends_total").Help("(token, group) pairs sent by the router").Register(*registry_);
-  retries_ = &BuildCounter().Name("moemesh_replica_retries_total").Help("Calls retried on another replica").Register(*registry_);
-  tokens_ = &BuildCounter().Name("moemesh_tokens_total").Help("Prompt and completion tokens").Register(*registry_);
-  running_ = &BuildGauge().Name("moemesh_running_sequences").Help("Sequences in the running batch").Register(*registry_);
-  step_tokens_ = &BuildHistogram().Name("moemesh_step_tokens").Help("Tokens per engine step").Register(*registry_);
-  step_seconds_ = &BuildHistogram().Name("moemesh_step_duration_seconds").Help("Engine step time").Register(*registry_);
-  ttft_ = &BuildHistogram().Name("moemesh_time_to_first_token_seconds").Help("Request arrival to first token").Register(*registry_);
+  requests_ = &BuildCounter()
+                   .Name("moemesh_requests_total")
+                   .Help("RPCs handled, by method and status code")
+                   .Register(*registry_);
+  latency_ = &BuildHistogram()
+                  .Name("moemesh_request_duration_seconds")
+                  .Help("RPC handling time")
+                  .Register(*registry_);
+  queue_depth_ =
+      &BuildGauge().Name("moemesh_queue_depth").Help("Work waiting to start").Register(*registry_);
+  busy_ratio_ = &BuildGauge()
+                     .Name("moemesh_busy_ratio")
+                     .Help("Fraction of recent wall time spent computing")
+                     .Register(*registry_);
+  compute_seconds_ = &BuildCounter()
+                          .Name("moemesh_expert_compute_seconds_total")
+                          .Help("Time spent in expert FFNs")
+                          .Register(*registry_);
+  expert_tokens_ = &BuildCounter()
+                        .Name("moemesh_expert_tokens_total")
+                        .Help("Tokens routed to each expert")
+                        .Register(*registry_);
+  worker_tokens_ = &BuildCounter()
+                        .Name("moemesh_worker_tokens_total")
+                        .Help("Token rows computed by an expert worker")
+                        .Register(*registry_);
+  token_sends_ = &BuildCounter()
+                      .Name("moemesh_dispatch_token_sends_total")
+                      .Help("(token, group) pairs sent by the router")
+                      .Register(*registry_);
+  retries_ = &BuildCounter()
+                  .Name("moemesh_replica_retries_total")
+                  .Help("Calls retried on another replica")
+                  .Register(*registry_);
+  tokens_ = &BuildCounter()
+                 .Name("moemesh_tokens_total")
+                 .Help("Prompt and completion tokens")
+                 .Register(*registry_);
+  running_ = &BuildGauge()
+                  .Name("moemesh_running_sequences")
+                  .Help("Sequences in the running batch")
+                  .Register(*registry_);
+  step_tokens_ = &BuildHistogram()
+                      .Name("moemesh_step_tokens")
+                      .Help("Tokens per engine step")
+                      .Register(*registry_);
+  step_seconds_ = &BuildHistogram()
+                       .Name("moemesh_step_duration_seconds")
+                       .Help("Engine step time")
+                       .Register(*registry_);
+  ttft_ = &BuildHistogram()
+               .Name("moemesh_time_to_first_token_seconds")
+               .Help("Request arrival to first token")
+               .Register(*registry_);
   window_start_ = absl::Now();
 }
 
@@ -47,10 +87,12 @@ absl::StatusOr<int> Metrics::Serve(const std::string& address) {
     exposer_ = std::make_unique<prometheus::Exposer>(address);
     exposer_->RegisterCollectable(registry_);
     const auto ports = exposer_->GetListeningPorts();
-    if (ports.empty()) return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", address));
+    if (ports.empty())
+      return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", address));
     return ports[0];
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", address, ": ", e.what()));
+    return absl::UnavailableError(
+        absl::StrCat("metrics: cannot listen on ", address, ": ", e.what()));
   }
 }
 
@@ -65,7 +107,9 @@ prometheus::Counter& Metrics::Counter(prometheus::Family<prometheus::Counter>* f
 }
 
 void Metrics::CountRequest(const std::string& method, absl::StatusCode code) {
-  requests_->Add({{"service", service_}, {"method", method}, {"code", absl::StatusCodeToString(code)}}).Increment();
+  requests_
+      ->Add({{"service", service_}, {"method", method}, {"code", absl::StatusCodeToString(code)}})
+      .Increment();
 }
 
 void Metrics::ObserveLatency(const std::string& method, double seconds) {
@@ -95,7 +139,9 @@ void Metrics::AddExpertTokens(int layer, const std::vector<int64_t>& per_expert)
   }
 }
 
-void Metrics::AddTokenSends(int64_t sends) { token_sends_->Add({}).Increment(static_cast<double>(sends)); }
+void Metrics::AddTokenSends(int64_t sends) {
+  token_sends_->Add({}).Increment(static_cast<double>(sends));
+}
 
 void Metrics::CountRetry(int group) { retries_->Add({{"group", absl::StrCat(group)}}).Increment(); }
 
@@ -107,11 +153,14 @@ void Metrics::AddTokens(int64_t prompt, int64_t completion) {
 void Metrics::SetRunning(double running) { running_->Add({}).Set(running); }
 
 void Metrics::ObserveStep(double seconds, int64_t tokens) {
-  static const prometheus::Histogram::BucketBoundaries kTokens{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
+  static const prometheus::Histogram::BucketBoundaries kTokens{1,  2,   4,   8,   16,  32,
+                                                               64, 128, 256, 512, 1024};
   step_tokens_->Add({}, kTokens).Observe(static_cast<double>(tokens));
   step_seconds_->Add({}, LatencyBuckets()).Observe(seconds);
 }
 
-void Metrics::ObserveTimeToFirstToken(double seconds) { ttft_->Add({}, LatencyBuckets()).Observe(seconds); }
+void Metrics::ObserveTimeToFirstToken(double seconds) {
+  ttft_->Add({}, LatencyBuckets()).Observe(seconds);
+}
 
 }  // namespace moemesh

@@ -32,7 +32,9 @@ absl::Status Get(const json& j, const char* key, T* out, const std::string& sour
 }
 
 absl::Status Positive(int v, const char* key, const std::string& source) {
-  if (v <= 0) return absl::InvalidArgumentError(absl::StrCat(source, ": '", key, "' must be positive, got ", v));
+  if (v <= 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": '", key, "' must be positive, got ", v));
   return absl::OkStatus();
 }
 
@@ -219,7 +221,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& text, const std:
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON: ", e.what()));
   }
-  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
+  if (!j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
   ModelConfig c;
   std::string arch_name;
   if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty() &&
@@ -249,9 +252,12 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& text, const std:
   RETURN_IF_ERROR(Get(j, "max_position_embeddings", &c.max_position_embeddings, source));
   RETURN_IF_ERROR(Get(j, "tie_word_embeddings", &c.tie_word_embeddings, source));
   RETURN_IF_ERROR(Get(j, "num_experts_per_tok", &c.top_k, source));
-  for (auto [v, k] : {std::pair{c.vocab_size, "vocab_size"}, {c.hidden_size, "hidden_size"},
-                      {c.intermediate_size, "intermediate_size"}, {c.num_layers, "num_hidden_layers"},
-                      {c.num_heads, "num_attention_heads"}, {c.num_kv_heads, "num_key_value_heads"},
+  for (auto [v, k] : {std::pair{c.vocab_size, "vocab_size"},
+                      {c.hidden_size, "hidden_size"},
+                      {c.intermediate_size, "intermediate_size"},
+                      {c.num_layers, "num_hidden_layers"},
+                      {c.num_heads, "num_attention_heads"},
+                      {c.num_kv_heads, "num_key_value_heads"},
                       {c.top_k, "num_experts_per_tok"}}) {
     RETURN_IF_ERROR(Positive(v, k, source));
   }
@@ -264,11 +270,13 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& text, const std:
     RETURN_IF_ERROR(Get(j, "head_dim", &c.head_dim, source));
     if (c.hidden_size % c.num_heads != 0 && !j.contains("head_dim")) {
       return absl::InvalidArgumentError(absl::StrCat(source, ": hidden_size ", c.hidden_size,
-                                                     " is not divisible by num_attention_heads ", c.num_heads));
+                                                     " is not divisible by num_attention_heads ",
+                                                     c.num_heads));
     }
     if (c.num_heads % c.num_kv_heads != 0) {
       return absl::InvalidArgumentError(absl::StrCat(source, ": num_attention_heads ", c.num_heads,
-                                                     " is not a multiple of num_key_value_heads ", c.num_kv_heads));
+                                                     " is not a multiple of num_key_value_heads ",
+                                                     c.num_kv_heads));
     }
     c.scoring = ScoringFunc::kSoftmax;
     c.norm_topk_prob = true;
@@ -278,7 +286,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& text, const std:
   RETURN_IF_ERROR(ParseQuantization(j, source, &c));
   RETURN_IF_ERROR(ValidateRouting(c), source);
   if (c.head_dim % 2 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": head_dim must be even for rotary embeddings"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": head_dim must be even for rotary embeddings"));
   }
   return c;
 }

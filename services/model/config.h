@@ -81,7 +81,7 @@ struct ModelConfig {
 
 // Parses config.json text. `source` names the file in error messages.
 [[nodiscard]] absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
-                                                          const std::string& source);
+                                                           const std::string& source);
 [[nodiscard]] absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir);
 // config.json text in the Hugging Face layout of `cfg.arch`.
 std::string ModelConfigToJson(const ModelConfig& cfg);

@@ -11,9 +11,9 @@
 #include <limits>
 #include <set>
 
-#include "absl/strings/string_view.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
 #include "services/common/status_macros.h"
 #include "services/model/fp8.h"
@@ -55,11 +55,13 @@ absl::StatusOr<std::shared_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   const size_t size = static_cast<size_t>(st.st_size);
   if (size < 8) {
     ::close(fd);
-    return FileError(path, absl::StrCat("truncated: ", size, " bytes, shorter than the 8-byte header length"));
+    return FileError(
+        path, absl::StrCat("truncated: ", size, " bytes, shorter than the 8-byte header length"));
   }
   void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
   ::close(fd);
-  if (map == MAP_FAILED) return FileError(path, absl::StrCat("mmap failed: ", std::strerror(errno)));
+  if (map == MAP_FAILED)
+    return FileError(path, absl::StrCat("mmap failed: ", std::strerror(errno)));
 
   std::shared_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
@@ -109,21 +111,25 @@ absl::StatusOr<std::shared_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     info.dtype = *dtype;
     uint64_t numel = 1;
     for (const json& d : v["shape"]) {
-      if (!d.is_number_integer() || d.get<int64_t>() < 0) return bad("shape has a non-integer or negative dimension");
+      if (!d.is_number_integer() || d.get<int64_t>() < 0)
+        return bad("shape has a non-integer or negative dimension");
       const uint64_t dim = d.get<uint64_t>();
-      if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / dim) return bad("shape overflows");
+      if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / dim)
+        return bad("shape overflows");
       numel *= dim;
       info.shape.push_back(static_cast<int64_t>(dim));
     }
     for (const json& o : v["data_offsets"]) {
-      if (!o.is_number_integer() || o.get<int64_t>() < 0) return bad("data_offsets are not non-negative integers");
+      if (!o.is_number_integer() || o.get<int64_t>() < 0)
+        return bad("data_offsets are not non-negative integers");
     }
     info.begin = v["data_offsets"][0].get<uint64_t>();
     info.end = v["data_offsets"][1].get<uint64_t>();
     if (info.begin > info.end) return bad("data_offsets are reversed");
     if (info.end > data_size) {
       return bad(absl::StrCat("data_offsets [", info.begin, ", ", info.end,
-                              ") run past the data section of ", data_size, " bytes (truncated file?)"));
+                              ") run past the data section of ", data_size,
+                              " bytes (truncated file?)"));
     }
     const uint64_t expect = numel * DTypeSize(info.dtype);
     if (info.end - info.begin != expect) {
@@ -173,9 +179,10 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
       return FileError(index_path, "has no weight_map object");
     }
     for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
-      if (!it.value().is_string()) return FileError(index_path, absl::StrCat("entry '", it.key(), "' is not a file name"));
+      if (!it.value().is_string())
+        return FileError(index_path, absl::StrCat("entry '", it.key(), "' is not a file name"));
       const std::string file = it.value().get<std::string>();
-      if (file.find('/') != std::string::npos || file == ".." ) {
+      if (file.find('/') != std::string::npos || file == "..") {
         return FileError(index_path, absl::StrCat("shard name '", file, "' leaves the directory"));
       }
       ckpt->file_of_[it.key()] = file;
@@ -186,7 +193,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     absl::MutexLock lock(&ckpt->mu_);
     ckpt->open_["model.safetensors"] = std::move(file);
   } else {
-    return absl::NotFoundError(absl::StrCat(dir, ": neither model.safetensors nor model.safetensors.index.json found"));
+    return absl::NotFoundError(
+        absl::StrCat(dir, ": neither model.safetensors nor model.safetensors.index.json found"));
   }
   return ckpt;
 }
@@ -198,10 +206,12 @@ std::vector<std::string> Checkpoint::TensorNames() const {
   return names;
 }
 
-absl::StatusOr<std::shared_ptr<SafetensorsFile>> Checkpoint::FileFor(const std::string& name) const {
+absl::StatusOr<std::shared_ptr<SafetensorsFile>> Checkpoint::FileFor(
+    const std::string& name) const {
   auto it = file_of_.find(name);
   if (it == file_of_.end()) {
-    return absl::NotFoundError(absl::StrCat(dir_, ": tensor '", name, "' is not in the checkpoint"));
+    return absl::NotFoundError(
+        absl::StrCat(dir_, ": tensor '", name, "' is not in the checkpoint"));
   }
   absl::MutexLock lock(&mu_);
   auto open = open_.find(it->second);
@@ -236,7 +246,8 @@ absl::StatusOr<Tensor> Checkpoint::LoadF32(const std::string& name) const {
   }
   absl::Span<const uint8_t> bytes = file->Bytes(*info);
   if (info->dtype == DType::kF8E4M3) return LoadFp8(name, *info, bytes);
-  if (info->dtype == DType::kF32 && reinterpret_cast<uintptr_t>(bytes.data()) % alignof(float) == 0) {
+  if (info->dtype == DType::kF32 &&
+      reinterpret_cast<uintptr_t>(bytes.data()) % alignof(float) == 0) {
     return Tensor::View(info->shape, reinterpret_cast<const float*>(bytes.data()), file);
   }
   Tensor t = Tensor::Zeros(info->shape);
@@ -251,7 +262,8 @@ absl::StatusOr<Tensor> Checkpoint::LoadFp8(const std::string& name, const Tensor
     return absl::InvalidArgumentError(absl::StrCat(dir_, ": FP8 tensor '", name, "': ", what));
   };
   if (info.shape.size() != 2) {
-    return fail(absl::StrCat("block-scaled FP8 weights must be 2-D, got shape ", ShapeToString(info.shape)));
+    return fail(absl::StrCat("block-scaled FP8 weights must be 2-D, got shape ",
+                             ShapeToString(info.shape)));
   }
   if (!Has(scale_name)) {
     return fail(absl::StrCat("its block scales '", scale_name, "' are not in the checkpoint"));
@@ -260,9 +272,10 @@ absl::StatusOr<Tensor> Checkpoint::LoadFp8(const std::string& name, const Tensor
   if (sinfo.dtype == DType::kF8E4M3) return fail(absl::StrCat("'", scale_name, "' is itself FP8"));
   ASSIGN_OR_RETURN(Tensor scale, LoadF32(scale_name));
   Tensor t = Tensor::Zeros(info.shape);
-  RETURN_IF_ERROR(DequantizeFp8Blocks(bytes, info.shape[0], info.shape[1], scale.span(), scale.shape(),
-                                      fp8_block_rows_, fp8_block_cols_, t.mutable_data()),
-                  dir_, ": FP8 tensor '", name, "'");
+  RETURN_IF_ERROR(
+      DequantizeFp8Blocks(bytes, info.shape[0], info.shape[1], scale.span(), scale.shape(),
+                          fp8_block_rows_, fp8_block_cols_, t.mutable_data()),
+      dir_, ": FP8 tensor '", name, "'");
   return t;
 }
 
@@ -309,7 +322,8 @@ absl::Status SafetensorsWriter::WriteEntries(const std::string& path,
   out.write(reinterpret_cast<const char*>(&len), 8);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   for (const Entry* e : es) {
-    out.write(reinterpret_cast<const char*>(e->bytes.data()), static_cast<std::streamsize>(e->bytes.size()));
+    out.write(reinterpret_cast<const char*>(e->bytes.data()),
+              static_cast<std::streamsize>(e->bytes.size()));
   }
   out.close();
   if (!out) return absl::InternalError(absl::StrCat("failed writing ", path));

@@ -3,8 +3,8 @@
 #include <array>
 #include <fstream>
 
-#include "absl/strings/string_view.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
 
 namespace moemesh {
@@ -92,14 +92,17 @@ absl::StatusOr<Tokenizer> Tokenizer::FromJson(const std::string& text, const std
     }
     if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
       for (const json& a : j["added_tokens"]) {
-        if (auto s = put(a.at("content").get<std::string>(), a.at("id").get<int64_t>(), true); !s.ok()) return s;
+        if (auto s = put(a.at("content").get<std::string>(), a.at("id").get<int64_t>(), true);
+            !s.ok())
+          return s;
       }
     }
     if (model.contains("merges") && model["merges"].is_array()) {
       int rank = 0;
       for (const json& m : model["merges"]) {
-        std::string key = m.is_string() ? m.get<std::string>()
-                                        : m.at(0).get<std::string>() + " " + m.at(1).get<std::string>();
+        std::string key = m.is_string()
+                              ? m.get<std::string>()
+                              : m.at(0).get<std::string>() + " " + m.at(1).get<std::string>();
         t.merge_rank_.emplace(std::move(key), rank++);
       }
     }
@@ -111,7 +114,8 @@ absl::StatusOr<Tokenizer> Tokenizer::FromJson(const std::string& text, const std
 
 std::string Tokenizer::ByteLevelJson(int vocab_size) {
   json vocab = json::object();
-  for (int b = 0; b < std::min(vocab_size, 256); ++b) vocab[ByteSymbol(static_cast<uint8_t>(b))] = b;
+  for (int b = 0; b < std::min(vocab_size, 256); ++b)
+    vocab[ByteSymbol(static_cast<uint8_t>(b))] = b;
   json added = json::array();
   for (int id = 256; id < vocab_size; ++id) {
     added.push_back({{"id", id}, {"content", absl::StrCat("<extra_", id, ">")}, {"special", true}});
@@ -212,7 +216,8 @@ std::string Utf8Stream::Push(absl::string_view bytes) {
     if (i + len > pending_.size()) {
       // Possibly incomplete: keep it if the bytes so far are valid continuations.
       bool ok = true;
-      for (size_t k = i + 1; k < pending_.size(); ++k) ok &= (static_cast<uint8_t>(pending_[k]) & 0xC0) == 0x80;
+      for (size_t k = i + 1; k < pending_.size(); ++k)
+        ok &= (static_cast<uint8_t>(pending_[k]) & 0xC0) == 0x80;
       if (ok) break;
       out += "\xEF\xBF\xBD";
       ++i;
@@ -220,7 +225,8 @@ std::string Utf8Stream::Push(absl::string_view bytes) {
     }
     bool ok = true;
     for (int k = 1; k < len; ++k) ok &= (static_cast<uint8_t>(pending_[i + k]) & 0xC0) == 0x80;
-    // Reject overlong 3/4-byte forms and surrogates (0xE0 needs >= 0xA0, 0xED < 0xA0, 0xF0 >= 0x90, 0xF4 < 0x90).
+    // Reject overlong 3/4-byte forms and surrogates (0xE0 needs >= 0xA0, 0xED < 0xA0, 0xF0 >= 0x90,
+    // 0xF4 < 0x90).
     if (ok && len >= 3) {
       const auto c1 = static_cast<uint8_t>(pending_[i + 1]);
       if ((c == 0xE0 && c1 < 0xA0) || (c == 0xED && c1 >= 0xA0) || (c == 0xF0 && c1 < 0x90) ||

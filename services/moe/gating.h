@@ -60,7 +60,8 @@ inline void SigmoidGroupTopK(const float* scores, const float* bias, const Routi
 class Gate {
  public:
   // weight: [num_experts, hidden]; bias: [num_experts] or empty.
-  Gate(RoutingConfig rc, Tensor weight, Tensor bias) : rc_(rc), weight_(std::move(weight)), bias_(std::move(bias)) {}
+  Gate(RoutingConfig rc, Tensor weight, Tensor bias)
+      : rc_(rc), weight_(std::move(weight)), bias_(std::move(bias)) {}
   const RoutingConfig& config() const { return rc_; }
   int64_t hidden() const { return weight_.dim(1); }
   // hidden: [T, hidden]. Thread-safe.

@@ -5,24 +5,25 @@
 #include <cstring>
 #include <fstream>
 
-#include "absl/strings/string_view.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "services/common/status_macros.h"
 
 namespace moemesh {
 
 absl::Status ValidateExpertBatch(const ExpertBatch& b, int64_t hidden, int num_experts) {
   if (b.tokens.empty() || b.tokens.rank() != 2 || b.tokens.dim(1) != hidden) {
-    return absl::InvalidArgumentError(absl::StrCat("tokens must be [n, ", hidden, "], got ",
-                                                   b.tokens.empty() ? "none" : b.tokens.ShapeString()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokens must be [n, ", hidden, "], got ",
+                     b.tokens.empty() ? "none" : b.tokens.ShapeString()));
   }
   const int64_t n = b.tokens.dim(0);
   if (static_cast<int64_t>(b.offsets.size()) != n + 1 || b.offsets[0] != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("offsets must have ", n + 1,
-                                                   " entries starting at 0, got ", b.offsets.size()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "offsets must have ", n + 1, " entries starting at 0, got ", b.offsets.size()));
   }
   for (int64_t i = 0; i < n; ++i) {
     if (b.offsets[i + 1] < b.offsets[i]) {
@@ -30,11 +31,12 @@ absl::Status ValidateExpertBatch(const ExpertBatch& b, int64_t hidden, int num_e
     }
   }
   if (static_cast<size_t>(b.offsets[n]) != b.assignments.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("offsets end at ", b.offsets[n], " but there are ",
-                                                   b.assignments.size(), " assignments"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "offsets end at ", b.offsets[n], " but there are ", b.assignments.size(), " assignments"));
   }
   for (const ExpertAssignment& a : b.assignments) {
-    if (!std::isfinite(a.weight)) return absl::InvalidArgumentError("assignment weight is not finite");
+    if (!std::isfinite(a.weight))
+      return absl::InvalidArgumentError("assignment weight is not finite");
     if (a.expert != kSharedExpertId && (a.expert < 0 || a.expert >= num_experts)) {
       return absl::InvalidArgumentError(absl::StrCat("layer ", b.layer, " has no expert ", a.expert,
                                                      " (experts are 0..", num_experts - 1, ")"));
@@ -58,7 +60,8 @@ absl::StatusOr<std::unique_ptr<LocalExpertGroup>> LocalExpertGroup::Load(
       return absl::InvalidArgumentError(absl::StrCat("layer ", key.layer, " is not an MoE layer"));
     }
     if (key.expert != kSharedExpertId && (key.expert < 0 || key.expert >= cfg.num_experts)) {
-      return absl::InvalidArgumentError(absl::StrCat("layer ", key.layer, " has no expert ", key.expert));
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", key.layer, " has no expert ", key.expert));
     }
     if (key.expert == kSharedExpertId && cfg.n_shared_experts == 0) {
       return absl::InvalidArgumentError("the model has no shared experts");
@@ -99,10 +102,10 @@ absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
     for (int32_t a = b.offsets[i]; a < b.offsets[i + 1]; ++a) {
       const ExpertAssignment& as = b.assignments[a];
       if (!weights_.contains(ExpertKey{b.layer, as.expert})) {
-        return absl::NotFoundError(absl::StrCat("expert (layer ", b.layer, ", expert ",
-                                                as.expert == kSharedExpertId ? std::string("shared")
-                                                                             : absl::StrCat(as.expert),
-                                                ") is not held by ", name_));
+        return absl::NotFoundError(absl::StrCat(
+            "expert (layer ", b.layer, ", expert ",
+            as.expert == kSharedExpertId ? std::string("shared") : absl::StrCat(as.expert),
+            ") is not held by ", name_));
       }
       by_expert[as.expert].push_back({static_cast<int32_t>(i), as.weight});
     }
@@ -183,14 +186,15 @@ absl::StatusOr<std::vector<int>> ParseExpertIds(absl::string_view spec) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<ExpertKey>> ExpertsFromSpec(const ModelConfig& cfg, absl::string_view spec) {
+absl::StatusOr<std::vector<ExpertKey>> ExpertsFromSpec(const ModelConfig& cfg,
+                                                       absl::string_view spec) {
   ASSIGN_OR_RETURN(std::vector<int> ids, ParseExpertIds(spec));
   std::vector<ExpertKey> keys;
   for (int layer : cfg.MoeLayers()) {
     for (int e : ids) {
       if (e >= cfg.num_experts) {
-        return absl::InvalidArgumentError(absl::StrCat("expert ", e, " does not exist (the model has ",
-                                                       cfg.num_experts, " per layer)"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "expert ", e, " does not exist (the model has ", cfg.num_experts, " per layer)"));
       }
       keys.push_back({layer, e});
     }
@@ -215,12 +219,14 @@ absl::StatusOr<std::vector<ExpertKey>> ExpertsFromPlacementFile(const ModelConfi
       return absl::InvalidArgumentError(absl::StrCat(path, ":", lineno, ": expected 'LAYER IDS'"));
     }
     if (layer < 0 || layer >= cfg.num_layers || !cfg.IsMoeLayer(layer)) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ":", lineno, ": layer ", layer, " is not an MoE layer"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ":", lineno, ": layer ", layer, " is not an MoE layer"));
     }
     ASSIGN_OR_RETURN(std::vector<int> ids, ParseExpertIds(f[1]), path, ":", lineno);
     for (int e : ids) {
       if (e >= cfg.num_experts) {
-        return absl::InvalidArgumentError(absl::StrCat(path, ":", lineno, ": expert ", e, " does not exist"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ":", lineno, ": expert ", e, " does not exist"));
       }
       keys.push_back({layer, e});
     }

@@ -9,8 +9,8 @@
 #include <memory>
 #include <vector>
 
-#include "absl/strings/string_view.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/string_view.h"
 #include "services/compute/backend.h"
 #include "services/model/config.h"
 #include "services/model/safetensors.h"

@@ -16,12 +16,13 @@ absl::StatusOr<absl::flat_hash_map<int, Gate>> MoeDispatcher::LoadGates(const Ch
   absl::flat_hash_map<int, Gate> gates;
   const RoutingConfig rc = RoutingConfig::From(cfg);
   for (int layer : cfg.MoeLayers()) {
-    ASSIGN_OR_RETURN(Tensor w, ckpt.LoadF32(GateWeightName(cfg, layer),
-                                            std::vector<int64_t>{cfg.num_experts, cfg.hidden_size}));
+    ASSIGN_OR_RETURN(Tensor w,
+                     ckpt.LoadF32(GateWeightName(cfg, layer),
+                                  std::vector<int64_t>{cfg.num_experts, cfg.hidden_size}));
     Tensor bias;
     if (cfg.scoring == ScoringFunc::kSigmoid && ckpt.Has(GateBiasName(cfg, layer))) {
-      ASSIGN_OR_RETURN(bias, ckpt.LoadF32(GateBiasName(cfg, layer),
-                                          std::vector<int64_t>{cfg.num_experts}));
+      ASSIGN_OR_RETURN(
+          bias, ckpt.LoadF32(GateBiasName(cfg, layer), std::vector<int64_t>{cfg.num_experts}));
     }
     gates.emplace(layer, Gate(rc, std::move(w), std::move(bias)));
   }
@@ -44,7 +45,8 @@ absl::StatusOr<std::unique_ptr<MoeDispatcher>> MoeDispatcher::Create(
   for (int layer : cfg.MoeLayers()) {
     if (!d->gates_.contains(layer)) missing.push_back(absl::StrCat("gate of layer ", layer));
     for (int e = 0; e < cfg.num_experts; ++e) {
-      if (!d->holders_.contains(ExpertKey{layer, e})) missing.push_back(absl::StrCat("(layer ", layer, ", expert ", e, ")"));
+      if (!d->holders_.contains(ExpertKey{layer, e}))
+        missing.push_back(absl::StrCat("(layer ", layer, ", expert ", e, ")"));
     }
     if (d->dispatch_shared_ && !d->holders_.contains(ExpertKey{layer, kSharedExpertId})) {
       missing.push_back(absl::StrCat("(layer ", layer, ", shared experts)"));
@@ -53,8 +55,8 @@ absl::StatusOr<std::unique_ptr<MoeDispatcher>> MoeDispatcher::Create(
   if (!missing.empty()) {
     const size_t shown = std::min<size_t>(missing.size(), 16);
     return absl::FailedPreconditionError(absl::StrCat(
-        "no expert group holds ", missing.size(), " required experts: ",
-        absl::StrJoin(missing.begin(), missing.begin() + shown, ", "),
+        "no expert group holds ", missing.size(),
+        " required experts: ", absl::StrJoin(missing.begin(), missing.begin() + shown, ", "),
         missing.size() > shown ? ", ..." : ""));
   }
   return d;
@@ -94,8 +96,8 @@ void MoeDispatcher::ForwardAsync(
   DispatchStats stats;
   auto gate_it = gates_.find(layer);
   if (gate_it == gates_.end()) {
-    done(absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not an MoE layer of this model (",
-                                                 cfg_.num_layers, " layers)")),
+    done(absl::InvalidArgumentError(absl::StrCat(
+             "layer ", layer, " is not an MoE layer of this model (", cfg_.num_layers, " layers)")),
          stats);
     return;
   }
@@ -198,7 +200,8 @@ void MoeDispatcher::ForwardAsync(
       }
       const Tensor& p = *fan->partial[g];
       if (p.rank() != 2 || p.dim(0) != static_cast<int64_t>(fan->rows[g].size()) || p.dim(1) != h) {
-        status = absl::InternalError(absl::StrCat("expert group ", g, " returned shape ", p.ShapeString()));
+        status = absl::InternalError(
+            absl::StrCat("expert group ", g, " returned shape ", p.ShapeString()));
         break;
       }
       for (size_t r = 0; r < fan->rows[g].size(); ++r) {
@@ -216,11 +219,14 @@ void MoeDispatcher::ForwardAsync(
   for (int g = 0; g < ng; ++g) {
     if (!batches[g]) continue;
     groups_[g].group->RunExpertsAsync(
-        batches[g], opts, [fan, g, finish, name = groups_[g].group->name()](absl::StatusOr<Tensor> r) {
+        batches[g], opts,
+        [fan, g, finish, name = groups_[g].group->name()](absl::StatusOr<Tensor> r) {
           bool last;
           {
             absl::MutexLock lock(&fan->mu);
-            fan->partial[g] = r.ok() ? std::move(r) : absl::StatusOr<Tensor>(WithContext(r.status(), absl::StrCat("expert group ", name)));
+            fan->partial[g] = r.ok() ? std::move(r)
+                                     : absl::StatusOr<Tensor>(WithContext(
+                                           r.status(), absl::StrCat("expert group ", name)));
             last = --fan->pending == 0;
           }
           if (last) finish();

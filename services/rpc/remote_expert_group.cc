@@ -42,7 +42,8 @@ void GrpcExpertGroup::RunExpertsAsync(std::shared_ptr<const ExpertBatch> batch,
     call->req.add_weights(a.weight);
   }
   call->req.set_output_dtype(DTypeToProto(wire_));
-  if (opts.deadline != absl::InfiniteFuture()) call->ctx.set_deadline(absl::ToChronoTime(opts.deadline));
+  if (opts.deadline != absl::InfiniteFuture())
+    call->ctx.set_deadline(absl::ToChronoTime(opts.deadline));
   if (opts.cancel) {
     call->cancel = opts.cancel;
     std::weak_ptr<Call> weak = call;
@@ -71,8 +72,9 @@ absl::StatusOr<v1::DescribeResponse> GrpcExpertGroup::Describe(absl::Duration ti
   v1::DescribeRequest req;
   v1::DescribeResponse resp;
   grpc::Status s = stub_->Describe(&ctx, req, &resp);
-  if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                                   absl::StrCat(target_, ": Describe: ", s.error_message()));
+  if (!s.ok())
+    return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                        absl::StrCat(target_, ": Describe: ", s.error_message()));
   return resp;
 }
 
@@ -137,8 +139,8 @@ void ReplicaSet::RunExpertsAsync(std::shared_ptr<const ExpertBatch> batch, const
 void ReplicaSet::Try(std::shared_ptr<Attempt> a) {
   const int r = Pick(a->tried);
   if (r < 0) {
-    a->done(absl::UnavailableError(absl::StrCat("no replica of ", name(), " could serve the call; last error: ",
-                                                a->last.message())));
+    a->done(absl::UnavailableError(absl::StrCat(
+        "no replica of ", name(), " could serve the call; last error: ", a->last.message())));
     return;
   }
   a->tried[r] = true;
@@ -151,8 +153,9 @@ void ReplicaSet::Try(std::shared_ptr<Attempt> a) {
       unhealthy_until_[r] = absl::InfinitePast();
     }
     const absl::StatusCode code = result.status().code();
-    const bool retriable = code == absl::StatusCode::kUnavailable ||
-                           (code == absl::StatusCode::kDeadlineExceeded && absl::Now() < a->opts.deadline);
+    const bool retriable =
+        code == absl::StatusCode::kUnavailable ||
+        (code == absl::StatusCode::kDeadlineExceeded && absl::Now() < a->opts.deadline);
     const bool cancelled = a->opts.cancel && a->opts.cancel->cancelled();
     if (result.ok() || !retriable || cancelled) {
       a->done(std::move(result));

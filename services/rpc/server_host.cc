@@ -113,9 +113,8 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool round
   grpc::ChannelArguments args = DefaultChannelArguments();
   if (round_robin) {
     args.SetLoadBalancingPolicyName("round_robin");
-    args.SetServiceConfigJSON(
-        R"({"loadBalancingConfig":[{"round_robin":{}}],)"
-        R"("healthCheckConfig":{"serviceName":""}})");
+    args.SetServiceConfigJSON(R"({"loadBalancingConfig":[{"round_robin":{}}],)"
+                              R"("healthCheckConfig":{"serviceName":""}})");
   }
   return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
 }

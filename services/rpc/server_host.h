@@ -54,7 +54,6 @@ int ShutdownSignalFd();
 
 // Channel arguments every moemesh client uses (message sizes, keepalive).
 grpc::ChannelArguments DefaultChannelArguments(int max_message_bytes = 512 << 20);
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
-                                           bool round_robin = false);
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool round_robin = false);
 
 }  // namespace moemesh

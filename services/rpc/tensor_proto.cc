@@ -8,20 +8,29 @@ namespace moemesh {
 
 absl::StatusOr<DType> DTypeFromProto(v1::DType d) {
   switch (d) {
-    case v1::DTYPE_F32: return DType::kF32;
-    case v1::DTYPE_F16: return DType::kF16;
-    case v1::DTYPE_BF16: return DType::kBF16;
-    case v1::DTYPE_F8_E4M3: return DType::kF8E4M3;
-    default: return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", static_cast<int>(d)));
+    case v1::DTYPE_F32:
+      return DType::kF32;
+    case v1::DTYPE_F16:
+      return DType::kF16;
+    case v1::DTYPE_BF16:
+      return DType::kBF16;
+    case v1::DTYPE_F8_E4M3:
+      return DType::kF8E4M3;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", static_cast<int>(d)));
   }
 }
 
 v1::DType DTypeToProto(DType d) {
   switch (d) {
-    case DType::kF32: return v1::DTYPE_F32;
-    case DType::kF16: return v1::DTYPE_F16;
-    case DType::kBF16: return v1::DTYPE_BF16;
-    case DType::kF8E4M3: return v1::DTYPE_F8_E4M3;
+    case DType::kF32:
+      return v1::DTYPE_F32;
+    case DType::kF16:
+      return v1::DTYPE_F16;
+    case DType::kBF16:
+      return v1::DTYPE_BF16;
+    case DType::kF8E4M3:
+      return v1::DTYPE_F8_E4M3;
   }
   return v1::DTYPE_UNSPECIFIED;
 }
@@ -38,9 +47,11 @@ void TensorToProto(const Tensor& t, DType wire, v1::Tensor* out) {
 
 absl::StatusOr<Tensor> TensorFromProto(const v1::Tensor& p, absl::string_view what, int max_rank) {
   auto dtype = DTypeFromProto(p.dtype());
-  if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", dtype.status().message()));
+  if (!dtype.ok())
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", dtype.status().message()));
   if (p.shape_size() == 0 || p.shape_size() > max_rank) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": rank ", p.shape_size(), " is not in [1, ", max_rank, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": rank ", p.shape_size(), " is not in [1, ", max_rank, "]"));
   }
   std::vector<int64_t> shape;
   uint64_t n = 1;

@@ -3,9 +3,9 @@
 #include <cmath>
 #include <cstring>
 
-#include "absl/strings/string_view.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
 
 namespace moemesh {
 
@@ -19,20 +19,27 @@ absl::StatusOr<DType> ParseDType(absl::string_view name) {
 
 absl::string_view DTypeName(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "F32";
-    case DType::kF16: return "F16";
-    case DType::kBF16: return "BF16";
-    case DType::kF8E4M3: return "F8_E4M3";
+    case DType::kF32:
+      return "F32";
+    case DType::kF16:
+      return "F16";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF8E4M3:
+      return "F8_E4M3";
   }
   return "?";
 }
 
 size_t DTypeSize(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return 4;
+    case DType::kF32:
+      return 4;
     case DType::kF16:
-    case DType::kBF16: return 2;
-    case DType::kF8E4M3: return 1;
+    case DType::kBF16:
+      return 2;
+    case DType::kF8E4M3:
+      return 1;
   }
   return 0;
 }
@@ -70,7 +77,7 @@ uint16_t FloatToHalf(float f) {
   const uint16_t sign = (x >> 16) & 0x8000;
   const uint32_t absx = x & 0x7fffffffu;
   if (absx >= 0x7f800000u) return sign | 0x7c00 | (absx > 0x7f800000u ? 0x200 : 0);  // inf/nan
-  if (absx >= 0x477ff000u) return sign | 0x7c00;                                      // overflow
+  if (absx >= 0x477ff000u) return sign | 0x7c00;                                     // overflow
   if (absx < 0x38800000u) {  // subnormal or zero in half: value = m * 2^-24
     float a;
     std::memcpy(&a, &absx, 4);

@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/string_view.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
 namespace moemesh {
@@ -45,7 +45,8 @@ class Tensor {
   static Tensor Zeros(std::vector<int64_t> shape);
   static Tensor FromVector(std::vector<int64_t> shape, std::vector<float> values);
   // A view of `data`, kept valid by `owner`.
-  static Tensor View(std::vector<int64_t> shape, const float* data, std::shared_ptr<const void> owner);
+  static Tensor View(std::vector<int64_t> shape, const float* data,
+                     std::shared_ptr<const void> owner);
 
   const std::vector<int64_t>& shape() const { return shape_; }
   int rank() const { return static_cast<int>(shape_.size()); }

@@ -67,7 +67,8 @@ TEST(ReplicaKillTest, SigkillOfOneReplicaLosesNoRequestAndChangesNoToken) {
   std::vector<Stream> got(prompts.size());
   std::vector<std::thread> threads;
   for (size_t i = 0; i < prompts.size(); ++i) {
-    threads.emplace_back([&, i] { got[i] = RunStream((*mesh)->gateway_address(), prompts[i], kMax, &progress); });
+    threads.emplace_back(
+        [&, i] { got[i] = RunStream((*mesh)->gateway_address(), prompts[i], kMax, &progress); });
   }
   // Kill replica 0 of group 1 once generation is under way.
   const absl::Time give_up = absl::Now() + absl::Seconds(60);
@@ -75,7 +76,8 @@ TEST(ReplicaKillTest, SigkillOfOneReplicaLosesNoRequestAndChangesNoToken) {
   const int at_kill = progress.load();
   ASSERT_TRUE((*mesh)->Signal("worker-g1-r0", SIGKILL).ok());
   for (auto& t : threads) t.join();
-  EXPECT_LT(at_kill, static_cast<int>(prompts.size()) * kMax) << "the kill landed after generation ended";
+  EXPECT_LT(at_kill, static_cast<int>(prompts.size()) * kMax)
+      << "the kill landed after generation ended";
 
   for (size_t i = 0; i < prompts.size(); ++i) {
     EXPECT_TRUE(got[i].status.ok()) << "prompt " << i << ": " << got[i].status.error_message();

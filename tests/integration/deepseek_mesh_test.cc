@@ -71,16 +71,17 @@ TEST_P(DeepseekMeshTest, LogitsAndGreedyTokensMatchSingleProcess) {
   EXPECT_TRUE((*mesh)->Stop().ok());
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Layouts, DeepseekMeshTest,
-    ::testing::Values(Case{1, 1, DType::kF32}, Case{2, 1, DType::kF32}, Case{4, 1, DType::kF32},
-                      Case{2, 2, DType::kF32}, Case{2, 1, DType::kF8E4M3},
-                      Case{2, 1, DType::kF32, /*shared_in_gateway=*/true}),
-    [](const auto& info) {
-      return absl::StrCat("groups", info.param.groups, "_replicas", info.param.replicas, "_",
-                          info.param.dtype == DType::kF32 ? "f32" : "fp8",
-                          info.param.shared_in_gateway ? "_shared_in_gateway" : "");
-    });
+INSTANTIATE_TEST_SUITE_P(Layouts, DeepseekMeshTest,
+                         ::testing::Values(Case{1, 1, DType::kF32}, Case{2, 1, DType::kF32},
+                                           Case{4, 1, DType::kF32}, Case{2, 2, DType::kF32},
+                                           Case{2, 1, DType::kF8E4M3},
+                                           Case{2, 1, DType::kF32, /*shared_in_gateway=*/true}),
+                         [](const auto& info) {
+                           return absl::StrCat(
+                               "groups", info.param.groups, "_replicas", info.param.replicas, "_",
+                               info.param.dtype == DType::kF32 ? "f32" : "fp8",
+                               info.param.shared_in_gateway ? "_shared_in_gateway" : "");
+                         });
 
 }  // namespace
 }  // namespace moemesh::testing

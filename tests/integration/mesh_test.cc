@@ -59,8 +59,8 @@ class MeshLayoutTest : public MeshTest, public ::testing::WithParamInterface<Lay
 
 TEST_P(MeshLayoutTest, LogitsMatchSingleProcess) {
   const Layout l = GetParam();
-  MeshOptions o = TestMeshOptions(*model_, dir_->Join(absl::StrCat("work-", l.groups, "-", l.replicas)),
-                                  l.groups, l.replicas);
+  MeshOptions o = TestMeshOptions(
+      *model_, dir_->Join(absl::StrCat("work-", l.groups, "-", l.replicas)), l.groups, l.replicas);
   o.gateway_args = {"--max_step_tokens=16"};  // prompts longer than 16 are prefilled in chunks
   auto mesh = Mesh::Start(o);
   ASSERT_TRUE(mesh.ok()) << mesh.status();
@@ -95,7 +95,8 @@ TEST_F(MeshTest, GroupsNamedByDnsWork) {
 INSTANTIATE_TEST_SUITE_P(Layouts, MeshLayoutTest,
                          ::testing::Values(Layout{1, 1}, Layout{2, 1}, Layout{4, 1}, Layout{2, 2}),
                          [](const auto& info) {
-                           return absl::StrCat("groups", info.param.groups, "_replicas", info.param.replicas);
+                           return absl::StrCat("groups", info.param.groups, "_replicas",
+                                               info.param.replicas);
                          });
 
 TEST_F(MeshTest, ConcurrentGreedyGenerationMatchesSingleProcess) {
@@ -142,7 +143,8 @@ TEST_F(MeshTest, BadLayerOrExpertGetsAClearErrorAndServiceContinues) {
     grpc::ClientContext ctx;
     v1::ForwardRequest req;
     req.set_layer(0);
-    TensorToProto(Tensor::FromVector({2, h + 1}, RandomFloats(2 * (h + 1), 3)), DType::kF32, req.mutable_hidden());
+    TensorToProto(Tensor::FromVector({2, h + 1}, RandomFloats(2 * (h + 1), 3)), DType::kF32,
+                  req.mutable_hidden());
     v1::ForwardResponse resp;
     EXPECT_EQ(router->Forward(&ctx, req, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   }
@@ -172,7 +174,8 @@ TEST_F(MeshTest, BadLayerOrExpertGetsAClearErrorAndServiceContinues) {
   EXPECT_NE(s.error_message().find("expert 5"), std::string::npos) << s.error_message();
   run(7, 1, &s, &resp);
   EXPECT_TRUE(s.error_code() == grpc::StatusCode::NOT_FOUND ||
-              s.error_code() == grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+              s.error_code() == grpc::StatusCode::INVALID_ARGUMENT)
+      << s.error_message();
   {
     grpc::ClientContext ctx;
     v1::RunExpertsRequest req;
@@ -230,7 +233,8 @@ TEST_F(MeshTest, UpCommandServesARequestAndStopsCleanly) {
   ASSERT_EQ(::kill(pid, SIGTERM), 0);
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << "\n" << ReadFileOrDie(dir_->Join("up.log"));
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << "\n"
+                                                             << ReadFileOrDie(dir_->Join("up.log"));
 }
 
 }  // namespace

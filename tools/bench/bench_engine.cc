@@ -85,16 +85,19 @@ int main(int argc, char** argv) {
   const double prefill_tps = np / best_prefill, decode_tps = nd / decode_s;
   std::printf("| model | params | prompt | prefill tok/s | decode tok/s | load s |\n");
   std::printf("|---|---|---|---|---|---|\n");
-  const double params = static_cast<double>(cfg.vocab_size) * cfg.hidden_size * 2 +
-                        cfg.num_layers * (static_cast<double>(cfg.hidden_size) * cfg.num_heads * cfg.head_dim * 2 +
-                                          2.0 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim +
-                                          3.0 * cfg.num_experts * cfg.hidden_size * cfg.moe_intermediate_size +
-                                          cfg.num_experts * cfg.hidden_size);
+  const double params =
+      static_cast<double>(cfg.vocab_size) * cfg.hidden_size * 2 +
+      cfg.num_layers * (static_cast<double>(cfg.hidden_size) * cfg.num_heads * cfg.head_dim * 2 +
+                        2.0 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim +
+                        3.0 * cfg.num_experts * cfg.hidden_size * cfg.moe_intermediate_size +
+                        cfg.num_experts * cfg.hidden_size);
   std::printf("| %s | %.0fM | %d | %.1f | %.2f | %.1f |\n", dir.c_str(), params / 1e6, np,
               prefill_tps, decode_tps, load_s);
   if (!absl::GetFlag(FLAGS_json).empty()) {
-    nlohmann::json j = {{"model", dir},          {"params", params},
-                        {"prompt_tokens", np},   {"decode_tokens", nd},
+    nlohmann::json j = {{"model", dir},
+                        {"params", params},
+                        {"prompt_tokens", np},
+                        {"decode_tokens", nd},
                         {"prefill_tokens_per_s", prefill_tps},
                         {"decode_tokens_per_s", decode_tps},
                         {"load_s", load_s}};

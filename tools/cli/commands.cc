@@ -5,8 +5,8 @@
 #include <cstdio>
 #include <iostream>
 
-#include "absl/synchronization/notification.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
 #include "services/common/status_macros.h"
@@ -105,7 +105,8 @@ absl::StatusOr<std::vector<int32_t>> PromptTokens(const std::string& text,
                                                   const Tokenizer* tok) {
   if (!tokens.empty()) return tokens;
   if (text.empty()) return absl::InvalidArgumentError("give --prompt TEXT or --tokens 1,2,3");
-  if (tok == nullptr) return absl::FailedPreconditionError("the model has no tokenizer.json; use --tokens");
+  if (tok == nullptr)
+    return absl::FailedPreconditionError("the model has no tokenizer.json; use --tokens");
   return tok->Encode(text);
 }
 
@@ -171,10 +172,11 @@ absl::Status Generate(const Common& c, const GenerateArgs& a) {
   done.WaitForNotification();
   std::cout << std::endl;
   const double total = absl::ToDoubleSeconds(absl::Now() - start);
-  std::fprintf(stderr, "[%lld prompt tokens, %lld generated, first token %.3f s, %.1f tokens/s]\n",
-               static_cast<long long>(prompt.size()), static_cast<long long>(n),
-               absl::ToDoubleSeconds(first - start),
-               n > 1 ? (n - 1) / std::max(1e-9, total - absl::ToDoubleSeconds(first - start)) : 0.0);
+  std::fprintf(
+      stderr, "[%lld prompt tokens, %lld generated, first token %.3f s, %.1f tokens/s]\n",
+      static_cast<long long>(prompt.size()), static_cast<long long>(n),
+      absl::ToDoubleSeconds(first - start),
+      n > 1 ? (n - 1) / std::max(1e-9, total - absl::ToDoubleSeconds(first - start)) : 0.0);
   return result;
 }
 

@@ -1,9 +1,9 @@
 // moemesh: the command-line tool.
 //
 //   moemesh make-model --arch mixtral|deepseek_v3 --out DIR [--vocab --hidden ... --dtype --seed]
-//   moemesh generate  (--model DIR | --gateway ADDR) (--prompt TEXT | --tokens 1,2,3) --max-tokens N
-//   moemesh score     (--model DIR | --gateway ADDR) --tokens 1,2,3
-//   moemesh up        [--model DIR] --groups G [--replicas R]
+//   moemesh generate  (--model DIR | --gateway ADDR) (--prompt TEXT | --tokens 1,2,3) --max-tokens
+//   N moemesh score     (--model DIR | --gateway ADDR) --tokens 1,2,3 moemesh up        [--model
+//   DIR] --groups G [--replicas R]
 #include <unistd.h>
 
 #include <cstdio>
@@ -31,8 +31,9 @@ ABSL_FLAG(int, layers, 4, "make-model: layers");
 ABSL_FLAG(int, heads, 8, "make-model: attention heads");
 ABSL_FLAG(int, kv_heads, 2, "make-model: key/value heads");
 ABSL_FLAG(int, experts, 8, "make-model: routed experts per layer");
-ABSL_FLAG(int, top_k, 0, "experts per token (make-model: written to config, default 2; "
-                         "generate/score: overrides the config when > 0)");
+ABSL_FLAG(int, top_k, 0,
+          "experts per token (make-model: written to config, default 2; "
+          "generate/score: overrides the config when > 0)");
 ABSL_FLAG(std::string, dtype, "f32",
           "make-model: f32 | f16 | bf16 | fp8 (E4M3 projections with 128x128 block scales)");
 ABSL_FLAG(uint64_t, seed, 0, "make-model: weight seed; generate: sampling seed");
@@ -88,7 +89,8 @@ absl::StatusOr<std::vector<int32_t>> ParseTokens(const std::string& s) {
   std::vector<int32_t> out;
   for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipWhitespace())) {
     int32_t v;
-    if (!absl::SimpleAtoi(p, &v)) return absl::InvalidArgumentError(absl::StrCat("bad token id '", p, "'"));
+    if (!absl::SimpleAtoi(p, &v))
+      return absl::InvalidArgumentError(absl::StrCat("bad token id '", p, "'"));
     out.push_back(v);
   }
   return out;
@@ -200,15 +202,17 @@ int main(int argc, char** argv) {
     u.bin_dir = self.substr(0, self.rfind('/'));
     const char* home = std::getenv("HOME");
     const char* cache = std::getenv("XDG_CACHE_HOME");
-    u.default_model_dir = cache ? absl::StrCat(cache, "/moemesh/default-model")
-                                : absl::StrCat(home ? home : "/tmp", "/.cache/moemesh/default-model");
+    u.default_model_dir = cache
+                              ? absl::StrCat(cache, "/moemesh/default-model")
+                              : absl::StrCat(home ? home : "/tmp", "/.cache/moemesh/default-model");
     u.address_file = absl::GetFlag(FLAGS_address_file);
     u.shared_in_gateway = absl::GetFlag(FLAGS_shared_in_gateway);
     const char* tmp = std::getenv("TMPDIR");
     u.run_dir = tmp ? tmp : "/tmp";
     status = moemesh::cli::Up(c, u);
   } else {
-    std::cerr << "moemesh: unknown command '" << cmd << "'\n" << absl::ProgramUsageMessage() << "\n";
+    std::cerr << "moemesh: unknown command '" << cmd << "'\n"
+              << absl::ProgramUsageMessage() << "\n";
     return 2;
   }
   if (!status.ok()) {

@@ -29,7 +29,8 @@ std::unique_ptr<v1::Gateway::Stub> GatewayStub(const std::string& address) {
 }
 
 void SetDeadline(const Common& c, grpc::ClientContext* ctx) {
-  if (c.timeout_s > 0) ctx->set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(c.timeout_s)));
+  if (c.timeout_s > 0)
+    ctx->set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(c.timeout_s)));
 }
 
 }  // namespace
@@ -68,14 +69,17 @@ absl::Status GenerateViaGateway(const Common& c, const GenerateArgs& a) {
     }
     std::cout.flush();
     usage = resp.usage();
-    if (resp.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finish = v1::FinishReason_Name(resp.finish_reason());
+    if (resp.finish_reason() != v1::FINISH_REASON_UNSPECIFIED)
+      finish = v1::FinishReason_Name(resp.finish_reason());
   }
   std::cout << std::endl;
   RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
   const double decode_s = absl::ToDoubleSeconds(absl::Now() - first);
-  std::fprintf(stderr, "[%lld prompt tokens, %lld generated, %s, first token %.3f s, %.1f tokens/s]\n",
-               static_cast<long long>(usage.prompt_tokens()), static_cast<long long>(usage.completion_tokens()),
-               finish.c_str(), absl::ToDoubleSeconds(first - start),
+  std::fprintf(stderr,
+               "[%lld prompt tokens, %lld generated, %s, first token %.3f s, %.1f tokens/s]\n",
+               static_cast<long long>(usage.prompt_tokens()),
+               static_cast<long long>(usage.completion_tokens()), finish.c_str(),
+               absl::ToDoubleSeconds(first - start),
                received > 1 ? (received - 1) / std::max(1e-9, decode_s) : 0.0);
   return absl::OkStatus();
 }
@@ -129,8 +133,10 @@ absl::Status Up(const Common& c, const UpArgs& a) {
   o.shared_experts_in_gateway = a.shared_in_gateway;
   o.metrics = true;
   o.work_dir = absl::StrCat(a.run_dir, "/moemesh-up-", ::getpid());
-  std::fprintf(stderr, "moemesh up: starting %d expert group(s) x %d replica(s), router and gateway (logs in %s)\n",
-               a.groups, a.replicas, o.work_dir.c_str());
+  std::fprintf(
+      stderr,
+      "moemesh up: starting %d expert group(s) x %d replica(s), router and gateway (logs in %s)\n",
+      a.groups, a.replicas, o.work_dir.c_str());
   ASSIGN_OR_RETURN(auto mesh, Mesh::Start(o));
   std::printf("gateway listening on %s\n", mesh->gateway_address().c_str());
   std::fflush(stdout);

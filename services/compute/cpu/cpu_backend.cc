@@ -20,8 +20,8 @@ class CpuBackend final : public ComputeBackend {
                bool accumulate) override {
     if (m == 0 || n == 0) return;
     if (m == 1) {
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w, k, x, 1, accumulate ? 1.0f : 0.0f,
-                  y, 1);
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w, k, x, 1, accumulate ? 1.0f : 0.0f, y,
+                  1);
       return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, k, w, k,
@@ -137,8 +137,8 @@ class CpuBackend final : public ComputeBackend {
     MatMulT(g, m, inter, w2, hidden, y, false);
   }
 
-  void SoftmaxTopK(const float* logits, int64_t t, int64_t e, int k, bool renormalize,
-                   int32_t* ids, float* weights) override {
+  void SoftmaxTopK(const float* logits, int64_t t, int64_t e, int k, bool renormalize, int32_t* ids,
+                   float* weights) override {
     std::vector<float> p(e);
     std::vector<int32_t> order(e);
     for (int64_t r = 0; r < t; ++r) {
