@@ -1,0 +1,646 @@
+// bench_mesh: prefill latency and decode throughput of a whole mesh on loopback, next to the
+// single-process engine on the same checkpoint.
+//
+//   bench_mesh [--model DIR | --small] [--groups 2] [--replicas 1] [--wire_dtype f32|bf16]
+//              [--prompt 512] [--decode 64] [--concurrency 1,4,16] [--json out.json]
+//
+// Without --model it uses bench_engine's benchmark model (hidden 1024, 8 layers, 8 experts
+// top-2, vocab 32000, F32, ~640M parameters), generating it into --cache_dir once; --small
+// uses a ~110M-parameter model (hidden 512, 4 layers) instead. Mesh::Start runs the gateway,
+// the router and groups × replicas expert workers as separate processes on loopback (binaries
+// from --bin_dir, by default this program's own directory). Every process shares this
+// machine's cores, so on a small machine the numbers measure CPU contention as much as the
+// network; say so when quoting them.
+//
+// What it measures:
+//   prefill  a --prompt-token Score through the gateway (its response carries the full
+//            [prompt, vocab] F32 logits), and the time to the first token of a --prompt-token
+//            Generate with max_tokens 1 (prefill plus one LM-head row); best of --repeats.
+//            The gateway runs with --max_step_tokens = --prompt so that the prompt is one
+//            step, as in bench_engine.
+//   decode   C concurrent greedy streams (C from --concurrency) of --decode tokens each, from
+//            distinct --decode_prompt-token prompts: aggregate tokens/s (all tokens / wall),
+//            mean inter-token latency within a stream, mean time to first token, and the mean
+//            tokens per engine step (router Forward calls per MoE layer, from its /metrics).
+//   in-process  the same prefill step and a concurrency-1 decode with InprocModel (the
+//            single-process engine), before the mesh starts; its greedy tokens are compared
+//            with the mesh's.
+//   wire     bytes per token per MoE layer: the serialized sizes of real ForwardRequest /
+//            RunExpertsRequest messages (and their responses) per token, times the measured
+//            (token, group) sends per token from the router's metrics.
+// Prints markdown tables and writes --json.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/barrier.h"
+#include "absl/time/clock.h"
+#include "moemesh/v1/expert_worker.pb.h"
+#include "moemesh/v1/gateway.grpc.pb.h"
+#include "moemesh/v1/router.pb.h"
+#include "nlohmann/json.hpp"
+#include "services/engine/inproc.h"
+#include "services/engine/sampler.h"
+#include "services/mesh/launcher.h"
+#include "services/model/config.h"
+#include "services/model/generator.h"
+#include "services/rpc/server_host.h"
+#include "services/rpc/tensor_proto.h"
+
+ABSL_FLAG(std::string, model, "", "model directory (default: generate the benchmark model)");
+ABSL_FLAG(std::string, cache_dir, "",
+          "where a generated model is kept (default "
+          "/tmp/moemesh-bench-model, or /tmp/moemesh-bench-model-small with --small)");
+ABSL_FLAG(bool, small, false, "use a smaller generated model (hidden 512, 4 layers, vocab 32000)");
+ABSL_FLAG(int, groups, 2, "expert groups");
+ABSL_FLAG(int, replicas, 1, "replicas per group");
+ABSL_FLAG(std::string, wire_dtype, "f32", "activation dtype on the wire: f32 | bf16");
+ABSL_FLAG(int, prompt, 512, "prompt tokens for prefill");
+ABSL_FLAG(int, decode, 64, "tokens each decode stream generates");
+ABSL_FLAG(int, decode_prompt, 16, "prompt tokens of each decode stream");
+ABSL_FLAG(std::string, concurrency, "1,4,16", "concurrent decode streams, comma separated");
+ABSL_FLAG(int, repeats, 2, "prefill repetitions (best is reported)");
+ABSL_FLAG(bool, inproc, true, "also measure the single-process engine");
+ABSL_FLAG(std::string, bin_dir, "", "directory of the moemesh service binaries (default: ours)");
+ABSL_FLAG(std::string, work_dir, "", "logs and port files (default: a new /tmp/bench_mesh.*)");
+ABSL_FLAG(int, blas_threads, 0, "OPENBLAS_NUM_THREADS for the mesh processes (0: inherit)");
+ABSL_FLAG(std::string, json, "", "write results as JSON here");
+
+namespace moemesh {
+namespace {
+
+struct Options {
+  std::string model, cache_dir, wire, bin_dir, work_dir, json;
+  bool small = false, inproc = true;
+  int groups = 2, replicas = 1, prompt = 512, decode = 64, decode_prompt = 16, repeats = 2;
+  int blas_threads = 0;
+  std::vector<int> concurrency;
+};
+
+absl::StatusOr<Options> GetOptions() {
+  Options o;
+  o.model = absl::GetFlag(FLAGS_model);
+  o.small = absl::GetFlag(FLAGS_small);
+  o.cache_dir = absl::GetFlag(FLAGS_cache_dir);
+  if (o.cache_dir.empty())
+    o.cache_dir = o.small ? "/tmp/moemesh-bench-model-small" : "/tmp/moemesh-bench-model";
+  o.groups = absl::GetFlag(FLAGS_groups);
+  o.replicas = absl::GetFlag(FLAGS_replicas);
+  o.wire = absl::GetFlag(FLAGS_wire_dtype);
+  o.prompt = absl::GetFlag(FLAGS_prompt);
+  o.decode = absl::GetFlag(FLAGS_decode);
+  o.decode_prompt = absl::GetFlag(FLAGS_decode_prompt);
+  o.repeats = absl::GetFlag(FLAGS_repeats);
+  o.inproc = absl::GetFlag(FLAGS_inproc);
+  o.bin_dir = absl::GetFlag(FLAGS_bin_dir);
+  o.work_dir = absl::GetFlag(FLAGS_work_dir);
+  o.blas_threads = absl::GetFlag(FLAGS_blas_threads);
+  o.json = absl::GetFlag(FLAGS_json);
+  for (absl::string_view c :
+       absl::StrSplit(absl::GetFlag(FLAGS_concurrency), ',', absl::SkipWhitespace())) {
+    int n = 0;
+    if (!absl::SimpleAtoi(c, &n) || n < 1)
+      return absl::InvalidArgumentError(absl::StrCat("bad --concurrency entry '", c, "'"));
+    o.concurrency.push_back(n);
+  }
+  if (o.wire != "f32" && o.wire != "bf16")
+    return absl::InvalidArgumentError("--wire_dtype must be f32 or bf16");
+  if (o.groups < 1 || o.replicas < 1)
+    return absl::InvalidArgumentError("--groups and --replicas must be >= 1");
+  if (o.prompt < 1 || o.decode < 1 || o.decode_prompt < 1 || o.repeats < 1) {
+    return absl::InvalidArgumentError(
+        "--prompt, --decode, --decode_prompt and --repeats must be >= 1");
+  }
+  if (o.blas_threads < 0) return absl::InvalidArgumentError("--blas_threads must be >= 0");
+  if (o.bin_dir.empty()) {
+    char buf[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+    if (n <= 0) return absl::InternalError("cannot find this program's directory; give --bin_dir");
+    std::string self(buf, static_cast<size_t>(n));
+    o.bin_dir = self.substr(0, self.rfind('/'));
+  }
+  if (o.work_dir.empty()) {
+    char tmpl[] = "/tmp/bench_mesh.XXXXXX";
+    if (::mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp failed");
+    o.work_dir = tmpl;
+  }
+  return o;
+}
+
+// The model to run: --model, or a generated one kept in --cache_dir.
+absl::StatusOr<std::string> EnsureModel(const Options& o) {
+  if (!o.model.empty()) return o.model;
+  struct stat st;
+  if (::stat((o.cache_dir + "/config.json").c_str(), &st) == 0) return o.cache_dir;
+  GeneratorOptions g;
+  g.config = o.small ? SmallMixtralConfig(32000, 512, 1408, 4, 8, 2, 8, 2)
+                     : SmallMixtralConfig(32000, 1024, 2816, 8, 16, 4, 8, 2);
+  g.seed = 1;
+  std::fprintf(stderr, "generating the benchmark model in %s ...\n", o.cache_dir.c_str());
+  if (auto s = GenerateModel(g, o.cache_dir); !s.ok()) return s;
+  return o.cache_dir;
+}
+
+double Params(const ModelConfig& c) {
+  return static_cast<double>(c.vocab_size) * c.hidden_size * 2 +
+         c.num_layers * (static_cast<double>(c.hidden_size) * c.num_heads * c.head_dim * 2 +
+                         2.0 * c.hidden_size * c.num_kv_heads * c.head_dim +
+                         3.0 * c.num_experts * c.hidden_size * c.moe_intermediate_size +
+                         static_cast<double>(c.num_experts) * c.hidden_size);
+}
+
+std::vector<int32_t> PromptTokens(int n, int salt, int vocab) {
+  std::vector<int32_t> p(n);
+  for (int i = 0; i < n; ++i) p[i] = static_cast<int32_t>((i * 7919 + 13 + salt * 104729) % vocab);
+  return p;
+}
+
+double Mean(const std::vector<double>& v) {
+  if (v.empty()) return 0;
+  double s = 0;
+  for (double x : v) s += x;
+  return s / static_cast<double>(v.size());
+}
+
+// ---- single-process engine --------------------------------------------------------------
+
+struct InprocResult {
+  double load_s = 0, prefill_s = 0, decode_tps = 0, itl_ms = 0;
+  std::vector<int32_t> tokens;  // greedy continuation of decode prompt 0
+};
+
+absl::StatusOr<InprocResult> RunInproc(const Options& o, const std::string& dir) {
+  InprocResult r;
+  const absl::Time t0 = absl::Now();
+  auto m = InprocModel::Load(dir);
+  if (!m.ok()) return m.status();
+  r.load_s = absl::ToDoubleSeconds(absl::Now() - t0);
+  Engine& e = *(*m)->engine;
+  const int vocab = e.config().vocab_size;
+  const std::vector<int32_t> prompt = PromptTokens(o.prompt, 0, vocab);
+  r.prefill_s = 1e30;
+  for (int rep = 0; rep < o.repeats; ++rep) {
+    auto seq = e.NewSequence();
+    StepInput in{seq.get(), prompt, false};
+    const absl::Time a = absl::Now();
+    auto out = e.Step({&in, 1});
+    if (!out.ok()) return out.status();
+    r.prefill_s = std::min(r.prefill_s, absl::ToDoubleSeconds(absl::Now() - a));
+  }
+  // Decode exactly as mesh stream 0 at concurrency 1 does: its prompt, then --decode tokens.
+  auto seq = e.NewSequence();
+  std::vector<int32_t> feed = PromptTokens(o.decode_prompt, 1, vocab);
+  std::vector<double> gaps;
+  absl::Time last, first;
+  for (int i = 0; i < o.decode; ++i) {
+    StepInput in{seq.get(), feed, false};
+    auto out = e.Step({&in, 1});
+    if (!out.ok()) return out.status();
+    const int32_t tok = Argmax((*out)[0].span().subspan((*out)[0].numel() - vocab, vocab));
+    const absl::Time now = absl::Now();
+    if (i == 0) {
+      first = now;
+    } else {
+      gaps.push_back(absl::ToDoubleMilliseconds(now - last));
+    }
+    last = now;
+    r.tokens.push_back(tok);
+    feed = {tok};
+  }
+  r.itl_ms = Mean(gaps);
+  r.decode_tps = o.decode > 1 ? (o.decode - 1) / absl::ToDoubleSeconds(last - first) : 0;
+  return r;
+}
+
+// ---- the mesh -----------------------------------------------------------------------------
+
+absl::StatusOr<std::string> MetricsAddress(const std::string& log_path) {
+  std::ifstream in(log_path);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t at = text.find("metrics on ");
+  if (at == std::string::npos)
+    return absl::NotFoundError(absl::StrCat(log_path, " names no metrics port"));
+  const size_t b = at + 11, e = text.find_first_of(" \r\n", b);
+  return text.substr(b, e == std::string::npos ? std::string::npos : e - b);
+}
+
+// A plain HTTP/1.0 GET of /metrics on loopback.
+absl::StatusOr<std::string> Scrape(const std::string& address) {
+  int port = 0;
+  if (!absl::SimpleAtoi(address.substr(address.rfind(':') + 1), &port)) {
+    return absl::InvalidArgumentError(absl::StrCat("bad metrics address ", address));
+  }
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::InternalError("socket() failed");
+  struct timeval tv = {10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in sa = {};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(static_cast<uint16_t>(port));
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string resp;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0) {
+    const std::string req = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if (::send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size())) {
+      char buf[16384];
+      ssize_t n;
+      while ((n = ::recv(fd, buf, sizeof(buf), 0)) > 0) resp.append(buf, static_cast<size_t>(n));
+    }
+  }
+  ::close(fd);
+  const size_t body = resp.find("\r\n\r\n");
+  if (resp.compare(0, 5, "HTTP/") != 0 || resp.find(" 200 ") > 12 || body == std::string::npos) {
+    return absl::UnavailableError(absl::StrCat("no /metrics answer from ", address));
+  }
+  return resp.substr(body + 4);
+}
+
+// Sum of samples named `name` whose label text contains `label` (e.g. "method=\"Forward\"").
+double Sum(const std::string& text, const std::string& name,
+           const std::vector<std::string>& labels = {}) {
+  double sum = 0;
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.empty() || line[0] == '#' || line.compare(0, name.size(), name) != 0) continue;
+    if (line.size() <= name.size() || (line[name.size()] != '{' && line[name.size()] != ' '))
+      continue;
+    bool match = true;
+    for (const auto& l : labels) match = match && line.find(l) != std::string::npos;
+    if (!match) continue;
+    std::istringstream value(line.substr(line.rfind(' ') + 1));
+    double x = 0;
+    if (value >> x) sum += x;
+  }
+  return sum;
+}
+
+struct RouterCounts {
+  double forwards = 0, expert_tokens = 0, sends = 0;
+};
+
+RouterCounts ReadRouter(const std::string& address) {
+  RouterCounts c;
+  auto text = Scrape(address);
+  if (!text.ok()) {
+    std::fprintf(stderr, "warning: %s\n", text.status().ToString().c_str());
+    return c;
+  }
+  c.forwards = Sum(*text, "moemesh_requests_total", {"method=\"Forward\"", "code=\"OK\""});
+  c.expert_tokens = Sum(*text, "moemesh_expert_tokens_total");
+  c.sends = Sum(*text, "moemesh_dispatch_token_sends_total");
+  return c;
+}
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  double ttft_ms = 0;
+  std::vector<double> gaps_ms;
+  absl::Time end;
+};
+
+StreamResult RunStream(v1::Gateway::Stub* stub, const std::vector<int32_t>& prompt, int max_tokens,
+                       absl::Time start) {
+  StreamResult r;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Minutes(30)));
+  v1::GenerateRequest req;
+  req.mutable_prompt_tokens()->mutable_ids()->Add(prompt.begin(), prompt.end());
+  req.set_max_tokens(max_tokens);
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse resp;
+  absl::Time last = start;
+  while (reader->Read(&resp)) {
+    if (resp.token_ids_size() == 0) continue;
+    const absl::Time now = absl::Now();
+    if (r.tokens.empty()) {
+      r.ttft_ms = absl::ToDoubleMilliseconds(now - start);
+    } else {
+      r.gaps_ms.push_back(absl::ToDoubleMilliseconds(now - last) / resp.token_ids_size());
+    }
+    last = now;
+    r.tokens.insert(r.tokens.end(), resp.token_ids().begin(), resp.token_ids().end());
+  }
+  r.status = reader->Finish();
+  r.end = absl::Now();
+  return r;
+}
+
+struct DecodeRow {
+  int concurrency = 0;
+  double wall_s = 0, tokens_per_s = 0, itl_ms = 0, ttft_ms = 0, tokens_per_step = 0;
+  int64_t tokens = 0;
+};
+
+struct WireBytes {
+  double gateway_router = 0;   // request + response, per token per MoE layer
+  double router_worker = 0;    // request + response, per (token, group) send
+  double sends_per_token = 0;  // measured (token, group) sends per token per MoE layer
+};
+
+// Serialized sizes of real messages for a batch of 64 tokens, per token.
+WireBytes MessageBytes(const ModelConfig& cfg, DType wire) {
+  const int64_t n = 64;
+  Tensor h =
+      Tensor::FromVector({n, cfg.hidden_size}, std::vector<float>(n * cfg.hidden_size, 0.5f));
+  v1::ForwardRequest fr;
+  fr.set_layer(cfg.num_layers - 1);
+  TensorToProto(h, wire, fr.mutable_hidden());
+  fr.set_output_dtype(DTypeToProto(wire));
+  v1::ForwardResponse fo;
+  TensorToProto(h, wire, fo.mutable_output());
+  // One expert per send on average when top-k experts spread over several groups; the
+  // assignment lists are a few bytes either way.
+  const int per_send = std::max(1, cfg.top_k / 2);
+  v1::RunExpertsRequest rr;
+  rr.set_layer(cfg.num_layers - 1);
+  TensorToProto(h, wire, rr.mutable_tokens());
+  rr.add_offsets(0);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int k = 0; k < per_send; ++k) {
+      rr.add_experts(cfg.num_experts - 1);
+      rr.add_weights(0.25f);
+    }
+    rr.add_offsets(static_cast<int32_t>((t + 1) * per_send));
+  }
+  rr.set_output_dtype(DTypeToProto(wire));
+  v1::RunExpertsResponse ro;
+  TensorToProto(h, wire, ro.mutable_output());
+  WireBytes w;
+  w.gateway_router = static_cast<double>(fr.ByteSizeLong() + fo.ByteSizeLong()) / n;
+  w.router_worker = static_cast<double>(rr.ByteSizeLong() + ro.ByteSizeLong()) / n;
+  return w;
+}
+
+int Run(const Options& o) {
+  auto dir = EnsureModel(o);
+  if (!dir.ok()) {
+    std::fprintf(stderr, "%s\n", dir.status().ToString().c_str());
+    return 1;
+  }
+  auto cfg_or = LoadModelConfig(*dir);
+  if (!cfg_or.ok()) {
+    std::fprintf(stderr, "%s\n", cfg_or.status().ToString().c_str());
+    return 1;
+  }
+  const ModelConfig cfg = *cfg_or;
+  const int moe_layers = static_cast<int>(cfg.MoeLayers().size());
+  const DType wire = o.wire == "bf16" ? DType::kBF16 : DType::kF32;
+  nlohmann::json j = {{"model", *dir},
+                      {"params", Params(cfg)},
+                      {"hidden_size", cfg.hidden_size},
+                      {"num_layers", cfg.num_layers},
+                      {"num_experts", cfg.num_experts},
+                      {"top_k", cfg.top_k},
+                      {"vocab_size", cfg.vocab_size},
+                      {"groups", o.groups},
+                      {"replicas", o.replicas},
+                      {"wire_dtype", o.wire},
+                      {"prompt_tokens", o.prompt},
+                      {"decode_tokens", o.decode},
+                      {"decode_prompt_tokens", o.decode_prompt},
+                      {"cpus", std::thread::hardware_concurrency()},
+                      {"blas_threads", o.blas_threads}};
+
+  // 1. The single-process engine, alone on the machine.
+  std::optional<InprocResult> inproc;
+  if (o.inproc) {
+    std::fprintf(stderr, "single-process engine ...\n");
+    auto r = RunInproc(o, *dir);
+    if (!r.ok()) {
+      std::fprintf(stderr, "in-process: %s\n", r.status().ToString().c_str());
+      return 1;
+    }
+    inproc = *std::move(r);
+    j["inproc"] = {{"load_s", inproc->load_s},
+                   {"prefill_s", inproc->prefill_s},
+                   {"prefill_tokens_per_s", o.prompt / inproc->prefill_s},
+                   {"decode_tokens_per_s", inproc->decode_tps},
+                   {"inter_token_ms", inproc->itl_ms}};
+  }
+
+  // 2. The mesh.
+  if (o.blas_threads > 0) ::setenv("OPENBLAS_NUM_THREADS", absl::StrCat(o.blas_threads).c_str(), 1);
+  MeshOptions mo;
+  mo.bin_dir = o.bin_dir;
+  mo.model = *dir;
+  mo.work_dir = o.work_dir;
+  mo.groups = o.groups;
+  mo.replicas = o.replicas;
+  mo.wire_dtype = o.wire;
+  mo.metrics = true;
+  mo.startup_timeout = absl::Seconds(600);
+  mo.gateway_args = {
+      absl::StrCat("--max_step_tokens=", std::max(o.prompt, 256)),
+      absl::StrCat("--max_running=",
+                   std::max(64, *std::max_element(o.concurrency.begin(), o.concurrency.end())))};
+  std::fprintf(stderr, "starting the mesh (%d groups x %d replicas, logs in %s) ...\n", o.groups,
+               o.replicas, o.work_dir.c_str());
+  const absl::Time t0 = absl::Now();
+  auto mesh = Mesh::Start(mo);
+  if (!mesh.ok()) {
+    std::fprintf(stderr, "%s\n", mesh.status().ToString().c_str());
+    return 1;
+  }
+  j["mesh_start_s"] = absl::ToDoubleSeconds(absl::Now() - t0);
+  auto router_metrics = MetricsAddress((*mesh)->router().log);
+  if (!router_metrics.ok()) {
+    std::fprintf(stderr, "%s\n", router_metrics.status().ToString().c_str());
+    return 1;
+  }
+  double score_s = 1e30, ttft_s = 1e30;
+  std::vector<DecodeRow> rows;
+  bool tokens_match = false;
+  {
+    auto channel = MakeChannel((*mesh)->gateway_address());
+    auto stub = v1::Gateway::NewStub(channel);
+    const std::vector<int32_t> prompt = PromptTokens(o.prompt, 0, cfg.vocab_size);
+    std::fprintf(stderr, "prefill ...\n");
+    // One unmeasured round first: the workers fault their weights in.
+    for (int rep = 0; rep <= o.repeats; ++rep) {
+      grpc::ClientContext ctx;
+      v1::ScoreRequest req;
+      req.mutable_tokens()->Add(prompt.begin(), prompt.end());
+      v1::ScoreResponse resp;
+      const absl::Time a = absl::Now();
+      grpc::Status s = stub->Score(&ctx, req, &resp);
+      const double took = absl::ToDoubleSeconds(absl::Now() - a);
+      if (!s.ok()) {
+        std::fprintf(stderr, "Score: %s\n", s.error_message().c_str());
+        return 1;
+      }
+      if (rep > 0) score_s = std::min(score_s, took);
+      const absl::Time b = absl::Now();
+      StreamResult g = RunStream(stub.get(), prompt, 1, b);
+      if (!g.status.ok()) {
+        std::fprintf(stderr, "Generate: %s\n", g.status.error_message().c_str());
+        return 1;
+      }
+      if (rep > 0) ttft_s = std::min(ttft_s, g.ttft_ms / 1e3);
+    }
+    for (int c : o.concurrency) {
+      std::fprintf(stderr, "decode, concurrency %d ...\n", c);
+      std::vector<std::unique_ptr<v1::Gateway::Stub>> stubs;
+      for (int i = 0; i < c; ++i)
+        stubs.push_back(v1::Gateway::NewStub(MakeChannel((*mesh)->gateway_address())));
+      const RouterCounts before = ReadRouter(*router_metrics);
+      std::vector<StreamResult> results(c);
+      absl::Barrier* barrier = new absl::Barrier(c + 1);
+      absl::Time start;
+      absl::Mutex start_mu;
+      std::vector<std::thread> threads;
+      for (int i = 0; i < c; ++i) {
+        threads.emplace_back([&, i] {
+          const std::vector<int32_t> p = PromptTokens(o.decode_prompt, i + 1, cfg.vocab_size);
+          if (barrier->Block()) delete barrier;
+          absl::Time s;
+          {
+            absl::MutexLock lock(&start_mu);
+            s = start;
+          }
+          results[i] = RunStream(stubs[i].get(), p, o.decode, s);
+        });
+      }
+      {
+        absl::MutexLock lock(&start_mu);
+        start = absl::Now();
+      }
+      if (barrier->Block()) delete barrier;
+      for (auto& t : threads) t.join();
+      const RouterCounts after = ReadRouter(*router_metrics);
+      DecodeRow row;
+      row.concurrency = c;
+      std::vector<double> gaps, ttfts;
+      absl::Time end = start;
+      for (const StreamResult& r : results) {
+        if (!r.status.ok()) {
+          std::fprintf(stderr, "decode stream: %s\n", r.status.error_message().c_str());
+          return 1;
+        }
+        row.tokens += static_cast<int64_t>(r.tokens.size());
+        gaps.insert(gaps.end(), r.gaps_ms.begin(), r.gaps_ms.end());
+        ttfts.push_back(r.ttft_ms);
+        end = std::max(end, r.end);
+      }
+      row.wall_s = absl::ToDoubleSeconds(end - start);
+      row.tokens_per_s = static_cast<double>(row.tokens) / row.wall_s;
+      row.itl_ms = Mean(gaps);
+      row.ttft_ms = Mean(ttfts);
+      const double steps = (after.forwards - before.forwards) / moe_layers;
+      const double fed = (after.expert_tokens - before.expert_tokens) / (cfg.top_k * moe_layers);
+      row.tokens_per_step = steps > 0 ? fed / steps : 0;
+      rows.push_back(row);
+      if (c == o.concurrency.front() && c == 1 && inproc)
+        tokens_match = results[0].tokens == inproc->tokens;
+    }
+  }
+  const RouterCounts totals = ReadRouter(*router_metrics);
+  WireBytes wb = MessageBytes(cfg, wire);
+  if (totals.expert_tokens > 0)
+    wb.sends_per_token = totals.sends / (totals.expert_tokens / cfg.top_k);
+  const absl::Status stopped = (*mesh)->Stop();
+  if (!stopped.ok()) std::fprintf(stderr, "warning: mesh stop: %s\n", stopped.ToString().c_str());
+
+  // 3. Report.
+  const int dsize = wire == DType::kBF16 ? 2 : 4;
+  std::printf(
+      "\nmodel %s: %.0fM params, hidden %d, %d layers, %d experts top-%d, vocab %d; "
+      "mesh %d group(s) x %d replica(s), wire %s; %u CPUs shared by every process\n\n",
+      dir->c_str(), Params(cfg) / 1e6, cfg.hidden_size, cfg.num_layers, cfg.num_experts, cfg.top_k,
+      cfg.vocab_size, o.groups, o.replicas, o.wire.c_str(), std::thread::hardware_concurrency());
+  std::printf("| prefill (%d tokens) | latency ms | tokens/s |\n|---|---|---|\n", o.prompt);
+  if (inproc) {
+    std::printf("| single process, one engine step | %.1f | %.1f |\n", inproc->prefill_s * 1e3,
+                o.prompt / inproc->prefill_s);
+  }
+  std::printf("| mesh, Generate max_tokens=1 (time to first token) | %.1f | %.1f |\n", ttft_s * 1e3,
+              o.prompt / ttft_s);
+  std::printf("| mesh, Score (returns %d x %d F32 logits, %.1f MB) | %.1f | %.1f |\n", o.prompt,
+              cfg.vocab_size, 4.0 * o.prompt * cfg.vocab_size / 1e6, score_s * 1e3,
+              o.prompt / score_s);
+  std::printf(
+      "\n| decode (%d tokens/stream) | streams | tokens/s (aggregate) | mean inter-token ms | "
+      "mean TTFT ms | tokens per step |\n|---|---|---|---|---|---|\n",
+      o.decode);
+  if (inproc) {
+    std::printf("| single process | 1 | %.2f | %.1f | - | 1 |\n", inproc->decode_tps,
+                inproc->itl_ms);
+  }
+  for (const DecodeRow& r : rows) {
+    std::printf("| mesh | %d | %.2f | %.1f | %.1f | %.1f |\n", r.concurrency, r.tokens_per_s,
+                r.itl_ms, r.ttft_ms, r.tokens_per_step);
+  }
+  if (inproc && !rows.empty() && rows[0].concurrency == 1) {
+    std::printf("\ngreedy tokens, mesh (1 stream) vs single process: %s\n",
+                tokens_match ? "identical" : "DIFFERENT");
+  }
+  const double gr = wb.gateway_router, rw = wb.router_worker * wb.sends_per_token;
+  std::printf("\n| wire, per token per MoE layer | bytes | from |\n|---|---|---|\n");
+  std::printf(
+      "| gateway <-> router (request + response) | %.0f | 2 x hidden %d x %d B + framing |\n", gr,
+      cfg.hidden_size, dsize);
+  std::printf(
+      "| router <-> workers (request + response) | %.0f | %.2f groups visited (measured) x %.0f B "
+      "|\n",
+      rw, wb.sends_per_token, wb.router_worker);
+  std::printf("| total | %.0f | x %d MoE layers = %.1f KB per token |\n", gr + rw, moe_layers,
+              (gr + rw) * moe_layers / 1e3);
+
+  j["mesh"] = {{"prefill_ttft_s", ttft_s},
+               {"prefill_tokens_per_s", o.prompt / ttft_s},
+               {"score_s", score_s},
+               {"score_logits_bytes", 4.0 * o.prompt * cfg.vocab_size}};
+  j["decode"] = nlohmann::json::array();
+  for (const DecodeRow& r : rows) {
+    j["decode"].push_back({{"concurrency", r.concurrency},
+                           {"tokens", r.tokens},
+                           {"wall_s", r.wall_s},
+                           {"tokens_per_s", r.tokens_per_s},
+                           {"inter_token_ms", r.itl_ms},
+                           {"ttft_ms", r.ttft_ms},
+                           {"tokens_per_step", r.tokens_per_step}});
+  }
+  if (inproc) j["greedy_tokens_match_inproc"] = tokens_match;
+  j["wire"] = {{"gateway_router_bytes_per_token_layer", gr},
+               {"router_worker_bytes_per_send", wb.router_worker},
+               {"sends_per_token_layer", wb.sends_per_token},
+               {"router_worker_bytes_per_token_layer", rw},
+               {"total_bytes_per_token", (gr + rw) * moe_layers}};
+  j["work_dir"] = o.work_dir;
+  if (!o.json.empty()) std::ofstream(o.json) << j.dump(2) << "\n";
+  return 0;
+}
+
+}  // namespace
+}  // namespace moemesh
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  auto options = moemesh::GetOptions();
+  if (!options.ok()) {
+    std::fprintf(stderr, "bench_mesh: %s\n", std::string(options.status().message()).c_str());
+    return 2;
+  }
+  return moemesh::Run(*options);
+}
