@@ -129,7 +129,13 @@ absl::Status Run(const Options& o) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
     std::fprintf(stderr, "gateway: metrics on %s:%d\n", o.host.c_str(), mport);
   }
-  Scheduler scheduler(engine, o.sched);
+  SchedulerOptions sched = o.sched;
+  sched.on_step = [&metrics](const StepInfo& s) {
+    metrics.ObserveStep(s.seconds, s.tokens);
+    metrics.SetRunning(s.running);
+    metrics.SetQueueDepth(s.queued);
+  };
+  Scheduler scheduler(engine, sched);
   GatewayService service(&scheduler, cfg, std::move(tokenizer), &metrics);
   ServerHostOptions so;
   so.address = absl::StrCat(o.host, ":", o.port);

@@ -183,13 +183,20 @@ void Scheduler::Loop() {
             }));
       }
     }
+    const absl::Time step_start = absl::Now();
     absl::StatusOr<std::vector<Tensor>> out = engine_->Step(inputs, opts);
+    StepInfo info;
+    info.tokens = step_tokens;
+    info.sequences = static_cast<int64_t>(owners.size());
+    info.seconds = absl::ToDoubleSeconds(absl::Now() - step_start);
+    info.ok = out.ok();
     for (auto& [flag, id] : watches) flag->RemoveCallback(id);
     {
       absl::MutexLock lock(&mu_);
       ++stats_.steps;
       stats_.step_tokens += step_tokens;
       stats_.max_batch_sequences = std::max<int64_t>(stats_.max_batch_sequences, owners.size());
+      info.queued = static_cast<int>(queue_.size());
     }
     if (!out.ok()) {
       const bool expired = out.status().code() == absl::StatusCode::kDeadlineExceeded;
@@ -197,6 +204,8 @@ void Scheduler::Loop() {
       for (Active* a : owners)
         Finish(*a, expired ? "deadline" : cancelled ? "cancelled" : "error", out.status());
       std::erase_if(running_, [](const auto& a) { return a->finished; });
+      info.running = static_cast<int>(running_.size());
+      if (options_.on_step) options_.on_step(info);
       continue;
     }
     for (size_t i = 0; i < owners.size(); ++i) {
@@ -236,6 +245,8 @@ void Scheduler::Loop() {
       absl::MutexLock lock(&mu_);
       stats_.running = static_cast<int>(running_.size());
     }
+    info.running = static_cast<int>(running_.size());
+    if (options_.on_step) options_.on_step(info);
   }
 }
 

@@ -48,10 +48,22 @@ struct GenerationEvent {
 
 using GenerationCallback = std::function<void(const GenerationEvent&)>;
 
+// What one engine step did, for metrics.
+struct StepInfo {
+  int64_t tokens = 0;     // tokens in the step (decode tokens + prefill chunks)
+  int64_t sequences = 0;  // sequences in the step
+  int running = 0;        // sequences in the batch after the step
+  int queued = 0;         // requests waiting to join
+  double seconds = 0;     // wall time of Engine::Step
+  bool ok = true;
+};
+
 struct SchedulerOptions {
   int64_t max_step_tokens = 256;  // prefill chunk budget per step (decode tokens always fit)
   int max_running = 64;           // sequences in the batch at once
   int max_queued = 1024;          // waiting requests before RESOURCE_EXHAUSTED
+  // Called on the loop thread after every step; must not block. May be empty.
+  std::function<void(const StepInfo&)> on_step;
 };
 
 struct SchedulerStats {

@@ -153,10 +153,14 @@ void ReplicaSet::Try(std::shared_ptr<Attempt> a) {
       unhealthy_until_[r] = absl::InfinitePast();
     }
     const absl::StatusCode code = result.status().code();
-    const bool retriable =
-        code == absl::StatusCode::kUnavailable ||
-        (code == absl::StatusCode::kDeadlineExceeded && absl::Now() < a->opts.deadline);
     const bool cancelled = a->opts.cancel && a->opts.cancel->cancelled();
+    const bool time_left = absl::Now() < a->opts.deadline;
+    // RunExperts has no side effects, so any transport-level failure is safe to retry. A
+    // worker that is shutting down answers a call racing its drain with a bare CANCELLED;
+    // that is the worker's cancellation, not ours, when our own flag is not set.
+    const bool retriable = code == absl::StatusCode::kUnavailable ||
+                           (code == absl::StatusCode::kDeadlineExceeded && time_left) ||
+                           (code == absl::StatusCode::kCancelled && !cancelled && time_left);
     if (result.ok() || !retriable || cancelled) {
       a->done(std::move(result));
       return;

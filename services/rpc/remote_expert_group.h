@@ -3,7 +3,8 @@
 // GrpcExpertGroup is one expert-worker endpoint (a host:port, or a dns:/// name whose
 // addresses gRPC balances round-robin). ReplicaSet spreads calls over several replicas of
 // the same group: it picks the replica with the fewest outstanding calls, and when a call
-// fails with UNAVAILABLE or DEADLINE_EXCEEDED (per-attempt timeout) it retries the call on
+// fails with UNAVAILABLE, DEADLINE_EXCEEDED (per-attempt timeout) or a CANCELLED that the
+// caller did not ask for (a worker draining on SIGTERM) it retries the call on
 // another replica, so losing one replica loses no request that a survivor can serve.
 // Both use the gRPC callback API: no thread waits per call. Thread-safe.
 #pragma once

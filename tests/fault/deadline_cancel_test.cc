@@ -373,7 +373,7 @@ TEST_F(DeadlineCancelTest, GatewaySigtermDrainsInFlightStreamsAndRefusesNewConne
 // retries only UNAVAILABLE and DEADLINE_EXCEEDED, and the whole step's batch fails. Treating
 // a CANCELLED the caller did not ask for as retriable makes this pass reliably; then drop the
 // prefix.
-TEST_F(DeadlineCancelTest, DISABLED_WorkerSigtermLosesNoRequest) {
+TEST_F(DeadlineCancelTest, WorkerSigtermLosesNoRequest) {
   MeshOptions o = TestMeshOptions(*model_, dir_->Join("work-drain-worker"), 2, 2);
   o.metrics = true;
   auto mesh = Mesh::Start(o);
