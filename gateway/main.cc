@@ -24,9 +24,9 @@ ABSL_FLAG(std::string, model, "", "checkpoint directory");
 ABSL_FLAG(std::string, router, "", "router address host:port");
 ABSL_FLAG(bool, inproc, false, "run the experts in this process instead of calling a router");
 ABSL_FLAG(int, top_k, 0, "experts per token (0: the config's); must match the router's");
-ABSL_FLAG(std::string, shared_experts, "mesh",
-          "where DeepSeek shared experts run: mesh | gateway (overlapped with the router call); "
-          "must match the router's");
+ABSL_FLAG(std::string, shared_experts, "gateway",
+          "where DeepSeek shared experts run: gateway (overlapped with the router call) | mesh "
+          "(a worker group holds them); must match the router's (checked at start)");
 ABSL_FLAG(std::string, wire_dtype, "f32", "activation dtype to and from the router: f32 | bf16");
 ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
 ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
@@ -109,6 +109,14 @@ absl::Status Run(const Options& o) {
     remote = std::make_unique<RemoteMoeLayer>(o.router, o.wire);
     if (!remote->WaitForReady(absl::Seconds(o.router_wait))) {
       return absl::UnavailableError(absl::StrCat("router ", o.router, " is not reachable"));
+    }
+    ASSIGN_OR_RETURN(v1::TopologyResponse topo, remote->Topology(absl::Seconds(o.router_wait)));
+    if (cfg.n_shared_experts > 0 && topo.dispatches_shared_experts() == o.shared_in_gateway) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "shared experts would be ", o.shared_in_gateway ? "computed twice" : "skipped",
+          ": this gateway has --shared_experts=", o.shared_in_gateway ? "gateway" : "mesh",
+          " but the router ", topo.dispatches_shared_experts() ? "dispatches" : "does not dispatch",
+          " them; give both the same --shared_experts"));
     }
     MoeLayer* moe = remote.get();
     if (o.shared_in_gateway && cfg.n_shared_experts > 0) {

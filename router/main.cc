@@ -24,8 +24,9 @@
 ABSL_FLAG(std::string, model, "", "checkpoint directory (config and gate weights are read)");
 ABSL_FLAG(std::string, groups, "", "expert groups: ',' between groups, '|' between replicas");
 ABSL_FLAG(int, top_k, 0, "experts per token (0: the config's num_experts_per_tok)");
-ABSL_FLAG(std::string, shared_experts, "mesh",
-          "where DeepSeek shared experts run: mesh (a worker group holds them) | gateway");
+ABSL_FLAG(std::string, shared_experts, "gateway",
+          "where DeepSeek shared experts run: gateway (the router leaves them out) | mesh (a "
+          "worker group holds them and every token visits it)");
 ABSL_FLAG(std::string, wire_dtype, "f32", "activation dtype to and from workers: f32 | bf16");
 ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
 ABSL_FLAG(int, port, 0, "port (0 picks a free one)");

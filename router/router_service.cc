@@ -82,6 +82,7 @@ grpc::ServerUnaryReactor* RouterService::Forward(grpc::CallbackServerContext* ct
 grpc::ServerUnaryReactor* RouterService::Topology(grpc::CallbackServerContext* ctx,
                                                   const v1::TopologyRequest* req,
                                                   v1::TopologyResponse* resp) {
+  resp->set_dispatches_shared_experts(dispatcher_->dispatches_shared());
   for (size_t g = 0; g < groups_.size(); ++g) {
     v1::GroupInfo* gi = resp->add_groups();
     gi->set_group(static_cast<int32_t>(g));

@@ -29,10 +29,12 @@ struct MeshOptions {
   int top_k = 0;
   std::string wire_dtype = "f32";
   bool metrics = false;  // give every service a /metrics port
-  bool shared_experts_in_gateway = false;
+  // DeepSeek shared experts in the gateway (the default, docs/SHARED-EXPERTS.md) or in
+  // expert group 0, which every token then visits.
+  bool shared_experts_in_gateway = true;
   // Name single-replica groups to the router as dns:///localhost:PORT (gRPC's DNS resolver
   // and round_robin, as with a headless Kubernetes Service) instead of host:port.
-  bool dns_targets = false;  // DeepSeek shared experts: gateway instead of group 0
+  bool dns_targets = false;
   absl::Duration startup_timeout = absl::Seconds(120);
   // Extra flags per service.
   std::vector<std::string> worker_args, router_args, gateway_args;

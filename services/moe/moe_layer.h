@@ -68,6 +68,7 @@ class MoeDispatcher final : public MoeLayer {
                     std::function<void(absl::StatusOr<Tensor>, const DispatchStats&)> done);
 
   const ModelConfig& config() const { return cfg_; }
+  bool dispatches_shared() const { return dispatch_shared_; }
 
  private:
   MoeDispatcher() = default;

@@ -17,6 +17,20 @@ bool RemoteMoeLayer::WaitForReady(absl::Duration timeout) {
   return channel_->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout));
 }
 
+absl::StatusOr<v1::TopologyResponse> RemoteMoeLayer::Topology(absl::Duration timeout) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  ctx.set_wait_for_ready(true);
+  v1::TopologyRequest req;
+  v1::TopologyResponse resp;
+  const grpc::Status s = stub_->Topology(&ctx, req, &resp);
+  if (!s.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                        absl::StrCat("router ", target_, ": Topology: ", s.error_message()));
+  }
+  return resp;
+}
+
 absl::StatusOr<Tensor> RemoteMoeLayer::Forward(int layer, const Tensor& hidden,
                                                const CallOptions& opts) {
   grpc::ClientContext ctx;

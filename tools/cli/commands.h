@@ -51,7 +51,7 @@ struct UpArgs {
   std::string default_model_dir;   // used (and created) when --model is not given
   std::string run_dir = "/tmp";    // logs and port files go under it
   std::string address_file;        // when set, the gateway address is written here
-  bool shared_in_gateway = false;  // DeepSeek shared experts in the gateway, not a worker group
+  bool shared_in_gateway = true;   // DeepSeek shared experts in the gateway, not a worker group
 };
 
 absl::Status MakeModel(const MakeModelArgs& a);

@@ -77,9 +77,9 @@ ABSL_FLAG(bool, logprobs, false, "score: print log-probabilities instead of logi
 ABSL_FLAG(int, groups, 1, "generate/score in process: local expert groups; up: expert groups");
 ABSL_FLAG(int, replicas, 1, "up: replicas per expert group");
 ABSL_FLAG(std::string, wire_dtype, "f32", "up: activation dtype on the wire (f32 | bf16)");
-ABSL_FLAG(bool, shared_in_gateway, false,
-          "up: run DeepSeek shared experts in the gateway (overlapped with the router call) "
-          "instead of in expert group 0");
+ABSL_FLAG(bool, shared_in_gateway, true,
+          "up: run DeepSeek shared experts in the gateway, overlapped with the router call "
+          "(--noshared_in_gateway: in expert group 0)");
 ABSL_FLAG(std::string, address_file, "", "up: write the gateway address to this file once serving");
 ABSL_FLAG(double, timeout, 0, "generate/score via gateway: deadline in seconds (0: none)");
 
