@@ -20,6 +20,7 @@
 #include "services/model/config.h"
 #include "services/model/safetensors.h"
 #include "services/rpc/server_host.h"
+#include "services/rpc/service_main.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory");
 ABSL_FLAG(std::string, experts, "",
@@ -143,17 +144,6 @@ absl::Status Run(const Options& o) {
 }  // namespace moemesh::expert_worker
 
 int main(int argc, char** argv) {
-  moemesh::BlockShutdownSignals();
-  absl::ParseCommandLine(argc, argv);
-  auto options = moemesh::expert_worker::GetOptions();
-  if (!options.ok()) {
-    std::fprintf(stderr, "moemesh-expert-worker: %s\n",
-                 std::string(options.status().message()).c_str());
-    return 2;
-  }
-  if (auto s = moemesh::expert_worker::Run(*options); !s.ok()) {
-    std::fprintf(stderr, "moemesh-expert-worker: %s\n", std::string(s.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return moemesh::ServiceMain("moemesh-expert-worker", argc, argv,
+                              moemesh::expert_worker::GetOptions, moemesh::expert_worker::Run);
 }

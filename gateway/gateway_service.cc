@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "services/rpc/service_main.h"
 #include "services/rpc/tensor_proto.h"
 
 namespace moemesh::gateway {
@@ -111,17 +112,6 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   grpc::Status final_ ABSL_GUARDED_BY(mu_);
 };
 
-class ScoreReactor final : public grpc::ServerUnaryReactor {
- public:
-  ScoreReactor() : cancel_(std::make_shared<CancelFlag>()) {}
-  void OnCancel() override { cancel_->Cancel(); }
-  void OnDone() override { delete this; }
-  std::shared_ptr<CancelFlag> cancel() const { return cancel_; }
-
- private:
-  std::shared_ptr<CancelFlag> cancel_;
-};
-
 }  // namespace
 
 GatewayService::GatewayService(Scheduler* scheduler, const ModelConfig& config,
@@ -197,7 +187,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
 grpc::ServerUnaryReactor* GatewayService::Score(grpc::CallbackServerContext* ctx,
                                                 const v1::ScoreRequest* req,
                                                 v1::ScoreResponse* resp) {
-  auto* reactor = new ScoreReactor();
+  auto* reactor = new CancellableUnaryReactor();
   GenerationRequest g;
   g.prompt.assign(req->tokens().begin(), req->tokens().end());
   g.score_only = true;

@@ -19,6 +19,7 @@
 #include "services/moe/shared_experts_layer.h"
 #include "services/rpc/remote_moe_layer.h"
 #include "services/rpc/server_host.h"
+#include "services/rpc/service_main.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory");
 ABSL_FLAG(std::string, router, "", "router address host:port");
@@ -163,16 +164,6 @@ absl::Status Run(const Options& o) {
 }  // namespace moemesh::gateway
 
 int main(int argc, char** argv) {
-  moemesh::BlockShutdownSignals();
-  absl::ParseCommandLine(argc, argv);
-  auto options = moemesh::gateway::GetOptions();
-  if (!options.ok()) {
-    std::fprintf(stderr, "moemesh-gateway: %s\n", std::string(options.status().message()).c_str());
-    return 2;
-  }
-  if (auto s = moemesh::gateway::Run(*options); !s.ok()) {
-    std::fprintf(stderr, "moemesh-gateway: %s\n", std::string(s.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return moemesh::ServiceMain("moemesh-gateway", argc, argv, moemesh::gateway::GetOptions,
+                              moemesh::gateway::Run);
 }

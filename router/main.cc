@@ -20,6 +20,7 @@
 #include "services/model/safetensors.h"
 #include "services/moe/local_expert_group.h"
 #include "services/rpc/server_host.h"
+#include "services/rpc/service_main.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory (config and gate weights are read)");
 ABSL_FLAG(std::string, groups, "", "expert groups: ',' between groups, '|' between replicas");
@@ -152,16 +153,6 @@ absl::Status Run(const Options& o) {
 }  // namespace moemesh::router
 
 int main(int argc, char** argv) {
-  moemesh::BlockShutdownSignals();
-  absl::ParseCommandLine(argc, argv);
-  auto options = moemesh::router::GetOptions();
-  if (!options.ok()) {
-    std::fprintf(stderr, "moemesh-router: %s\n", std::string(options.status().message()).c_str());
-    return 2;
-  }
-  if (auto s = moemesh::router::Run(*options); !s.ok()) {
-    std::fprintf(stderr, "moemesh-router: %s\n", std::string(s.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return moemesh::ServiceMain("moemesh-router", argc, argv, moemesh::router::GetOptions,
+                              moemesh::router::Run);
 }

@@ -2,24 +2,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "services/rpc/service_main.h"
 #include "services/rpc/tensor_proto.h"
 
 namespace moemesh::router {
-namespace {
-
-// A unary reactor that turns client cancellation into a CancelFlag for the fan-out.
-class ForwardReactor final : public grpc::ServerUnaryReactor {
- public:
-  ForwardReactor() : cancel_(std::make_shared<CancelFlag>()) {}
-  void OnCancel() override { cancel_->Cancel(); }
-  void OnDone() override { delete this; }
-  std::shared_ptr<CancelFlag> cancel() const { return cancel_; }
-
- private:
-  std::shared_ptr<CancelFlag> cancel_;
-};
-
-}  // namespace
 
 RouterService::RouterService(std::unique_ptr<MoeDispatcher> dispatcher,
                              std::vector<std::shared_ptr<ReplicaSet>> groups, int threads,
@@ -32,7 +18,7 @@ RouterService::RouterService(std::unique_ptr<MoeDispatcher> dispatcher,
 grpc::ServerUnaryReactor* RouterService::Forward(grpc::CallbackServerContext* ctx,
                                                  const v1::ForwardRequest* req,
                                                  v1::ForwardResponse* resp) {
-  auto* reactor = new ForwardReactor();
+  auto* reactor = new CancellableUnaryReactor();
   const absl::Time received = absl::Now();
   auto finish = [this, reactor, received](const absl::Status& s) {
     metrics_->CountRequest("Forward", s.code());
