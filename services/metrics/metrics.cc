@@ -1,5 +1,10 @@
 #include "services/metrics/metrics.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <sstream>
 
 #include "absl/status/status.h"
@@ -82,18 +87,59 @@ Metrics::Metrics(std::string service)
 
 Metrics::~Metrics() = default;
 
-absl::StatusOr<int> Metrics::Serve(const std::string& address) {
-  try {
-    exposer_ = std::make_unique<prometheus::Exposer>(address);
-    exposer_->RegisterCollectable(registry_);
-    const auto ports = exposer_->GetListeningPorts();
-    if (ports.empty())
-      return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", address));
-    return ports[0];
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("metrics: cannot listen on ", address, ": ", e.what()));
+namespace {
+
+// A port that is free on `host` right now (bound and released), for servers that cannot
+// bind port 0 reliably.
+int PickFreePort(const std::string& host) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return 0;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = 0;
+  if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1)
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int port = 0;
+  socklen_t len = sizeof(addr);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
   }
+  ::close(fd);
+  return port;
+}
+
+}  // namespace
+
+absl::StatusOr<int> Metrics::Serve(const std::string& address) {
+  // civetweb (under prometheus-cpp) sometimes fails to start on port 0 when several servers
+  // start at once; for port 0 pick a free port ourselves and retry if it is taken meanwhile.
+  const std::string host = address.substr(0, address.rfind(':'));
+  const bool any_port = address.substr(address.rfind(':') + 1) == "0";
+  std::string last_error;
+  for (int attempt = 0; attempt < (any_port ? 20 : 1); ++attempt) {
+    std::string bind = address;
+    if (any_port) {
+      const int port = PickFreePort(host);
+      if (port == 0) continue;
+      bind = absl::StrCat(host, ":", port);
+    }
+    try {
+      auto exposer = std::make_unique<prometheus::Exposer>(bind);
+      exposer->RegisterCollectable(registry_);
+      const auto ports = exposer->GetListeningPorts();
+      if (ports.empty()) {
+        last_error = "no listening port";
+        continue;
+      }
+      exposer_ = std::move(exposer);
+      return ports[0];
+    } catch (const std::exception& e) {
+      last_error = e.what();
+    }
+  }
+  return absl::UnavailableError(
+      absl::StrCat("metrics: cannot listen on ", address, ": ", last_error));
 }
 
 std::string Metrics::Render() const {
