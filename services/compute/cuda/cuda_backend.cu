@@ -559,6 +559,8 @@ class CudaBackend final : public ComputeBackend {
 
 }  // namespace
 
+namespace cuda_impl {
+
 int CudaDeviceCount() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
@@ -617,4 +619,38 @@ absl::StatusOr<std::unique_ptr<ComputeBackend>> MakeCudaBackend(int device) {
   return std::unique_ptr<ComputeBackend>(new CudaBackend(device, stream, cublas));
 }
 
+}  // namespace cuda_impl
 }  // namespace moemesh
+
+// The C entry points that services/compute/cuda/cuda_loader.cc finds with dlsym. This file
+// is built as its own shared library, loaded only when a CUDA backend is asked for: cuBLAS
+// carries ~110 KB of static TLS, which, linked into every binary, made threads with small
+// stacks (civetweb's, under the metrics endpoint) fail to start.
+extern "C" {
+
+int moemesh_cuda_device_count() { return moemesh::cuda_impl::CudaDeviceCount(); }
+
+// Copies the device name into buf (NUL-terminated, truncated to len - 1 bytes).
+void moemesh_cuda_device_name(int device, char* buf, int len) {
+  const std::string name = moemesh::cuda_impl::CudaDeviceName(device);
+  if (len <= 0) return;
+  const size_t n = std::min(name.size(), static_cast<size_t>(len - 1));
+  std::memcpy(buf, name.data(), n);
+  buf[n] = '\0';
+}
+
+// A new backend the caller owns, or null with the error's code and message.
+moemesh::ComputeBackend* moemesh_cuda_make_backend(int device, int* code, char* err, int len) {
+  auto backend = moemesh::cuda_impl::MakeCudaBackend(device);
+  if (backend.ok()) return backend->release();
+  *code = static_cast<int>(backend.status().code());
+  const std::string msg(backend.status().message());
+  if (len > 0) {
+    const size_t n = std::min(msg.size(), static_cast<size_t>(len - 1));
+    std::memcpy(err, msg.data(), n);
+    err[n] = '\0';
+  }
+  return nullptr;
+}
+
+}  // extern "C"
