@@ -38,8 +38,8 @@ int main(int argc, char** argv) {
   for (int r = 0; r < 3; ++r) {
     auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < reps; ++i) {
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w.data(), k, x.data(), 1, 0.0f,
-                  y.data(), 1);
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w.data(), k, x.data(), 1, 0.0f, y.data(),
+                  1);
     }
     best_gemv = std::max(best_gemv, bytes / Seconds(t0) / 1e9);
     t0 = std::chrono::steady_clock::now();

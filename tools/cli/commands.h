@@ -47,11 +47,11 @@ struct UpArgs {
   int groups = 1;
   int replicas = 1;
   std::string wire_dtype = "f32";
-  std::string bin_dir;             // where the service binaries are
-  std::string default_model_dir;   // used (and created) when --model is not given
-  std::string run_dir = "/tmp";    // logs and port files go under it
-  std::string address_file;        // when set, the gateway address is written here
-  bool shared_in_gateway = true;   // DeepSeek shared experts in the gateway, not a worker group
+  std::string bin_dir;            // where the service binaries are
+  std::string default_model_dir;  // used (and created) when --model is not given
+  std::string run_dir = "/tmp";   // logs and port files go under it
+  std::string address_file;       // when set, the gateway address is written here
+  bool shared_in_gateway = true;  // DeepSeek shared experts in the gateway, not a worker group
 };
 
 absl::Status MakeModel(const MakeModelArgs& a);

@@ -26,6 +26,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "services/compute/backend.h"
+#include "services/compute/softmax_topk.h"
 #include "services/compute/cuda/cuda_backend.h"
 
 // Aborts with the failing call, where it is and CUDA's reason. Only for runtime failures of the
@@ -406,27 +407,9 @@ class CudaBackend final : public ComputeBackend {
 
   // On the host: the logits are host memory already, [t, e] is small, and this way the
   // tie-breaking is the CPU backend's exactly (the same code, the same libm).
-  void SoftmaxTopK(const float* logits, int64_t t, int64_t e, int k, bool renormalize, int32_t* ids,
-                   float* weights) override {
-    std::vector<float> p(e);
-    std::vector<int32_t> order(e);
-    for (int64_t r = 0; r < t; ++r) {
-      const float* l = logits + r * e;
-      const float mx = *std::max_element(l, l + e);
-      float sum = 0;
-      for (int64_t i = 0; i < e; ++i) sum += (p[i] = std::exp(l[i] - mx));
-      for (int64_t i = 0; i < e; ++i) p[i] /= sum;
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-        return p[a] > p[b] || (p[a] == p[b] && a < b);
-      });
-      float chosen = 0;
-      for (int i = 0; i < k; ++i) chosen += p[order[i]];
-      for (int i = 0; i < k; ++i) {
-        ids[r * k + i] = order[i];
-        weights[r * k + i] = renormalize ? p[order[i]] / chosen : p[order[i]];
-      }
-    }
+  void SoftmaxTopK(const float* logits, int64_t t, int64_t e, int k, bool renormalize,
+                   int32_t* ids, float* weights) override {
+    SoftmaxTopKHost(logits, t, e, k, renormalize, ids, weights);
   }
 
  private:
