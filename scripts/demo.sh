@@ -30,7 +30,8 @@ done
 gateway="$(cat "$addr_file")"
 echo "demo: generating through the mesh at $gateway"
 build/bin/moemesh generate --gateway "$gateway" --prompt "$prompt" --max-tokens 32 --timeout 60
-echo "demo: the same tokens in one process:"
 model="${XDG_CACHE_HOME:-$HOME/.cache}/moemesh/default-model"
+echo "demo: greedy token ids through the mesh:"
 build/bin/moemesh generate --gateway "$gateway" --tokens 1,2,3,4 --max-tokens 16 --timeout 60
+echo "demo: the same request in one process (the same ids):"
 build/bin/moemesh generate --model "$model" --tokens 1,2,3,4 --max-tokens 16
