@@ -34,6 +34,9 @@ ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (-1: off, 0: pick one
 ABSL_FLAG(std::string, name, "", "name of this worker (defaults to its expert spec)");
 ABSL_FLAG(int, threads, 1, "compute threads (each uses the BLAS threads)");
 ABSL_FLAG(int, max_queue, 256, "queued calls before RESOURCE_EXHAUSTED");
+ABSL_FLAG(double, max_connection_age, 60,
+          "seconds after which a client connection is recycled, so routers resolving the "
+          "group's DNS name find replicas added since (0: never)");
 ABSL_FLAG(double, drain_seconds, 10, "grace period for in-flight calls on SIGTERM");
 ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu | cuda (cuda needs a CUDA build and a GPU)");
@@ -46,6 +49,7 @@ struct Options {
   std::string model, experts, placement, host, port_file, name, backend = "cpu";
   int port = 0, metrics_port = -1, threads = 1, max_queue = 256, device = 0;
   double drain_seconds = 10;
+  double max_connection_age = 60;
 };
 
 absl::StatusOr<Options> GetOptions() {
@@ -61,6 +65,9 @@ absl::StatusOr<Options> GetOptions() {
   o.threads = absl::GetFlag(FLAGS_threads);
   o.max_queue = absl::GetFlag(FLAGS_max_queue);
   o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
+  o.max_connection_age = absl::GetFlag(FLAGS_max_connection_age);
+  if (o.max_connection_age < 0)
+    return absl::InvalidArgumentError("--max_connection_age must be >= 0");
   o.backend = absl::GetFlag(FLAGS_backend);
   o.device = absl::GetFlag(FLAGS_device);
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
@@ -131,6 +138,7 @@ absl::Status Run(const Options& o) {
   ServerHostOptions so;
   so.address = absl::StrCat(o.host, ":", o.port);
   so.port_file = o.port_file;
+  so.max_connection_age = absl::Seconds(o.max_connection_age);
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
   std::fprintf(stderr, "expert_worker %s: serving %zu experts (%.1f MiB) on %s, compute on %s\n",
                o.name.c_str(), held, bytes / 1048576.0, host->address().c_str(), device.c_str());

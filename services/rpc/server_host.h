@@ -24,6 +24,9 @@ struct ServerHostOptions {
   std::string address = "127.0.0.1:0";
   std::string port_file;  // when set, the bound port is written here after start (atomically)
   int max_message_bytes = 512 << 20;
+  // When set, connections are closed (GOAWAY, in-flight calls finish within the grace) after
+  // this age, so that clients re-resolve DNS names and spread over replicas added since.
+  absl::Duration max_connection_age = absl::ZeroDuration();
 };
 
 class ServerHost {

@@ -96,3 +96,47 @@ TEST(ReplicaKillTest, SigkillOfOneReplicaLosesNoRequestAndChangesNoToken) {
 
 }  // namespace
 }  // namespace moemesh::testing
+
+namespace moemesh::testing {
+namespace {
+
+// Workers recycle client connections (GOAWAY) every 0.2 s so that routers re-resolve DNS;
+// calls racing a GOAWAY are retried, so generation loses nothing and changes no token.
+TEST(ConnectionAgeTest, RecycledWorkerConnectionsLoseNoRequest) {
+  TempDir dir;
+  GeneratorOptions g;
+  g.config = SmallMixtralConfig(256, 128, 256, 4, 4, 2, 8, 2);
+  g.seed = 9;
+  const std::string model = MakeModel(dir, "model", g);
+  MeshOptions o = TestMeshOptions(model, dir.Join("work"), 2, 2);
+  o.worker_args = {"--max_connection_age=0.2"};
+  auto mesh = Mesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 6; ++i) prompts.push_back({1 + i, 7, 3 * i + 2});
+  const int kMax = 64;
+  const auto want = GenerateInproc(model, prompts, kMax);
+  std::vector<absl::StatusOr<std::vector<int32_t>>> got(prompts.size());
+  std::vector<std::thread> threads;
+  const absl::Time start = absl::Now();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto gw = GatewayClient((*mesh)->gateway_address());
+      got[i] = GenerateViaGateway(gw.get(), prompts[i], kMax);
+    });
+  }
+  for (auto& t : threads) t.join();
+  const absl::Duration took = absl::Now() - start;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(got[i].ok()) << got[i].status();
+    EXPECT_EQ(*got[i], want[i]) << "prompt " << i;
+  }
+  // With 0.2 s connections, streams that run longer than that crossed a recycle.
+  if (took < absl::Milliseconds(250)) {
+    GTEST_LOG_(INFO) << "generation took only " << took << "; connections may not have aged";
+  }
+  EXPECT_TRUE((*mesh)->Stop().ok());
+}
+
+}  // namespace
+}  // namespace moemesh::testing
