@@ -26,8 +26,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "services/compute/backend.h"
-#include "services/compute/softmax_topk.h"
 #include "services/compute/cuda/cuda_backend.h"
+#include "services/compute/softmax_topk.h"
 
 // Aborts with the failing call, where it is and CUDA's reason. Only for runtime failures of the
 // device or the driver inside the void ops (see the header); never for anything a request holds.
@@ -407,8 +407,8 @@ class CudaBackend final : public ComputeBackend {
 
   // On the host: the logits are host memory already, [t, e] is small, and this way the
   // tie-breaking is the CPU backend's exactly (the same code, the same libm).
-  void SoftmaxTopK(const float* logits, int64_t t, int64_t e, int k, bool renormalize,
-                   int32_t* ids, float* weights) override {
+  void SoftmaxTopK(const float* logits, int64_t t, int64_t e, int k, bool renormalize, int32_t* ids,
+                   float* weights) override {
     SoftmaxTopKHost(logits, t, e, k, renormalize, ids, weights);
   }
 
