@@ -39,14 +39,9 @@ grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext*
   for (int i = 0; i < req->experts_size(); ++i) {
     batch->assignments[i] = {req->experts(i), req->weights(i)};
   }
-  DType out_dtype = DType::kF32;
-  if (req->output_dtype() != v1::DTYPE_UNSPECIFIED) {
-    auto d = DTypeFromProto(req->output_dtype());
-    if (!d.ok() || (*d != DType::kF32 && *d != DType::kBF16 && *d != DType::kF16)) {
-      return fail(absl::InvalidArgumentError("output_dtype must be F32, F16 or BF16"));
-    }
-    out_dtype = *d;
-  }
+  auto out = ActivationDTypeFromProto(req->output_dtype());
+  if (!out.ok()) return fail(out.status());
+  const DType out_dtype = *out;
   const bool queued = pool_.TrySchedule([this, ctx, reactor, resp, batch, out_dtype, received] {
     if (ctx->IsCancelled()) {
       metrics_->CountRequest("RunExperts", absl::StatusCode::kCancelled);

@@ -20,6 +20,7 @@
 #include "services/rpc/remote_moe_layer.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/service_main.h"
+#include "services/rpc/tensor_proto.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory");
 ABSL_FLAG(std::string, router, "", "router address host:port");
@@ -70,18 +71,10 @@ absl::StatusOr<Options> GetOptions() {
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.router.empty() == !o.inproc)
     return absl::InvalidArgumentError("give exactly one of --router and --inproc");
-  const std::string shared = absl::GetFlag(FLAGS_shared_experts);
-  if (shared != "mesh" && shared != "gateway")
-    return absl::InvalidArgumentError("--shared_experts must be mesh or gateway");
-  o.shared_in_gateway = shared == "gateway";
-  const std::string wire = absl::GetFlag(FLAGS_wire_dtype);
-  if (wire == "f32") {
-    o.wire = DType::kF32;
-  } else if (wire == "bf16") {
-    o.wire = DType::kBF16;
-  } else {
-    return absl::InvalidArgumentError("--wire_dtype must be f32 or bf16");
-  }
+  ASSIGN_OR_RETURN(const bool shared,
+                   ParseSharedExpertsInGateway(absl::GetFlag(FLAGS_shared_experts)));
+  o.shared_in_gateway = shared;
+  ASSIGN_OR_RETURN(o.wire, ParseWireDType(absl::GetFlag(FLAGS_wire_dtype)));
   if (o.sched.max_step_tokens < 1 || o.sched.max_running < 1 || o.sched.max_queued < 1) {
     return absl::InvalidArgumentError(
         "--max_step_tokens, --max_running and --max_queued must be >= 1");

@@ -21,6 +21,7 @@
 #include "services/moe/local_expert_group.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/service_main.h"
+#include "services/rpc/tensor_proto.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory (config and gate weights are read)");
 ABSL_FLAG(std::string, groups, "", "expert groups: ',' between groups, '|' between replicas");
@@ -73,18 +74,10 @@ absl::StatusOr<Options> GetOptions() {
     o.groups.push_back(std::move(replicas));
   }
   if (o.groups.empty()) return absl::InvalidArgumentError("--groups is required");
-  const std::string shared = absl::GetFlag(FLAGS_shared_experts);
-  if (shared != "mesh" && shared != "gateway")
-    return absl::InvalidArgumentError("--shared_experts must be mesh or gateway");
-  o.dispatch_shared = shared == "mesh";
-  const std::string wire = absl::GetFlag(FLAGS_wire_dtype);
-  if (wire == "f32") {
-    o.wire = DType::kF32;
-  } else if (wire == "bf16") {
-    o.wire = DType::kBF16;
-  } else {
-    return absl::InvalidArgumentError("--wire_dtype must be f32 or bf16");
-  }
+  ASSIGN_OR_RETURN(const bool shared,
+                   ParseSharedExpertsInGateway(absl::GetFlag(FLAGS_shared_experts)));
+  o.dispatch_shared = !shared;
+  ASSIGN_OR_RETURN(o.wire, ParseWireDType(absl::GetFlag(FLAGS_wire_dtype)));
   if (o.attempt_timeout <= 0 || o.startup_timeout <= 0)
     return absl::InvalidArgumentError("timeouts must be positive");
   return o;

@@ -30,15 +30,12 @@ grpc::ServerUnaryReactor* RouterService::Forward(grpc::CallbackServerContext* ct
     finish(hidden.status());
     return reactor;
   }
-  DType out_dtype = DType::kF32;
-  if (req->output_dtype() != v1::DTYPE_UNSPECIFIED) {
-    auto d = DTypeFromProto(req->output_dtype());
-    if (!d.ok() || *d == DType::kF8E4M3) {
-      finish(absl::InvalidArgumentError("output_dtype must be F32, F16 or BF16"));
-      return reactor;
-    }
-    out_dtype = *d;
+  auto out_dtype_or = ActivationDTypeFromProto(req->output_dtype());
+  if (!out_dtype_or.ok()) {
+    finish(out_dtype_or.status());
+    return reactor;
   }
+  const DType out_dtype = *out_dtype_or;
   CallOptions opts;
   opts.deadline = absl::FromChrono(ctx->deadline());
   opts.cancel = reactor->cancel();

@@ -220,13 +220,15 @@ void MoeDispatcher::ForwardAsync(
     if (!batches[g]) continue;
     groups_[g].group->RunExpertsAsync(
         batches[g], opts,
-        [fan, g, finish, name = groups_[g].group->name()](absl::StatusOr<Tensor> r) {
+        // The group's name is built only on failure: ReplicaSet::name() joins its replicas.
+        [fan, g, finish, group = groups_[g].group.get()](absl::StatusOr<Tensor> r) {
           bool last;
           {
             absl::MutexLock lock(&fan->mu);
-            fan->partial[g] = r.ok() ? std::move(r)
-                                     : absl::StatusOr<Tensor>(WithContext(
-                                           r.status(), absl::StrCat("expert group ", name)));
+            fan->partial[g] = r.ok()
+                                  ? std::move(r)
+                                  : absl::StatusOr<Tensor>(WithContext(
+                                        r.status(), absl::StrCat("expert group ", group->name())));
             last = --fan->pending == 0;
           }
           if (last) finish();

@@ -7,6 +7,7 @@
 
 #include "absl/flags/parse.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "grpcpp/grpcpp.h"
 #include "services/moe/expert_group.h"
 #include "services/rpc/server_host.h"
@@ -25,6 +26,13 @@ class CancellableUnaryReactor final : public grpc::ServerUnaryReactor {
  private:
   std::shared_ptr<CancelFlag> cancel_;
 };
+
+// --shared_experts: true for "gateway", false for "mesh", INVALID_ARGUMENT otherwise.
+inline absl::StatusOr<bool> ParseSharedExpertsInGateway(absl::string_view flag) {
+  if (flag == "gateway") return true;
+  if (flag == "mesh") return false;
+  return absl::InvalidArgumentError("--shared_experts must be mesh or gateway");
+}
 
 // The body of a service's main(): installs the shutdown-signal handler, parses flags, builds
 // the options (exit 2 with the message when they are invalid) and runs (exit 1 on error).

@@ -21,6 +21,22 @@ absl::StatusOr<DType> DTypeFromProto(v1::DType d) {
   }
 }
 
+absl::StatusOr<DType> ActivationDTypeFromProto(v1::DType d) {
+  if (d == v1::DTYPE_UNSPECIFIED) return DType::kF32;
+  auto dtype = DTypeFromProto(d);
+  if (!dtype.ok() || *dtype == DType::kF8E4M3) {
+    return absl::InvalidArgumentError("output_dtype must be F32, F16 or BF16");
+  }
+  return *dtype;
+}
+
+absl::StatusOr<DType> ParseWireDType(absl::string_view flag) {
+  if (flag == "f32") return DType::kF32;
+  if (flag == "bf16") return DType::kBF16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--wire_dtype must be f32 or bf16, got '", flag, "'"));
+}
+
 v1::DType DTypeToProto(DType d) {
   switch (d) {
     case DType::kF32:

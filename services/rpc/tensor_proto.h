@@ -14,6 +14,11 @@ namespace moemesh {
 inline constexpr int kMaxMessageBytes = 512 << 20;
 
 absl::StatusOr<DType> DTypeFromProto(v1::DType d);
+// The dtype a caller asks activations to come back in: F32 when unspecified; F32, F16 or
+// BF16 otherwise (INVALID_ARGUMENT for anything else).
+absl::StatusOr<DType> ActivationDTypeFromProto(v1::DType d);
+// An activation wire dtype from a flag value: "f32" or "bf16".
+absl::StatusOr<DType> ParseWireDType(absl::string_view flag);
 v1::DType DTypeToProto(DType d);
 
 // Encodes `t` as raw little-endian bytes of `wire` (F32 exact, BF16/F16 rounded).
