@@ -63,7 +63,7 @@ struct SchedulerOptions {
   int max_running = 64;           // sequences in the batch at once
   int max_queued = 1024;          // waiting requests before RESOURCE_EXHAUSTED
   // Called on the loop thread after every step; must not block. May be empty.
-  std::function<void(const StepInfo&)> on_step;
+  std::function<void(const StepInfo&)> on_step = nullptr;
 };
 
 struct SchedulerStats {

@@ -487,6 +487,9 @@ std::vector<Outcome> RunAll(Scheduler& sched, const std::vector<GenerationReques
     std::vector<Outcome> out;
     std::vector<bool> done;
     int remaining = 0;
+    // Events wait until every request is queued, so that the scheduler sees them together
+    // however fast it runs (otherwise a tiny model can finish one before the next arrives).
+    bool all_submitted = false;
   };
   auto st = std::make_shared<State>();
   st->out.resize(reqs.size());
@@ -495,6 +498,7 @@ std::vector<Outcome> RunAll(Scheduler& sched, const std::vector<GenerationReques
   for (size_t i = 0; i < reqs.size(); ++i) {
     absl::Status s = sched.Submit(reqs[i], [st, i](const GenerationEvent& ev) {
       absl::MutexLock lock(&st->mu);
+      st->mu.Await(absl::Condition(&st->all_submitted));
       Outcome& o = st->out[i];
       if (st->done[i]) {
         ++o.events_after_done;
@@ -519,6 +523,7 @@ std::vector<Outcome> RunAll(Scheduler& sched, const std::vector<GenerationReques
     }
   }
   absl::MutexLock lock(&st->mu);
+  st->all_submitted = true;
   const bool finished =
       st->mu.AwaitWithTimeout(absl::Condition(
                                   +[](int* r) { return *r == 0; }, &st->remaining),
