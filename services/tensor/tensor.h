@@ -1,7 +1,7 @@
 // Tensor: a dense, row-major F32 array with a shape, sharing its storage.
 //
-// Every weight and activation inside moemesh is F32 once loaded (F16/BF16/FP8 checkpoints
-// are converted on load). A Tensor either owns its buffer or is a view into memory kept alive
+// Activations are F32 inside a process; weights of linear layers are Weight
+// (services/tensor/weight.h), kept in their checkpoint's dtype. A Tensor either owns its buffer or is a view into memory kept alive
 // by an owner (an mmap'd checkpoint file), so aligned F32 weights are used without a copy.
 // Copying a Tensor copies the handle, not the data. Views over read-only mappings must not be
 // written through mutable_data().
@@ -15,11 +15,10 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "services/tensor/dtype.h"
 
 namespace moemesh {
 
-// Element types found in checkpoints and on the wire.
-enum class DType { kF32, kF16, kBF16, kF8E4M3 };
 
 // "F32", "F16", "BF16", "F8_E4M3" (the safetensors spellings).
 absl::StatusOr<DType> ParseDType(absl::string_view name);

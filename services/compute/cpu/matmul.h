@@ -1,0 +1,67 @@
+// Few-row matrix × matrix kernels over weights in their own dtype, with run-time dispatch.
+//
+//   cpu::MatMul(x, m, w, y);            // y[m, n] = x[m, k] · wᵀ, w: [n, k] F32/BF16/F16/FP8
+//   cpu::GateUpSilu(x, m, w1, w3, h);   // h = silu(x · w1ᵀ) * (x · w3ᵀ), one pass over x
+//
+// Each weight row is read from memory once per call and used for every row of x (decode
+// batches have 1–32 rows; one sgemv per row would read the weights m times). BF16, F16 and
+// FP8+block-scale rows are dequantised into a small per-thread F32 buffer one row at a time,
+// never as a whole matrix. Output rows are split over the process's kernel threads
+// (kernel_threads.h).
+//
+// Batch invariance, by construction: every output element y[i, j] is the same sequence of
+// floating-point operations whatever m, i, the tiling or the thread split: 16 partial sums,
+// lane l accumulating x[i, c] · w[j, c] for c ≡ l (mod 16) in increasing c with fused
+// multiply-adds (the last chunk zero-padded), then the fixed tree
+// ((l0+l8)+(l4+l12)) + ((l2+l10)+(l6+l14)) + … shown in ReduceLanes. The scalar, AVX2 and
+// AVX-512 kernels all follow it, so they give bitwise identical results and a request's
+// outputs never depend on its neighbours. The one exception is opt-in: with
+// set_blas_min_rows(r > 0), calls with m >= r go to OpenBLAS sgemm (faster for long prefill
+// chunks, but its rounding differs from the kernels').
+//
+// Thread safety: MatMul and GateUpSilu may be called from any number of threads. SetIsa and
+// set_blas_min_rows are for process start-up, tests and benchmarks; they must not race with
+// running kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "services/tensor/weight.h"
+
+namespace moemesh::cpu {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* IsaName(Isa isa);
+// The best level this CPU and OS support (AVX2 needs FMA and F16C too).
+Isa DetectedIsa();
+// The level kernels use now: DetectedIsa() unless lowered by SetIsa.
+Isa ActiveIsa();
+// Uses `isa`, capped at DetectedIsa(); returns the level set.
+Isa SetIsa(Isa isa);
+
+// Calls with at least this many rows and F32 activations go to OpenBLAS sgemm (weights other
+// than F32 are dequantised in panels of rows first). 0 (the default) never does, which keeps
+// every result batch-invariant.
+void set_blas_min_rows(int64_t rows);
+int64_t blas_min_rows();
+
+// y[m, n] = x[m, k] · w[n, k]ᵀ, plus y when `accumulate`.
+// x: [m, k] f32 (row stride k); w: [n, k] any dtype; y: [m, n] f32 (row stride n).
+void MatMul(const float* x, int64_t m, const Weight& w, float* y, bool accumulate = false);
+
+// h[m, inter] = silu(x · w1ᵀ) * (x · w3ᵀ).
+// x: [m, hidden] f32; w1, w3: [inter, hidden] (same dtype or not); h: [m, inter] f32.
+void GateUpSilu(const float* x, int64_t m, const Weight& w1, const Weight& w3, float* h);
+
+// The SiLU-gated FFN y[m, hidden] = w2 · (silu(w1 x) * w3 x).
+// x: [m, hidden] f32; w1, w3: [inter, hidden]; w2: [hidden, inter]; y: [m, hidden] f32;
+// workspace: m * inter floats.
+void ExpertFfn(const float* x, int64_t m, const Weight& w1, const Weight& w3, const Weight& w2,
+               float* workspace, float* y);
+
+// The reference the kernels are tested against: plain loops in the canonical order above,
+// one output at a time, single-threaded. Same arguments as MatMul.
+void MatMulReference(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);
+
+}  // namespace moemesh::cpu

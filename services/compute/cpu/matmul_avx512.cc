@@ -1,0 +1,123 @@
+// AVX-512F kernels (compiled with -mavx512f -mavx2 -mfma -mf16c; see matmul_internal.h).
+#include <immintrin.h>
+
+#include "services/compute/cpu/matmul_internal.h"
+
+namespace moemesh::cpu::internal {
+namespace {
+
+// 16 lanes reduced in the canonical order of ReduceLanes.
+inline float Reduce(__m512 a) {
+  const __m256 lo = _mm512_castps512_ps256(a);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+  const __m256 t = _mm256_add_ps(lo, hi);
+  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  const __m128 v = _mm_add_ps(u, _mm_movehl_ps(u, u));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
+template <int R>
+inline void DotTile(const float* x, int64_t ldx, int64_t k, const float* w, float* out) {
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= k; c += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + c);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + c), wv, a[r]);
+  }
+  if (c < k) {  // zero-padded last chunk
+    const __mmask16 m = static_cast<__mmask16>((1u << (k - c)) - 1);
+    const __m512 wv = _mm512_maskz_loadu_ps(m, w + c);
+    for (int r = 0; r < R; ++r) {
+      a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + r * ldx + c), wv, a[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = Reduce(a[r]);
+}
+
+// 16 elements starting at p as F32 (p may be a zero-padded copy).
+inline __m512 Decode16(DType dtype, const uint8_t* p, float scale256) {
+  switch (dtype) {
+    case DType::kBF16: {
+      const __m512i v =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    }
+    case DType::kF16:
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    case DType::kF8E4M3: {
+      const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
+      const __m256i rest = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7);
+      return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, rest)),
+                           _mm512_set1_ps(scale256));
+    }
+    case DType::kF32:
+      break;
+  }
+  return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
+void DecodeRow(const Weight& w, int64_t j, float* out) {
+  const int64_t k = w.cols;
+  const int64_t esize = w.dtype == DType::kF8E4M3 ? 1 : 2;
+  const uint8_t* p = static_cast<const uint8_t*>(w.data) + j * k * esize;
+  const float* scales = w.dtype == DType::kF8E4M3
+                            ? w.scale_inv + (j / w.block_rows) * ((k + w.block_cols - 1) / w.block_cols)
+                            : nullptr;
+  int64_t c = 0;
+  for (; c + 16 <= k; c += 16) {
+    const float s = scales ? scales[c / w.block_cols] * 256.0f : 0.0f;
+    _mm512_storeu_ps(out + c, Decode16(w.dtype, p + c * esize, s));
+  }
+  if (c < k) {
+    alignas(64) uint8_t tmp[64] = {};
+    __builtin_memcpy(tmp, p + c * esize, (k - c) * esize);
+    const float s = scales ? scales[c / w.block_cols] * 256.0f : 0.0f;
+    alignas(64) float f[16];
+    _mm512_store_ps(f, Decode16(w.dtype, tmp, s));
+    for (int64_t i = 0; i < k - c; ++i) out[c + i] = f[i];
+  }
+}
+
+}  // namespace
+
+void RowsAvx512(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1, float* y,
+                int64_t ldy, bool accumulate, float* scratch) {
+  const int64_t k = w.cols;
+  constexpr int kR = 8;
+  float out[kR];
+  for (int64_t j = n0; j < n1; ++j) {
+    const float* wr;
+    if (w.dtype == DType::kF32) {
+      wr = static_cast<const float*>(w.data) + j * k;
+    } else {
+      DecodeRow(w, j, scratch);
+      wr = scratch;
+    }
+    int64_t i = 0;
+    for (; i + kR <= m; i += kR) {
+      DotTile<kR>(x + i * k, k, k, wr, out);
+      for (int r = 0; r < kR; ++r) {
+        float& d = y[(i + r) * ldy + j];
+        d = accumulate ? d + out[r] : out[r];
+      }
+    }
+    switch (m - i) {
+      case 7: DotTile<7>(x + i * k, k, k, wr, out); break;
+      case 6: DotTile<6>(x + i * k, k, k, wr, out); break;
+      case 5: DotTile<5>(x + i * k, k, k, wr, out); break;
+      case 4: DotTile<4>(x + i * k, k, k, wr, out); break;
+      case 3: DotTile<3>(x + i * k, k, k, wr, out); break;
+      case 2: DotTile<2>(x + i * k, k, k, wr, out); break;
+      case 1: DotTile<1>(x + i * k, k, k, wr, out); break;
+      default: break;
+    }
+    for (int64_t r = 0; r < m - i; ++r) {
+      float& d = y[(i + r) * ldy + j];
+      d = accumulate ? d + out[r] : out[r];
+    }
+  }
+}
+
+}  // namespace moemesh::cpu::internal

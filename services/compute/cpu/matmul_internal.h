@@ -1,0 +1,37 @@
+// Internal to the CPU kernels: the per-instruction-set entry points behind matmul.h.
+//
+// Each computes y[i * ldy + j] = dot(x[i, :], w[j, :]) (+ y when accumulate) for i < m and
+// n0 <= j < n1 in the canonical order of matmul.h. `scratch` holds w.cols + 16 floats (one
+// dequantised weight row). The AVX files are compiled with their own -m flags and must not
+// include standard-library headers with inline code, so that no AVX instantiation of a shared
+// inline function can be picked by the linker for the baseline build.
+#pragma once
+
+#include <cstdint>
+
+#include "services/tensor/weight.h"
+
+namespace moemesh::cpu::internal {
+
+inline constexpr int kLanes = 16;
+
+using RowsFn = void (*)(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1,
+                        float* y, int64_t ldy, bool accumulate, float* scratch);
+
+void RowsScalar(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1, float* y,
+                int64_t ldy, bool accumulate, float* scratch);
+void RowsAvx2(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1, float* y,
+              int64_t ldy, bool accumulate, float* scratch);
+void RowsAvx512(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1, float* y,
+                int64_t ldy, bool accumulate, float* scratch);
+
+// The canonical reduction of 16 partial sums.
+inline float ReduceLanes(const float* l) {
+  float t[8], u[4], v[2];
+  for (int i = 0; i < 8; ++i) t[i] = l[i] + l[i + 8];
+  for (int i = 0; i < 4; ++i) u[i] = t[i] + t[i + 4];
+  for (int i = 0; i < 2; ++i) v[i] = u[i] + u[i + 2];
+  return v[0] + v[1];
+}
+
+}  // namespace moemesh::cpu::internal

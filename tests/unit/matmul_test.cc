@@ -1,0 +1,222 @@
+// The CPU kernel layer (services/compute/cpu/matmul.h): every instruction set this machine can
+// run, forced in turn, against the scalar reference, bitwise; batch invariance as a property
+// over random batch compositions; each weight dtype against F32 over the same dequantised
+// weights.
+#include "services/compute/cpu/matmul.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "services/compute/cpu/kernel_threads.h"
+#include "services/model/fp8.h"
+#include "services/tensor/tensor.h"
+
+namespace moemesh::cpu {
+namespace {
+
+// A weight of `dtype` [rows, cols] built from random values, owning its bytes.
+Weight MakeWeight(DType dtype, int64_t rows, int64_t cols, uint32_t seed, int block = 128) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 0.5f);
+  std::vector<float> v(rows * cols);
+  for (float& f : v) f = nd(rng);
+  Weight w;
+  w.dtype = dtype;
+  w.rows = rows;
+  w.cols = cols;
+  if (dtype == DType::kF8E4M3) {
+    Fp8Blocks q = QuantizeFp8Blocks(v, rows, cols, block, block);
+    auto bytes = std::make_shared<std::vector<uint8_t>>(std::move(q.data));
+    auto scales = std::make_shared<std::vector<float>>(std::move(q.scale_inv));
+    w.data = bytes->data();
+    w.scale_inv = scales->data();
+    w.block_rows = w.block_cols = block;
+    w.owner = std::make_shared<std::pair<decltype(bytes), decltype(scales)>>(bytes, scales);
+    return w;
+  }
+  auto bytes = std::make_shared<std::vector<uint8_t>>(v.size() * DTypeSize(dtype));
+  ConvertFromF32(dtype, v.data(), v.size(), bytes->data());
+  w.data = bytes->data();
+  w.owner = bytes;
+  return w;
+}
+
+std::vector<float> RandomX(int64_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& f : v) f = nd(rng);
+  return v;
+}
+
+std::vector<Isa> Levels() {
+  std::vector<Isa> l;
+  for (int i = 0; i <= static_cast<int>(DetectedIsa()); ++i) l.push_back(static_cast<Isa>(i));
+  return l;
+}
+
+class IsaGuard {
+ public:
+  explicit IsaGuard(Isa isa) { SetIsa(isa); }
+  ~IsaGuard() { SetIsa(DetectedIsa()); }
+};
+
+bool BitwiseEqual(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+
+const DType kDTypes[] = {DType::kF32, DType::kBF16, DType::kF16, DType::kF8E4M3};
+
+TEST(MatMulTest, EveryIsaMatchesTheScalarReferenceBitwise) {
+  std::printf("detected instruction set: %s\n", IsaName(DetectedIsa()));
+  for (Isa isa : Levels()) {
+    IsaGuard guard(isa);
+    ASSERT_EQ(ActiveIsa(), isa);
+    for (DType dt : kDTypes) {
+      for (int64_t k : {1, 15, 16, 17, 100, 256}) {
+        for (int64_t n : {1, 7, 40}) {
+          const int block = (dt == DType::kF8E4M3 && k >= 32) ? 32 : 16;
+          const Weight w = MakeWeight(dt, n, k, static_cast<uint32_t>(k * 31 + n), block);
+          for (int64_t m : {1, 2, 3, 4, 5, 8, 9, 17, 32}) {
+            const std::vector<float> x = RandomX(m * k, static_cast<uint32_t>(m));
+            for (bool acc : {false, true}) {
+              std::vector<float> y(m * n, 0.25f), ref(m * n, 0.25f);
+              MatMul(x.data(), m, w, y.data(), acc);
+              MatMulReference(x.data(), m, w, ref.data(), acc);
+              ASSERT_TRUE(BitwiseEqual(y, ref))
+                  << IsaName(isa) << " " << DTypeName(dt) << " m=" << m << " k=" << k
+                  << " n=" << n << " acc=" << acc;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// FP8 blocks whose width is not a multiple of 16 take the scalar path at every level.
+TEST(MatMulTest, Fp8OddBlocksMatchTheReference) {
+  const Weight w = MakeWeight(DType::kF8E4M3, 20, 50, 7, /*block=*/12);
+  const std::vector<float> x = RandomX(3 * 50, 3);
+  for (Isa isa : Levels()) {
+    IsaGuard guard(isa);
+    std::vector<float> y(60), ref(60);
+    MatMul(x.data(), 3, w, y.data());
+    MatMulReference(x.data(), 3, w, ref.data(), false);
+    EXPECT_TRUE(BitwiseEqual(y, ref)) << IsaName(isa);
+  }
+}
+
+// The reference itself against plain double-precision dot products: it must be a dot product.
+TEST(MatMulTest, ReferenceIsADotProduct) {
+  const int64_t m = 3, k = 300, n = 5;
+  const Weight w = MakeWeight(DType::kBF16, n, k, 11);
+  const std::vector<float> x = RandomX(m * k, 12);
+  std::vector<float> y(m * n);
+  MatMulReference(x.data(), m, w, y.data(), false);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double d = 0;
+      for (int64_t c = 0; c < k; ++c) d += static_cast<double>(x[i * k + c]) * WeightAt(w, j, c);
+      EXPECT_NEAR(y[i * n + j], d, 1e-4 * (1 + std::fabs(d)));
+    }
+  }
+}
+
+// A row's result never depends on the other rows of the call: random batch compositions, the
+// row at a random position, every level, every dtype, MatMul and GateUpSilu.
+TEST(MatMulTest, BatchInvarianceProperty) {
+  std::mt19937 rng(2024);
+  const int64_t k = 96, n = 80;
+  for (Isa isa : Levels()) {
+    IsaGuard guard(isa);
+    for (DType dt : kDTypes) {
+      const Weight w1 = MakeWeight(dt, n, k, 1, 32), w3 = MakeWeight(dt, n, k, 2, 32);
+      const std::vector<float> probe = RandomX(k, 99);
+      std::vector<float> alone(n), alone_h(n);
+      MatMul(probe.data(), 1, w1, alone.data());
+      GateUpSilu(probe.data(), 1, w1, w3, alone_h.data());
+      for (int trial = 0; trial < 20; ++trial) {
+        const int64_t m = 1 + static_cast<int64_t>(rng() % 40);
+        const int64_t pos = static_cast<int64_t>(rng() % m);
+        std::vector<float> x = RandomX(m * k, rng());
+        std::memcpy(x.data() + pos * k, probe.data(), k * 4);
+        std::vector<float> y(m * n), h(m * n);
+        MatMul(x.data(), m, w1, y.data());
+        GateUpSilu(x.data(), m, w1, w3, h.data());
+        ASSERT_EQ(std::memcmp(y.data() + pos * n, alone.data(), n * 4), 0)
+            << IsaName(isa) << " " << DTypeName(dt) << " m=" << m << " pos=" << pos;
+        ASSERT_EQ(std::memcmp(h.data() + pos * n, alone_h.data(), n * 4), 0)
+            << IsaName(isa) << " " << DTypeName(dt) << " m=" << m << " pos=" << pos;
+      }
+    }
+  }
+}
+
+// Each dtype against F32 over the same dequantised weights. The kernels dequantise exactly
+// (every BF16, F16 and E4M3×scale value is an F32 value, and the FP8 product with its scale
+// rounds once, as the F32 dequantisation does) and then run the same operations, so the
+// tolerance is zero: the results are bitwise equal. The only error of a low-precision
+// checkpoint is its quantisation, which no kernel can undo.
+TEST(MatMulTest, DTypesEqualF32OverTheDequantisedWeights) {
+  const int64_t m = 5, k = 256, n = 64;
+  const std::vector<float> x = RandomX(m * k, 5);
+  for (Isa isa : Levels()) {
+    IsaGuard guard(isa);
+    for (DType dt : {DType::kBF16, DType::kF16, DType::kF8E4M3}) {
+      const Weight w = MakeWeight(dt, n, k, 9);
+      auto deq = std::make_shared<std::vector<float>>(n * k);
+      DequantizeRows(w, 0, n, deq->data());
+      const Weight f = F32Weight(deq->data(), n, k, deq);
+      std::vector<float> y(m * n), yf(m * n);
+      MatMul(x.data(), m, w, y.data());
+      MatMul(x.data(), m, f, yf.data());
+      EXPECT_TRUE(BitwiseEqual(y, yf)) << IsaName(isa) << " " << DTypeName(dt);
+      // And the dequantisation agrees with the checkpoint decoders of tensor.h.
+      if (dt == DType::kF8E4M3) {
+        std::vector<float> d2(n * k);
+        ASSERT_TRUE(DequantizeFp8Blocks(
+                        absl::MakeConstSpan(static_cast<const uint8_t*>(w.data), n * k), n, k,
+                        absl::MakeConstSpan(w.scale_inv, w.scale_rows() * w.scale_cols()),
+                        {w.scale_rows(), w.scale_cols()}, 128, 128, d2.data())
+                        .ok());
+        EXPECT_TRUE(BitwiseEqual(*deq, d2));
+      } else {
+        std::vector<float> d2(n * k);
+        ConvertToF32(dt, w.data, n * k, d2.data());
+        EXPECT_TRUE(BitwiseEqual(*deq, d2));
+      }
+    }
+  }
+}
+
+// The BLAS path (opt-in) agrees with the kernels to float rounding.
+TEST(MatMulTest, BlasPathAgreesWithinRounding) {
+  const int64_t m = 40, k = 128, n = 48;
+  const std::vector<float> x = RandomX(m * k, 8);
+  for (DType dt : kDTypes) {
+    const Weight w = MakeWeight(dt, n, k, 10);
+    std::vector<float> y(m * n), ref(m * n);
+    MatMulReference(x.data(), m, w, ref.data(), false);
+    set_blas_min_rows(16);
+    MatMul(x.data(), m, w, y.data());
+    set_blas_min_rows(0);
+    for (int64_t i = 0; i < m * n; ++i) EXPECT_NEAR(y[i], ref[i], 1e-4f * (1 + std::fabs(ref[i])));
+  }
+}
+
+TEST(KernelThreadsTest, CoversEveryIndexOnceAndNests) {
+  std::vector<int> hits(1000);
+  KernelThreads::Get().ParallelFor(1000, 7, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) ++hits[i];
+    // A nested region runs inline rather than deadlocking.
+    KernelThreads::Get().ParallelFor(3, 1, [](int64_t, int64_t) {});
+  });
+  for (int h : hits) ASSERT_EQ(h, 1);
+}
+
+}  // namespace
+}  // namespace moemesh::cpu
