@@ -41,6 +41,8 @@ ABSL_FLAG(double, drain_seconds, 10, "grace period for in-flight calls on SIGTER
 ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu | cuda (cuda needs a CUDA build and a GPU)");
 ABSL_FLAG(int, device, 0, "CUDA device for --backend cuda");
+ABSL_FLAG(std::string, weights_dtype, "checkpoint",
+          "expert weights in memory: checkpoint (as stored) | f32 | bf16 | f16");
 
 namespace moemesh::expert_worker {
 namespace {
@@ -50,6 +52,7 @@ struct Options {
   int port = 0, metrics_port = -1, threads = 1, max_queue = 256, device = 0;
   double drain_seconds = 10;
   double max_connection_age = 60;
+  std::optional<DType> weights_dtype;
 };
 
 absl::StatusOr<Options> GetOptions() {
@@ -70,6 +73,7 @@ absl::StatusOr<Options> GetOptions() {
     return absl::InvalidArgumentError("--max_connection_age must be >= 0");
   o.backend = absl::GetFlag(FLAGS_backend);
   o.device = absl::GetFlag(FLAGS_device);
+  ASSIGN_OR_RETURN(o.weights_dtype, ParseWeightsDType(absl::GetFlag(FLAGS_weights_dtype)));
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.experts.empty() == o.placement.empty()) {
     return absl::InvalidArgumentError("give exactly one of --experts and --placement");
@@ -95,7 +99,7 @@ absl::StatusOr<Options> GetOptions() {
 
 absl::Status Run(const Options& o) {
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
-  ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg));
+  ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg, o.weights_dtype));
   std::vector<ExpertKey> keys;
   if (!o.experts.empty()) {
     ASSIGN_OR_RETURN(keys, ExpertsFromSpec(cfg, o.experts));
@@ -123,6 +127,7 @@ absl::Status Run(const Options& o) {
                                     ? SharedExpertNames(cfg, keys[0].layer)
                                     : RoutedExpertNames(cfg, keys[0].layer, keys[0].expert);
     if (auto ti = ckpt->Info(n.gate); ti.ok()) info.weight_dtype = ti->dtype;
+    if (o.weights_dtype.has_value()) info.weight_dtype = *o.weights_dtype;
   }
   info.backend = backend->name();
   info.device = device;

@@ -29,7 +29,9 @@ ABSL_FLAG(int, top_k, 0, "experts per token (0: the config's); must match the ro
 ABSL_FLAG(std::string, shared_experts, "gateway",
           "where DeepSeek shared experts run: gateway (overlapped with the router call) | mesh "
           "(a worker group holds them); must match the router's (checked at start)");
-ABSL_FLAG(std::string, wire_dtype, "f32", "activation dtype to and from the router: f32 | bf16");
+ABSL_FLAG(std::string, wire_dtype, "bf16", "activation dtype to and from the router: f32 | bf16");
+ABSL_FLAG(std::string, weights_dtype, "checkpoint",
+          "dense weights in memory: checkpoint (as stored) | f32 | bf16 | f16");
 ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
 ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
 ABSL_FLAG(std::string, port_file, "", "write the bound port here once serving");
@@ -47,7 +49,8 @@ struct Options {
   std::string model, router, host, port_file;
   bool inproc = false;
   int top_k = 0, port = 0, metrics_port = -1;
-  DType wire = DType::kF32;
+  DType wire = DType::kBF16;
+  std::optional<DType> weights_dtype;
   bool shared_in_gateway = false;
   SchedulerOptions sched;
   double router_wait = 60, drain_seconds = 30;
@@ -75,6 +78,7 @@ absl::StatusOr<Options> GetOptions() {
                    ParseSharedExpertsInGateway(absl::GetFlag(FLAGS_shared_experts)));
   o.shared_in_gateway = shared;
   ASSIGN_OR_RETURN(o.wire, ParseWireDType(absl::GetFlag(FLAGS_wire_dtype)));
+  ASSIGN_OR_RETURN(o.weights_dtype, ParseWeightsDType(absl::GetFlag(FLAGS_weights_dtype)));
   if (o.sched.max_step_tokens < 1 || o.sched.max_running < 1 || o.sched.max_queued < 1) {
     return absl::InvalidArgumentError(
         "--max_step_tokens, --max_running and --max_queued must be >= 1");
@@ -92,13 +96,13 @@ absl::Status Run(const Options& o) {
   Engine* engine = nullptr;
   ModelConfig cfg;
   if (o.inproc) {
-    ASSIGN_OR_RETURN(inproc, InprocModel::Load(o.model, InprocOptions{1, o.top_k}));
+    ASSIGN_OR_RETURN(inproc, InprocModel::Load(o.model, InprocOptions{1, o.top_k, o.weights_dtype}));
     engine = inproc->engine.get();
     cfg = inproc->config;
   } else {
     ASSIGN_OR_RETURN(cfg, LoadModelConfig(o.model));
     RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
-    ASSIGN_OR_RETURN(ckpt, OpenModelCheckpoint(o.model, cfg));
+    ASSIGN_OR_RETURN(ckpt, OpenModelCheckpoint(o.model, cfg, o.weights_dtype));
     backend = MakeCpuBackend();
     remote = std::make_unique<RemoteMoeLayer>(o.router, o.wire);
     if (!remote->WaitForReady(absl::Seconds(o.router_wait))) {

@@ -29,7 +29,7 @@ ABSL_FLAG(int, top_k, 0, "experts per token (0: the config's num_experts_per_tok
 ABSL_FLAG(std::string, shared_experts, "gateway",
           "where DeepSeek shared experts run: gateway (the router leaves them out) | mesh (a "
           "worker group holds them and every token visits it)");
-ABSL_FLAG(std::string, wire_dtype, "f32", "activation dtype to and from workers: f32 | bf16");
+ABSL_FLAG(std::string, wire_dtype, "bf16", "activation dtype to and from workers: f32 | bf16");
 ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
 ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
 ABSL_FLAG(std::string, port_file, "", "write the bound port here once serving");
@@ -48,7 +48,7 @@ struct Options {
   std::string model, host, port_file;
   std::vector<std::vector<std::string>> groups;
   int top_k = 0, port = 0, metrics_port = -1, threads = 2, max_queue = 1024;
-  DType wire = DType::kF32;
+  DType wire = DType::kBF16;
   bool dispatch_shared = true;
   double attempt_timeout = 30, startup_timeout = 60, drain_seconds = 10;
 };

@@ -1,8 +1,10 @@
 // ComputeBackend: the numerical kernels every moemesh process runs, behind one interface.
 //
-// The CPU backend (services/compute/cpu) runs on OpenBLAS; a CUDA backend lives in
-// services/compute/cuda and is built only when nvcc is found. All pointers are host memory in
-// row-major F32. Weights use Hugging Face's [out_features, in_features] layout. The caller
+// The CPU backend (services/compute/cpu) runs its own few-row kernels (matmul.h) over weights in
+// their checkpoint dtype, and OpenBLAS where asked; a CUDA backend lives in
+// services/compute/cuda and is built only when nvcc is found. All pointers are host memory;
+// activations are row-major F32. Weights use Hugging Face's [out_features, in_features] layout,
+// as F32 pointers or as Weight (any dtype, services/tensor/weight.h). The caller
 // owns every buffer. A backend instance may be shared by threads only if its implementation
 // says so; the CPU backend is stateless and thread-safe.
 #pragma once
@@ -10,6 +12,9 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
+
+#include "services/tensor/weight.h"
 
 namespace moemesh {
 
@@ -34,6 +39,38 @@ class ComputeBackend {
   // y[m, n] = x[m, k] · w[n, k]ᵀ (+ y[m, n] when accumulate).
   virtual void MatMulT(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
                        bool accumulate = false) = 0;
+
+  // y[m, n] = x[m, k] · wᵀ (+ y when accumulate), w: [n, k] Weight of any dtype.
+  // x: [m, k] f32; y: [m, n] f32. The default dequantises non-F32 weights on every call (a
+  // correct fallback for backends without native low-precision kernels).
+  virtual void MatMulW(const float* x, int64_t m, const Weight& w, float* y,
+                       bool accumulate = false) {
+    if (w.dtype == DType::kF32) {
+      MatMulT(x, m, w.cols, w.f32(), w.rows, y, accumulate);
+      return;
+    }
+    std::vector<float> f(w.rows * w.cols);
+    DequantizeRows(w, 0, w.rows, f.data());
+    MatMulT(x, m, w.cols, f.data(), w.rows, y, accumulate);
+  }
+
+  // ExpertFfn over Weights: x: [m, hidden] f32; w1, w3: [inter, hidden]; w2: [hidden, inter];
+  // y: [m, hidden] f32; workspace: 2 * m * inter floats. Default: F32 weights go to ExpertFfn,
+  // others are dequantised per call.
+  virtual void ExpertFfnW(const float* x, int64_t m, const Weight& w1, const Weight& w3,
+                          const Weight& w2, float* workspace, float* y) {
+    const int64_t hidden = w1.cols, inter = w1.rows;
+    if (w1.dtype == DType::kF32 && w3.dtype == DType::kF32 && w2.dtype == DType::kF32) {
+      ExpertFfn(x, m, hidden, inter, w1.f32(), w3.f32(), w2.f32(), workspace, y);
+      return;
+    }
+    float* g = workspace;
+    float* u = workspace + m * inter;
+    MatMulW(x, m, w1, g);
+    MatMulW(x, m, w3, u);
+    SiluMul(g, u, m * inter, g);
+    MatMulW(g, m, w2, y);
+  }
 
   // y[r, :] = x[r, :] / sqrt(mean(x[r, :]²) + eps) * weight. y may alias x.
   virtual void RmsNorm(const float* x, const float* weight, int64_t rows, int64_t dim, float eps,

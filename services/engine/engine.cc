@@ -54,18 +54,20 @@ constexpr float kMlaLatentNormEps = 1e-6f;
 }  // namespace
 
 struct Engine::Layer {
+  // Linear weights are Weight, in the checkpoint dtype (or Checkpoint::weights_dtype()); norms,
+  // kv_b_proj (sliced per head) and its transpose are F32.
   Tensor input_norm;  // [hidden]
   Tensor post_norm;   // [hidden]
   // GQA attention (Mixtral).
-  Tensor wq;  // [heads * head_dim, hidden]; MLA without q_lora: [heads * qk_head, hidden]
-  Tensor wk;  // [kv_heads * head_dim, hidden]
-  Tensor wv;  // [kv_heads * head_dim, hidden]
-  Tensor wo;  // [hidden, heads * head_dim]; MLA: [hidden, heads * v_head_dim]
+  Weight wq;  // [heads * head_dim, hidden]; MLA without q_lora: [heads * qk_head, hidden]
+  Weight wk;  // [kv_heads * head_dim, hidden]
+  Weight wv;  // [kv_heads * head_dim, hidden]
+  Weight wo;  // [hidden, heads * head_dim]; MLA: [hidden, heads * v_head_dim]
   // MLA attention (DeepSeek-V3); qk_head = qk_nope_head_dim + qk_rope_head_dim.
-  Tensor wq_a;       // [q_lora, hidden] (when q_lora_rank > 0)
+  Weight wq_a;       // [q_lora, hidden] (when q_lora_rank > 0)
   Tensor q_a_norm;   // [q_lora]
-  Tensor wq_b;       // [heads * qk_head, q_lora]
-  Tensor wkv_a;      // [kv_lora + qk_rope, hidden]
+  Weight wq_b;       // [heads * qk_head, q_lora]
+  Weight wkv_a;      // [kv_lora + qk_rope, hidden]
   Tensor kv_a_norm;  // [kv_lora]
   Tensor wkv_b;      // [heads * (qk_nope + v_head), kv_lora]
   // Per head, the k_nope rows of wkv_b transposed: [heads, kv_lora, qk_nope]. Absorbing them
@@ -73,10 +75,27 @@ struct Engine::Layer {
   Tensor w_uk_t;
   // Dense FFN for layers that are not MoE layers.
   bool dense = false;
-  Tensor w1, w3, w2;
+  Weight w1, w3, w2;
 };
 
 Engine::~Engine() = default;
+
+int64_t Engine::weight_bytes() const {
+  auto bytes = [](const Tensor& t) { return t.empty() ? 0 : t.numel() * 4; };
+  int64_t b = embed_.bytes() + bytes(norm_);
+  if (lm_head_.data != embed_.data) b += lm_head_.bytes();
+  for (const auto& l : layers_) {
+    for (const Weight* w : {&l->wq, &l->wk, &l->wv, &l->wo, &l->wq_a, &l->wq_b, &l->wkv_a, &l->w1,
+                            &l->w3, &l->w2}) {
+      if (!w->empty()) b += w->bytes();
+    }
+    for (const Tensor* t : {&l->input_norm, &l->post_norm, &l->q_a_norm, &l->kv_a_norm,
+                            &l->wkv_b, &l->w_uk_t}) {
+      b += bytes(*t);
+    }
+  }
+  return b;
+}
 
 int64_t Sequence::cache_floats() const {
   int64_t n = 0;
@@ -94,18 +113,18 @@ absl::Status Engine::LoadMla(const Checkpoint& ckpt, int l, Layer* layer) const 
   using Shape = std::vector<int64_t>;
   if (c.q_lora_rank > 0) {
     const int64_t ql = c.q_lora_rank;
-    ASSIGN_OR_RETURN(layer->wq_a, ckpt.LoadF32(p + "q_a_proj.weight", Shape{ql, h}));
+    ASSIGN_OR_RETURN(layer->wq_a, ckpt.LoadWeight(p + "q_a_proj.weight", Shape{ql, h}));
     ASSIGN_OR_RETURN(layer->q_a_norm, ckpt.LoadF32(p + "q_a_layernorm.weight", Shape{ql}));
-    ASSIGN_OR_RETURN(layer->wq_b, ckpt.LoadF32(p + "q_b_proj.weight", Shape{nh * qk, ql}));
+    ASSIGN_OR_RETURN(layer->wq_b, ckpt.LoadWeight(p + "q_b_proj.weight", Shape{nh * qk, ql}));
   } else {
-    ASSIGN_OR_RETURN(layer->wq, ckpt.LoadF32(p + "q_proj.weight", Shape{nh * qk, h}));
+    ASSIGN_OR_RETURN(layer->wq, ckpt.LoadWeight(p + "q_proj.weight", Shape{nh * qk, h}));
   }
   ASSIGN_OR_RETURN(layer->wkv_a,
-                   ckpt.LoadF32(p + "kv_a_proj_with_mqa.weight", Shape{kvl + rope, h}));
+                   ckpt.LoadWeight(p + "kv_a_proj_with_mqa.weight", Shape{kvl + rope, h}));
   ASSIGN_OR_RETURN(layer->kv_a_norm, ckpt.LoadF32(p + "kv_a_layernorm.weight", Shape{kvl}));
   ASSIGN_OR_RETURN(layer->wkv_b,
                    ckpt.LoadF32(p + "kv_b_proj.weight", Shape{nh * (nope + vd), kvl}));
-  ASSIGN_OR_RETURN(layer->wo, ckpt.LoadF32(p + "o_proj.weight", Shape{h, nh * vd}));
+  ASSIGN_OR_RETURN(layer->wo, ckpt.LoadWeight(p + "o_proj.weight", Shape{h, nh * vd}));
   layer->w_uk_t = Tensor::Zeros({nh, kvl, std::max<int64_t>(nope, 1)});
   for (int64_t hd = 0; hd < nh; ++hd) {
     const float* src = layer->wkv_b.data() + hd * (nope + vd) * kvl;  // [nope, kvl]
@@ -124,12 +143,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
   e->moe_ = moe;
   const int64_t h = cfg.hidden_size, v = cfg.vocab_size;
   ASSIGN_OR_RETURN(e->embed_,
-                   ckpt.LoadF32("model.embed_tokens.weight", std::vector<int64_t>{v, h}));
+                   ckpt.LoadWeight("model.embed_tokens.weight", std::vector<int64_t>{v, h}));
   ASSIGN_OR_RETURN(e->norm_, ckpt.LoadF32("model.norm.weight", std::vector<int64_t>{h}));
   if (cfg.tie_word_embeddings && !ckpt.Has("lm_head.weight")) {
     e->lm_head_ = e->embed_;
   } else {
-    ASSIGN_OR_RETURN(e->lm_head_, ckpt.LoadF32("lm_head.weight", std::vector<int64_t>{v, h}));
+    ASSIGN_OR_RETURN(e->lm_head_,
+                     ckpt.LoadWeight("lm_head.weight", std::vector<int64_t>{v, h}));
   }
   const int64_t hd = cfg.head_dim, nh = cfg.num_heads, nkv = cfg.num_kv_heads;
   // Layers past num_layers (DeepSeek's multi-token-prediction layers) are never read.
@@ -144,21 +164,21 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
       RETURN_IF_ERROR(e->LoadMla(ckpt, l, layer.get()));
     } else {
       ASSIGN_OR_RETURN(
-          layer->wq, ckpt.LoadF32(p + "self_attn.q_proj.weight", std::vector<int64_t>{nh * hd, h}));
-      ASSIGN_OR_RETURN(layer->wk, ckpt.LoadF32(p + "self_attn.k_proj.weight",
+          layer->wq, ckpt.LoadWeight(p + "self_attn.q_proj.weight", std::vector<int64_t>{nh * hd, h}));
+      ASSIGN_OR_RETURN(layer->wk, ckpt.LoadWeight(p + "self_attn.k_proj.weight",
                                                std::vector<int64_t>{nkv * hd, h}));
-      ASSIGN_OR_RETURN(layer->wv, ckpt.LoadF32(p + "self_attn.v_proj.weight",
+      ASSIGN_OR_RETURN(layer->wv, ckpt.LoadWeight(p + "self_attn.v_proj.weight",
                                                std::vector<int64_t>{nkv * hd, h}));
       ASSIGN_OR_RETURN(
-          layer->wo, ckpt.LoadF32(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, nh * hd}));
+          layer->wo, ckpt.LoadWeight(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, nh * hd}));
     }
     if (!cfg.IsMoeLayer(l)) {
       layer->dense = true;
       const ExpertTensorNames n = DenseMlpNames(cfg, l);
       const int64_t inter = cfg.intermediate_size;
-      ASSIGN_OR_RETURN(layer->w1, ckpt.LoadF32(n.gate, std::vector<int64_t>{inter, h}));
-      ASSIGN_OR_RETURN(layer->w3, ckpt.LoadF32(n.up, std::vector<int64_t>{inter, h}));
-      ASSIGN_OR_RETURN(layer->w2, ckpt.LoadF32(n.down, std::vector<int64_t>{h, inter}));
+      ASSIGN_OR_RETURN(layer->w1, ckpt.LoadWeight(n.gate, std::vector<int64_t>{inter, h}));
+      ASSIGN_OR_RETURN(layer->w3, ckpt.LoadWeight(n.up, std::vector<int64_t>{inter, h}));
+      ASSIGN_OR_RETURN(layer->w2, ckpt.LoadWeight(n.down, std::vector<int64_t>{h, inter}));
     }
     e->layers_.push_back(std::move(layer));
   }
@@ -225,11 +245,11 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
   if (cfg_.q_lora_rank > 0) {
     const int64_t ql = cfg_.q_lora_rank;
     std::vector<float> qa(t * ql);
-    backend_->MatMulT(xn, t, h, L.wq_a.data(), ql, qa.data());
+    backend_->MatMulW(xn, t, L.wq_a, qa.data());
     backend_->RmsNorm(qa.data(), L.q_a_norm.data(), t, ql, kMlaLatentNormEps, qa.data());
-    backend_->MatMulT(qa.data(), t, ql, L.wq_b.data(), nh * qk, q.data());
+    backend_->MatMulW(qa.data(), t, L.wq_b, q.data());
   } else {
-    backend_->MatMulT(xn, t, h, L.wq.data(), nh * qk, q.data());
+    backend_->MatMulW(xn, t, L.wq, q.data());
   }
   // Decoupled RoPE on the last qk_rope dims of each head, adjacent pairs as DeepSeek does (HF
   // checkpoints store q_b_proj/kv_a_proj unpermuted; HF's modeling code de-interleaves q and k
@@ -238,7 +258,7 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
                  rope_mscale_, /*interleaved=*/true);
   // kv: [t, kv_lora + rope] = [normalised latent | rotated shared key], the cache row.
   std::vector<float> kv(t * row);
-  backend_->MatMulT(xn, t, h, L.wkv_a.data(), row, kv.data());
+  backend_->MatMulW(xn, t, L.wkv_a, kv.data());
   for (int64_t i = 0; i < t; ++i) {
     backend_->RmsNorm(kv.data() + i * row, L.kv_a_norm.data(), 1, kvl, kMlaLatentNormEps,
                       kv.data() + i * row);
@@ -303,7 +323,7 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
       std::memcpy(o.data() + (i * nh + hd) * vd, ov.data() + i * vd, vd * sizeof(float));
     }
   }
-  backend_->MatMulT(o.data(), t, nh * vd, L.wo.data(), h, out, /*accumulate=*/true);
+  backend_->MatMulW(o.data(), t, L.wo, out, /*accumulate=*/true);
   return absl::OkStatus();
 }
 
@@ -314,9 +334,9 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const 
   const int64_t h = cfg_.hidden_size, hd = cfg_.head_dim, nh = cfg_.num_heads,
                 nkv = cfg_.num_kv_heads;
   std::vector<float> q(t * nh * hd), k(t * nkv * hd), v(t * nkv * hd), attn(t * nh * hd);
-  backend_->MatMulT(xn, t, h, L.wq.data(), nh * hd, q.data());
-  backend_->MatMulT(xn, t, h, L.wk.data(), nkv * hd, k.data());
-  backend_->MatMulT(xn, t, h, L.wv.data(), nkv * hd, v.data());
+  backend_->MatMulW(xn, t, L.wq, q.data());
+  backend_->MatMulW(xn, t, L.wk, k.data());
+  backend_->MatMulW(xn, t, L.wv, v.data());
   backend_->Rope(q.data(), t, nh, hd, nh * hd, hd, positions.data(), inv_freq_.data(), rope_mscale_,
                  false);
   backend_->Rope(k.data(), t, nkv, hd, nkv * hd, hd, positions.data(), inv_freq_.data(),
@@ -344,7 +364,7 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const 
                               attn.data() + row * nh * hd);
     row += n;
   }
-  backend_->MatMulT(attn.data(), t, nh * hd, L.wo.data(), h, out, /*accumulate=*/true);
+  backend_->MatMulW(attn.data(), t, L.wo, out, /*accumulate=*/true);
   return absl::OkStatus();
 }
 
@@ -379,7 +399,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
     for (const StepInput& in : inputs) {
       Reserve(in.seq, in.seq->length_ + static_cast<int64_t>(in.tokens.size()));
       for (size_t i = 0; i < in.tokens.size(); ++i, ++r) {
-        std::memcpy(x.mutable_row(r), embed_.row(in.tokens[i]), h * sizeof(float));
+        DequantizeRows(embed_, in.tokens[i], in.tokens[i] + 1, x.mutable_row(r));
         positions.push_back(static_cast<int32_t>(in.seq->length_ + i));
       }
     }
@@ -392,11 +412,10 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
     RETURN_IF_ERROR(Attention(l, inputs, xn.data(), t, positions, x.mutable_data()));
     backend_->RmsNorm(x.data(), L.post_norm.data(), t, h, cfg_.rms_norm_eps, xn.mutable_data());
     if (L.dense) {
-      const int64_t inter = L.w1.dim(0);
+      const int64_t inter = L.w1.rows;
       work.resize(2 * t * inter);
       Tensor y = Tensor::Zeros({t, h});
-      backend_->ExpertFfn(xn.data(), t, h, inter, L.w1.data(), L.w3.data(), L.w2.data(),
-                          work.data(), y.mutable_data());
+      backend_->ExpertFfnW(xn.data(), t, L.w1, L.w3, L.w2, work.data(), y.mutable_data());
       float* xd = x.mutable_data();
       for (int64_t i = 0; i < t * h; ++i) xd[i] += y.data()[i];
     } else {
@@ -435,7 +454,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
     backend_->RmsNorm(x.row(rows[i]), norm_.data(), 1, h, cfg_.rms_norm_eps, sel.mutable_row(i));
   }
   Tensor logits = Tensor::Zeros({nr, cfg_.vocab_size});
-  backend_->MatMulT(sel.data(), nr, h, lm_head_.data(), cfg_.vocab_size, logits.mutable_data());
+  backend_->MatMulW(sel.data(), nr, lm_head_, logits.mutable_data());
 
   std::vector<Tensor> out;
   out.reserve(inputs.size());

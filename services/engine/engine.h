@@ -27,6 +27,7 @@
 #include "services/model/safetensors.h"
 #include "services/moe/moe_layer.h"
 #include "services/tensor/tensor.h"
+#include "services/tensor/weight.h"
 
 namespace moemesh {
 
@@ -69,6 +70,9 @@ class Engine {
   // Floats the KV cache holds per token per layer: 2 * kv_heads * head_dim for GQA,
   // kv_lora_rank + qk_rope_head_dim for MLA.
   int64_t cache_floats_per_token_per_layer() const { return k_row_ + v_row_; }
+  // Bytes the dense weights occupy in memory (embeddings, attention, dense FFNs, norms, LM
+  // head; the experts are the MoeLayer's).
+  int64_t weight_bytes() const;
   // Softmax scale of attention scores (with YaRN's mscale² for MLA when rope_scaling is set).
   float attention_scale() const { return attn_scale_; }
 
@@ -94,9 +98,9 @@ class Engine {
   ModelConfig cfg_;
   ComputeBackend* backend_ = nullptr;
   MoeLayer* moe_ = nullptr;
-  Tensor embed_;    // [vocab, hidden]
+  Weight embed_;    // [vocab, hidden], checkpoint dtype; rows dequantised on lookup
   Tensor norm_;     // [hidden]
-  Tensor lm_head_;  // [vocab, hidden]
+  Weight lm_head_;  // [vocab, hidden]
   std::vector<float> inv_freq_;
   float rope_mscale_ = 1.0f;
   float attn_scale_ = 1.0f;

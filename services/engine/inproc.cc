@@ -30,10 +30,20 @@ std::vector<ExpertKey> DefaultPlacement(const ModelConfig& cfg, int g, int group
   return keys;
 }
 
-absl::StatusOr<std::unique_ptr<Checkpoint>> OpenModelCheckpoint(const std::string& dir,
-                                                                const ModelConfig& cfg) {
+absl::StatusOr<std::optional<DType>> ParseWeightsDType(absl::string_view flag) {
+  if (flag.empty() || flag == "checkpoint") return std::optional<DType>();
+  if (flag == "f32") return std::optional<DType>(DType::kF32);
+  if (flag == "bf16") return std::optional<DType>(DType::kBF16);
+  if (flag == "f16") return std::optional<DType>(DType::kF16);
+  return absl::InvalidArgumentError(
+      absl::StrCat("--weights_dtype must be checkpoint, f32, bf16 or f16, got '", flag, "'"));
+}
+
+absl::StatusOr<std::unique_ptr<Checkpoint>> OpenModelCheckpoint(
+    const std::string& dir, const ModelConfig& cfg, std::optional<DType> weights_dtype) {
   ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(dir));
   if (cfg.fp8_block_rows > 0) ckpt->set_fp8_block(cfg.fp8_block_rows, cfg.fp8_block_cols);
+  ckpt->set_weights_dtype(weights_dtype);
   return ckpt;
 }
 
@@ -46,7 +56,7 @@ absl::StatusOr<std::unique_ptr<InprocModel>> InprocModel::Load(const std::string
     return absl::InvalidArgumentError(
         absl::StrCat("groups must be in [1, ", m->config.num_experts, "]"));
   }
-  ASSIGN_OR_RETURN(m->checkpoint, OpenModelCheckpoint(dir, m->config));
+  ASSIGN_OR_RETURN(m->checkpoint, OpenModelCheckpoint(dir, m->config, options.weights_dtype));
   m->backend = MakeCpuBackend();
   std::vector<MoeDispatcher::GroupEntry> groups;
   for (int g = 0; g < options.groups; ++g) {
@@ -54,6 +64,7 @@ absl::StatusOr<std::unique_ptr<InprocModel>> InprocModel::Load(const std::string
     ASSIGN_OR_RETURN(auto group,
                      LocalExpertGroup::Load(*m->checkpoint, m->config, keys, m->backend.get(),
                                             absl::StrCat("local-", g)));
+    m->expert_weight_bytes += group->weight_bytes();
     groups.push_back({std::shared_ptr<ExpertGroup>(std::move(group)), keys});
   }
   ASSIGN_OR_RETURN(auto gates, MoeDispatcher::LoadGates(*m->checkpoint, m->config));

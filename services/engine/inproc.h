@@ -6,6 +6,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -20,7 +21,13 @@ namespace moemesh {
 struct InprocOptions {
   int groups = 1;  // local expert groups the experts are split over
   int top_k = 0;   // overrides num_experts_per_tok when > 0
+  // Converts the weights to this dtype on load; nullopt keeps the checkpoint's dtypes.
+  std::optional<DType> weights_dtype;
 };
+
+// "" or "checkpoint" → nullopt (keep each weight's dtype); "f32", "bf16", "f16" → that dtype.
+// INVALID_ARGUMENT otherwise (FP8 is read from FP8 checkpoints, never produced on load).
+[[nodiscard]] absl::StatusOr<std::optional<DType>> ParseWeightsDType(absl::string_view flag);
 
 // Applies overrides (top-k) to a loaded config; INVALID_ARGUMENT when out of range.
 [[nodiscard]] absl::Status ApplyTopKOverride(int top_k, ModelConfig* cfg);
@@ -29,9 +36,11 @@ struct InprocOptions {
 // evenly (contiguous ranges) in every MoE layer; shared experts go to group 0.
 std::vector<ExpertKey> DefaultPlacement(const ModelConfig& cfg, int g, int groups);
 
-// Opens a checkpoint with the config's FP8 block size, as every service must.
+// Opens a checkpoint with the config's FP8 block size, as every service must, converting weights
+// to `weights_dtype` on load when set.
 [[nodiscard]] absl::StatusOr<std::unique_ptr<Checkpoint>> OpenModelCheckpoint(
-    const std::string& dir, const ModelConfig& cfg);
+    const std::string& dir, const ModelConfig& cfg,
+    std::optional<DType> weights_dtype = std::nullopt);
 
 struct InprocModel {
   std::unique_ptr<Checkpoint> checkpoint;
@@ -39,6 +48,10 @@ struct InprocModel {
   std::unique_ptr<ComputeBackend> backend;
   std::unique_ptr<MoeDispatcher> moe;
   std::unique_ptr<Engine> engine;
+  int64_t expert_weight_bytes = 0;  // of every local expert group
+
+  // Bytes all the model's weights occupy in memory.
+  int64_t weight_bytes() const { return expert_weight_bytes + engine->weight_bytes(); }
 
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<InprocModel>> Load(
       const std::string& dir, const InprocOptions& options = {});

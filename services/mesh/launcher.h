@@ -27,6 +27,8 @@ struct MeshOptions {
   int groups = 1;
   int replicas = 1;
   int top_k = 0;
+  // The services default to bf16 on the wire; the launcher defaults to f32 because the mesh
+  // tests check the exactness contract (logits within 1e-4 of the engine) against it.
   std::string wire_dtype = "f32";
   bool metrics = false;  // give every service a /metrics port
   // DeepSeek shared experts in the gateway (the default, docs/SHARED-EXPERTS.md) or in

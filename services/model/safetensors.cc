@@ -279,6 +279,74 @@ absl::StatusOr<Tensor> Checkpoint::LoadFp8(const std::string& name, const Tensor
   return t;
 }
 
+absl::StatusOr<Weight> Checkpoint::LoadWeight(const std::string& name,
+                                              absl::Span<const int64_t> expected_shape) const {
+  ASSIGN_OR_RETURN(auto file, FileFor(name));
+  const TensorInfo* info = file->Find(name);
+  if (info == nullptr) {
+    return absl::NotFoundError(absl::StrCat(file->path(), ": tensor '", name,
+                                            "' is listed in the index but missing from the file"));
+  }
+  if (absl::Span<const int64_t>(info->shape) != expected_shape || info->shape.size() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat(dir_, ": tensor '", name, "' has shape ",
+                                                   ShapeToString(info->shape), ", expected ",
+                                                   ShapeToString(expected_shape)));
+  }
+  absl::Span<const uint8_t> bytes = file->Bytes(*info);
+  Weight w;
+  w.dtype = info->dtype;
+  w.rows = info->shape[0];
+  w.cols = info->shape[1];
+  if (info->dtype == DType::kF8E4M3) {
+    const std::string scale_name = Fp8ScaleName(name);
+    if (!Has(scale_name)) {
+      return absl::InvalidArgumentError(absl::StrCat(dir_, ": FP8 tensor '", name,
+                                                     "': its block scales '", scale_name,
+                                                     "' are not in the checkpoint"));
+    }
+    ASSIGN_OR_RETURN(Tensor scale, LoadF32(scale_name));
+    const std::vector<int64_t> want =
+        Fp8ScaleShape(w.rows, w.cols, fp8_block_rows_, fp8_block_cols_);
+    if (scale.shape() != want) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          dir_, ": FP8 tensor '", name, "': scales have shape ", scale.ShapeString(),
+          ", expected ", ShapeToString(want)));
+    }
+    w.data = bytes.data();
+    w.scale_inv = scale.data();
+    w.block_rows = fp8_block_rows_;
+    w.block_cols = fp8_block_cols_;
+    w.owner = std::make_shared<std::pair<std::shared_ptr<SafetensorsFile>, Tensor>>(file, scale);
+  } else if (reinterpret_cast<uintptr_t>(bytes.data()) % DTypeSize(info->dtype) == 0) {
+    w.data = bytes.data();
+    w.owner = file;
+  } else {
+    auto copy = std::make_shared<std::vector<uint8_t>>(bytes.begin(), bytes.end());
+    w.data = copy->data();
+    w.owner = copy;
+  }
+  if (!weights_dtype_.has_value() || *weights_dtype_ == w.dtype) return w;
+  if (*weights_dtype_ == DType::kF8E4M3) {
+    return absl::InvalidArgumentError(
+        "converting weights to FP8 on load is not supported; use an FP8 checkpoint");
+  }
+  // Convert row by row through F32, so that no whole F32 copy exists at any time.
+  const DType to = *weights_dtype_;
+  auto buf = std::make_shared<std::vector<uint8_t>>(w.rows * w.cols * DTypeSize(to));
+  std::vector<float> row(w.cols);
+  for (int64_t r = 0; r < w.rows; ++r) {
+    DequantizeRows(w, r, r + 1, row.data());
+    ConvertFromF32(to, row.data(), w.cols, buf->data() + r * w.cols * DTypeSize(to));
+  }
+  Weight c;
+  c.dtype = to;
+  c.rows = w.rows;
+  c.cols = w.cols;
+  c.data = buf->data();
+  c.owner = buf;
+  return c;
+}
+
 absl::StatusOr<Tensor> Checkpoint::LoadF32(const std::string& name,
                                            absl::Span<const int64_t> expected_shape) const {
   ASSIGN_OR_RETURN(TensorInfo info, Info(name));

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "services/tensor/tensor.h"
+#include "services/tensor/weight.h"
 
 namespace moemesh {
 
@@ -78,6 +80,17 @@ class Checkpoint {
   [[nodiscard]] absl::StatusOr<Tensor> LoadF32(const std::string& name) const;
   [[nodiscard]] absl::StatusOr<Tensor> LoadF32(const std::string& name,
                                                absl::Span<const int64_t> expected_shape) const;
+  // A 2-D weight in its stored dtype (see weight.h), or converted to weights_dtype() when that
+  // is set. F32, F16 and BF16 weights are zero-copy views into the mapping when aligned, so a
+  // process's resident memory is about the bytes of the weights it touches. F8_E4M3 weights
+  // keep their bytes and their block scales "X_scale_inv" (INVALID_ARGUMENT when missing or of
+  // the wrong shape). A different shape than `expected_shape` is INVALID_ARGUMENT.
+  [[nodiscard]] absl::StatusOr<Weight> LoadWeight(const std::string& name,
+                                                  absl::Span<const int64_t> expected_shape) const;
+  // Converts every weight LoadWeight returns to `dtype` (F32, F16 or BF16); nullopt keeps
+  // each in its checkpoint dtype. Call before loading; not synchronised with LoadWeight.
+  void set_weights_dtype(std::optional<DType> dtype) { weights_dtype_ = dtype; }
+  std::optional<DType> weights_dtype() const { return weights_dtype_; }
   // Number of shard files this checkpoint has mapped so far.
   int OpenedFiles() const;
   // The [rows, cols] block of FP8 scales (config.json quantization_config.weight_block_size),
@@ -95,6 +108,7 @@ class Checkpoint {
                                  absl::Span<const uint8_t> bytes) const;
 
   std::string dir_;
+  std::optional<DType> weights_dtype_;
   int fp8_block_rows_ = 128;
   int fp8_block_cols_ = 128;
   absl::flat_hash_map<std::string, std::string> file_of_;  // tensor -> shard file name

@@ -73,10 +73,10 @@ absl::StatusOr<std::unique_ptr<LocalExpertGroup>> LocalExpertGroup::Load(
         static_cast<int64_t>(cfg.moe_intermediate_size) * (shared ? cfg.n_shared_experts : 1);
     const int64_t h = cfg.hidden_size;
     ExpertWeights w;
-    ASSIGN_OR_RETURN(w.w1, ckpt.LoadF32(names.gate, std::vector<int64_t>{inter, h}));
-    ASSIGN_OR_RETURN(w.w3, ckpt.LoadF32(names.up, std::vector<int64_t>{inter, h}));
-    ASSIGN_OR_RETURN(w.w2, ckpt.LoadF32(names.down, std::vector<int64_t>{h, inter}));
-    g->weight_bytes_ += 3 * inter * h * 4;
+    ASSIGN_OR_RETURN(w.w1, ckpt.LoadWeight(names.gate, std::vector<int64_t>{inter, h}));
+    ASSIGN_OR_RETURN(w.w3, ckpt.LoadWeight(names.up, std::vector<int64_t>{inter, h}));
+    ASSIGN_OR_RETURN(w.w2, ckpt.LoadWeight(names.down, std::vector<int64_t>{h, inter}));
+    g->weight_bytes_ += w.w1.bytes() + w.w3.bytes() + w.w2.bytes();
     g->weights_.emplace(key, std::move(w));
   }
   g->experts_ = std::move(experts);
@@ -120,15 +120,14 @@ absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
     const auto& rows = by_expert[e];
     const ExpertWeights& w = weights_.at(ExpertKey{b.layer, e});
     const int64_t m = static_cast<int64_t>(rows.size());
-    const int64_t inter = w.w1.dim(0);
+    const int64_t inter = w.w1.rows;
     x.resize(m * hidden_);
     y.resize(m * hidden_);
     work.resize(2 * m * inter);
     for (int64_t r = 0; r < m; ++r) {
       std::memcpy(x.data() + r * hidden_, b.tokens.row(rows[r].first), hidden_ * sizeof(float));
     }
-    backend_->ExpertFfn(x.data(), m, hidden_, inter, w.w1.data(), w.w3.data(), w.w2.data(),
-                        work.data(), y.data());
+    backend_->ExpertFfnW(x.data(), m, w.w1, w.w3, w.w2, work.data(), y.data());
     for (int64_t r = 0; r < m; ++r) {
       float* dst = out.mutable_row(rows[r].first);
       const float* src = y.data() + r * hidden_;

@@ -2,7 +2,8 @@
 //
 // This is the compute of an expert worker and of the single-process engine. Run groups the
 // tokens of a call by expert, so every expert does one batched GEMM chain per call (never one
-// per token), then scatters the weighted outputs back. Only the tensors of held experts are
+// per token), then scatters the weighted outputs back. Weights stay in their checkpoint's
+// dtype; each expert's products run on all of the process's kernel threads. Only the tensors of held experts are
 // read from the checkpoint. Run is thread-safe (all scratch space is per call).
 #pragma once
 
@@ -18,10 +19,11 @@
 
 namespace moemesh {
 
+// In the checkpoint's dtype (or Checkpoint::weights_dtype() when set), read from the mapping.
 struct ExpertWeights {
-  Tensor w1;  // gate_proj: [inter, hidden]
-  Tensor w3;  // up_proj:   [inter, hidden]
-  Tensor w2;  // down_proj: [hidden, inter]
+  Weight w1;  // gate_proj: [inter, hidden]
+  Weight w3;  // up_proj:   [inter, hidden]
+  Weight w2;  // down_proj: [hidden, inter]
 };
 
 // Expert id used for a layer's shared experts (DeepSeek-V3), which every token visits with

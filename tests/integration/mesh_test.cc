@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <fstream>
 #include <thread>
 
@@ -118,6 +119,38 @@ TEST_F(MeshTest, ConcurrentGreedyGenerationMatchesSingleProcess) {
   for (size_t i = 0; i < prompts.size(); ++i) {
     ASSERT_TRUE(got[i].ok()) << got[i].status();
     EXPECT_EQ(*got[i], want[i]) << "prompt " << i;
+  }
+  EXPECT_TRUE((*mesh)->Stop().ok());
+}
+
+// Batch invariance through the mesh (issue 8, section 5): a request's logits are bitwise the
+// same served alone and among 16 concurrent others, whatever the batches the gateway forms.
+// Prompts are never chunked here (--max_step_tokens above any prompt): chunk boundaries are
+// the one thing a request's logits may depend on.
+TEST_F(MeshTest, LogitsAreBitwiseEqualAloneAndAmongSixteenOthers) {
+  MeshOptions o = TestMeshOptions(*model_, dir_->Join("work-invariance"), 2);
+  o.gateway_args = {"--max_step_tokens=4096"};
+  auto mesh = Mesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  auto gw = GatewayClient((*mesh)->gateway_address());
+  const std::vector<int32_t> probe = Tokens(9, 42);
+  auto alone = ScoreViaGateway(gw.get(), probe);
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  for (int trial = 0; trial < 3; ++trial) {
+    std::vector<absl::StatusOr<Tensor>> got(17);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 17; ++i) {
+      threads.emplace_back([&, i] {
+        auto c = GatewayClient((*mesh)->gateway_address());
+        got[i] = ScoreViaGateway(c.get(), i == 8 + trial ? probe : Tokens(1 + (i * 7) % 23, i + trial));
+      });
+    }
+    for (auto& t : threads) t.join();
+    ASSERT_TRUE(got[8 + trial].ok()) << got[8 + trial].status();
+    const Tensor& p = *got[8 + trial];
+    ASSERT_EQ(p.shape(), alone->shape());
+    EXPECT_EQ(std::memcmp(p.data(), alone->data(), p.numel() * sizeof(float)), 0)
+        << "trial " << trial << ": max diff " << MaxAbsDiff(p.data(), alone->data(), p.numel());
   }
   EXPECT_TRUE((*mesh)->Stop().ok());
 }

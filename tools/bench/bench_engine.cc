@@ -1,10 +1,19 @@
-// bench_engine: prefill and decode throughput of the single-process engine.
+// bench_engine: prefill and batched decode throughput of the single-process engine.
 //
-//   bench_engine [--model DIR] [--prompt 512] [--decode 64] [--json out.json]
+//   bench_engine [--model DIR] [--prompt 512] [--concurrency 1,4,8,16] [--decode 64]
+//                [--json out.json] [--weights_dtype checkpoint|f32|bf16|f16]
+//                [--threads N] [--blas_min_rows R] [--isa avx512|avx2|scalar]
 //
-// Without --model it generates the benchmark model (hidden 1024, 8 layers, 16 heads,
-// 4 kv heads, 8 experts top-2, intermediate 2816, vocab 32000, F32; about 640M parameters)
-// into --cache_dir once and reuses it. Prints a table and writes JSON.
+// Prefill: one --prompt-token prompt in one step (best of --repeats). Decode: for each
+// concurrency C, C greedy streams with different 16-token prompts (prefilled first, untimed)
+// decode --decode tokens each, all C in every step; the figure is C × decode tokens over the
+// decode phase. Without --model it generates the benchmark model (hidden 1024,
+// 8 layers, 16 heads, 4 kv heads, 8 experts top-2, intermediate 2816, vocab 32000; about 640M
+// parameters) in --model_dtype into --cache_dir once and reuses it. Prints a table and writes
+// JSON with exactly the keys
+//   {"prefill_tokens_per_s", "decode": [{"streams", "tokens_per_s"}], "weight_bytes",
+//    "peak_rss_bytes"}.
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <cstdio>
@@ -13,44 +22,79 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/strings/str_format.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "services/compute/cpu/kernel_threads.h"
+#include "services/compute/cpu/matmul.h"
 #include "services/engine/inproc.h"
 #include "services/engine/sampler.h"
 #include "services/model/generator.h"
 
 ABSL_FLAG(std::string, model, "", "model directory (default: generate the benchmark model)");
 ABSL_FLAG(std::string, cache_dir, "/tmp/moemesh-bench-model", "where the benchmark model is kept");
+ABSL_FLAG(std::string, model_dtype, "f32",
+          "dtype of a generated benchmark model: f32 | bf16 | f16 | fp8");
 ABSL_FLAG(int, prompt, 512, "prompt tokens for prefill");
-ABSL_FLAG(int, decode, 64, "tokens to decode");
+ABSL_FLAG(std::string, concurrency, "1,4,8,16", "decode streams to measure, comma-separated");
+ABSL_FLAG(int, decode, 64, "tokens to decode per stream");
 ABSL_FLAG(int, repeats, 2, "prefill repetitions (best is reported)");
+ABSL_FLAG(std::string, weights_dtype, "checkpoint", "checkpoint | f32 | bf16 | f16");
+ABSL_FLAG(int, threads, 0, "kernel threads (0: all cores)");
+ABSL_FLAG(int, blas_min_rows, 0,
+          "rows from which products go to OpenBLAS (0: never; keeps batch invariance)");
+ABSL_FLAG(std::string, isa, "", "force the kernels' instruction set: avx512 | avx2 | scalar");
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
+
+namespace {
+
+using namespace moemesh;
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "%s\n", s.ToString().c_str());
+  return 1;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  using namespace moemesh;
+  if (absl::GetFlag(FLAGS_threads) > 0) cpu::KernelThreads::SetThreads(absl::GetFlag(FLAGS_threads));
+  cpu::set_blas_min_rows(absl::GetFlag(FLAGS_blas_min_rows));
+  const std::string isa = absl::GetFlag(FLAGS_isa);
+  if (isa == "scalar") cpu::SetIsa(cpu::Isa::kScalar);
+  if (isa == "avx2") cpu::SetIsa(cpu::Isa::kAvx2);
+  if (isa == "avx512") cpu::SetIsa(cpu::Isa::kAvx512);
+  std::vector<int> streams;
+  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_concurrency), ',', absl::SkipEmpty())) {
+    int c;
+    if (!absl::SimpleAtoi(p, &c) || c < 1) return Fail(absl::InvalidArgumentError("bad --concurrency"));
+    streams.push_back(c);
+  }
   std::string dir = absl::GetFlag(FLAGS_model);
   if (dir.empty()) {
-    dir = absl::GetFlag(FLAGS_cache_dir);
+    const std::string md = absl::GetFlag(FLAGS_model_dtype);
+    dir = absl::GetFlag(FLAGS_cache_dir) + (md == "f32" ? "" : "-" + md);
     struct stat st;
     if (::stat((dir + "/config.json").c_str(), &st) != 0) {
       GeneratorOptions o;
       o.config = SmallMixtralConfig(32000, 1024, 2816, 8, 16, 4, 8, 2);
       o.seed = 1;
+      if (md == "bf16") o.dtype = DType::kBF16;
+      if (md == "f16") o.dtype = DType::kF16;
+      if (md == "fp8") o.dtype = DType::kF8E4M3;
       std::fprintf(stderr, "generating the benchmark model in %s ...\n", dir.c_str());
-      if (auto s = GenerateModel(o, dir); !s.ok()) {
-        std::fprintf(stderr, "%s\n", s.ToString().c_str());
-        return 1;
-      }
+      if (auto s = GenerateModel(o, dir); !s.ok()) return Fail(s);
     }
   }
+  auto wd = ParseWeightsDType(absl::GetFlag(FLAGS_weights_dtype));
+  if (!wd.ok()) return Fail(wd.status());
+  InprocOptions io;
+  io.weights_dtype = *wd;
   const absl::Time t0 = absl::Now();
-  auto m = InprocModel::Load(dir);
-  if (!m.ok()) {
-    std::fprintf(stderr, "%s\n", m.status().ToString().c_str());
-    return 1;
-  }
+  auto m = InprocModel::Load(dir, io);
+  if (!m.ok()) return Fail(m.status());
   const double load_s = absl::ToDoubleSeconds(absl::Now() - t0);
   Engine& e = *(*m)->engine;
   const ModelConfig& cfg = e.config();
@@ -58,50 +102,66 @@ int main(int argc, char** argv) {
   std::vector<int32_t> prompt(np);
   for (int i = 0; i < np; ++i) prompt[i] = (i * 7919 + 13) % cfg.vocab_size;
 
-  double best_prefill = 1e30, decode_s = 0;
+  double best_prefill = 1e30;
   for (int rep = 0; rep < absl::GetFlag(FLAGS_repeats); ++rep) {
     auto seq = e.NewSequence();
     StepInput in{seq.get(), prompt, false};
     const absl::Time a = absl::Now();
     auto r = e.Step({&in, 1});
-    const double s = absl::ToDoubleSeconds(absl::Now() - a);
-    if (!r.ok()) {
-      std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
-      return 1;
-    }
-    best_prefill = std::min(best_prefill, s);
-    if (rep == 0) {
-      int32_t tok = Argmax((*r)[0].span());
-      const absl::Time d = absl::Now();
-      for (int i = 0; i < nd; ++i) {
-        StepInput di{seq.get(), absl::Span<const int32_t>(&tok, 1), false};
-        auto dr = e.Step({&di, 1});
-        if (!dr.ok()) return 1;
-        tok = Argmax((*dr)[0].span());
-      }
-      decode_s = absl::ToDoubleSeconds(absl::Now() - d);
-    }
+    if (!r.ok()) return Fail(r.status());
+    best_prefill = std::min(best_prefill, absl::ToDoubleSeconds(absl::Now() - a));
   }
-  const double prefill_tps = np / best_prefill, decode_tps = nd / decode_s;
-  std::printf("| model | params | prompt | prefill tok/s | decode tok/s | load s |\n");
-  std::printf("|---|---|---|---|---|---|\n");
-  const double params =
-      static_cast<double>(cfg.vocab_size) * cfg.hidden_size * 2 +
-      cfg.num_layers * (static_cast<double>(cfg.hidden_size) * cfg.num_heads * cfg.head_dim * 2 +
-                        2.0 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim +
-                        3.0 * cfg.num_experts * cfg.hidden_size * cfg.moe_intermediate_size +
-                        cfg.num_experts * cfg.hidden_size);
-  std::printf("| %s | %.0fM | %d | %.1f | %.2f | %.1f |\n", dir.c_str(), params / 1e6, np,
-              prefill_tps, decode_tps, load_s);
+  const double prefill_tps = np / best_prefill;
+
+  nlohmann::json decode = nlohmann::json::array();
+  std::vector<double> decode_tps;
+  for (int c : streams) {
+    std::vector<std::unique_ptr<Sequence>> seqs;
+    std::vector<std::vector<int32_t>> prompts(c);
+    std::vector<StepInput> ins;
+    for (int s = 0; s < c; ++s) {
+      seqs.push_back(e.NewSequence());
+      for (int i = 0; i < 16; ++i) prompts[s].push_back((s * 104729 + i * 7919 + 17) % cfg.vocab_size);
+      ins.push_back(StepInput{seqs.back().get(), prompts[s], false});
+    }
+    auto r = e.Step(ins);
+    if (!r.ok()) return Fail(r.status());
+    std::vector<int32_t> tok(c);
+    for (int s = 0; s < c; ++s) tok[s] = Argmax((*r)[s].span());
+    const absl::Time d = absl::Now();
+    for (int i = 0; i < nd; ++i) {
+      for (int s = 0; s < c; ++s) {
+        ins[s] = StepInput{seqs[s].get(), absl::Span<const int32_t>(&tok[s], 1), false};
+      }
+      auto dr = e.Step(ins);
+      if (!dr.ok()) return Fail(dr.status());
+      for (int s = 0; s < c; ++s) tok[s] = Argmax((*dr)[s].span());
+    }
+    const double tps = static_cast<double>(c) * nd / absl::ToDoubleSeconds(absl::Now() - d);
+    decode_tps.push_back(tps);
+    decode.push_back({{"streams", c}, {"tokens_per_s", tps}});
+  }
+  struct rusage ru;
+  ::getrusage(RUSAGE_SELF, &ru);
+  const int64_t peak_rss = static_cast<int64_t>(ru.ru_maxrss) * 1024;
+  const int64_t weight_bytes = (*m)->weight_bytes();
+
+  std::printf("model %s, weights %.1f MB, peak RSS %.1f MB, load %.1f s, isa %s, %d threads\n",
+              dir.c_str(), weight_bytes / 1e6, peak_rss / 1e6, load_s,
+              cpu::IsaName(cpu::ActiveIsa()), cpu::KernelThreads::Get().threads());
+  std::printf("| prefill %d tok/s |", np);
+  for (int c : streams) std::printf(" decode %d streams tok/s |", c);
+  std::printf("\n|---|");
+  for (size_t i = 0; i < streams.size(); ++i) std::printf("---|");
+  std::printf("\n| %.1f |", prefill_tps);
+  for (double t : decode_tps) std::printf(" %.1f |", t);
+  std::printf("\n");
   if (!absl::GetFlag(FLAGS_json).empty()) {
-    nlohmann::json j = {{"model", dir},
-                        {"params", params},
-                        {"prompt_tokens", np},
-                        {"decode_tokens", nd},
-                        {"prefill_tokens_per_s", prefill_tps},
-                        {"decode_tokens_per_s", decode_tps},
-                        {"load_s", load_s}};
-    std::ofstream(absl::GetFlag(FLAGS_json)) << j.dump(2) << "\n";
+    nlohmann::json j = {{"prefill_tokens_per_s", prefill_tps},
+                        {"decode", decode},
+                        {"weight_bytes", weight_bytes},
+                        {"peak_rss_bytes", peak_rss}};
+    std::ofstream(absl::GetFlag(FLAGS_json)) << j.dump() << "\n";
   }
   return 0;
 }

@@ -46,7 +46,7 @@ struct GenerateArgs {
 struct UpArgs {
   int groups = 1;
   int replicas = 1;
-  std::string wire_dtype = "f32";
+  std::string wire_dtype = "bf16";
   std::string bin_dir;            // where the service binaries are
   std::string default_model_dir;  // used (and created) when --model is not given
   std::string run_dir = "/tmp";   // logs and port files go under it

@@ -1,5 +1,7 @@
-// CPU ComputeBackend on OpenBLAS: GEMMs go to sgemm; the rest are plain loops that the
-// compiler vectorises. Stateless, so one instance serves every thread.
+// CPU ComputeBackend: matrix products go to the few-row kernels of matmul.h (batch-invariant,
+// any weight dtype, on the process's kernel threads; OpenBLAS sgemm above
+// cpu::blas_min_rows() when that is set); attention for prompts uses sgemm; the rest are plain
+// loops that the compiler vectorises. Stateless, so one instance serves every thread.
 #include <cblas.h>
 
 #include <algorithm>
@@ -8,6 +10,7 @@
 #include <vector>
 
 #include "services/compute/backend.h"
+#include "services/compute/cpu/matmul.h"
 #include "services/compute/softmax_topk.h"
 
 namespace moemesh {
@@ -20,13 +23,16 @@ class CpuBackend final : public ComputeBackend {
   void MatMulT(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
                bool accumulate) override {
     if (m == 0 || n == 0) return;
-    if (m == 1) {
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w, k, x, 1, accumulate ? 1.0f : 0.0f, y,
-                  1);
-      return;
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, k, w, k,
-                accumulate ? 1.0f : 0.0f, y, n);
+    cpu::MatMul(x, m, F32Weight(w, n, k), y, accumulate);
+  }
+
+  void MatMulW(const float* x, int64_t m, const Weight& w, float* y, bool accumulate) override {
+    cpu::MatMul(x, m, w, y, accumulate);
+  }
+
+  void ExpertFfnW(const float* x, int64_t m, const Weight& w1, const Weight& w3, const Weight& w2,
+                  float* workspace, float* y) override {
+    cpu::ExpertFfn(x, m, w1, w3, w2, workspace, y);
   }
 
   void RmsNorm(const float* x, const float* weight, int64_t rows, int64_t dim, float eps,
@@ -130,12 +136,8 @@ class CpuBackend final : public ComputeBackend {
 
   void ExpertFfn(const float* x, int64_t m, int64_t hidden, int64_t inter, const float* w1,
                  const float* w3, const float* w2, float* workspace, float* y) override {
-    float* g = workspace;
-    float* u = workspace + m * inter;
-    MatMulT(x, m, hidden, w1, inter, g, false);
-    MatMulT(x, m, hidden, w3, inter, u, false);
-    SiluMul(g, u, m * inter, g);
-    MatMulT(g, m, inter, w2, hidden, y, false);
+    cpu::ExpertFfn(x, m, F32Weight(w1, inter, hidden), F32Weight(w3, inter, hidden),
+                   F32Weight(w2, hidden, inter), workspace, y);
   }
 
   void SoftmaxTopK(const float* logits, int64_t t, int64_t e, int k, bool renormalize, int32_t* ids,

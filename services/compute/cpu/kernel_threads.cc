@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -9,25 +10,41 @@
 
 namespace moemesh::cpu {
 namespace {
+
 std::atomic<int> g_requested_threads{0};
+
+// How long an idle worker (or a caller waiting for its helpers) spins before sleeping. A decode
+// step runs a few hundred short regions back to back; waking a sleeping thread costs tens of
+// microseconds each time, spinning this long costs nothing when regions follow each other.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+template <typename Pred>
+bool SpinUntil(Pred pred) {
+  const auto end = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 0;; ++i) {
+    if (pred()) return true;
+    __builtin_ia32_pause();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() > end) return false;
+  }
+}
+
 }  // namespace
 
 struct KernelThreads::Impl {
   int threads = 1;
   std::mutex region;  // held by the caller for the whole of a parallel region
-  std::mutex mu;
+  std::mutex mu;      // guards sleeping and waking only
   std::condition_variable wake, done;
-  uint64_t generation = 0;  // bumped per region
+  std::atomic<uint64_t> generation{0};  // bumped per region
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
   int64_t n = 0, grain = 1;
-  std::atomic<int64_t> next{0};
-  int active = 0;  // workers still inside the current region
   int wanted = 0;  // workers taking part in the current region
-  std::vector<std::thread> workers;
+  std::atomic<int64_t> next{0};
+  std::atomic<int> active{0};  // workers still inside the current region
 
   void RunChunks() {
     for (;;) {
-      const int64_t b = next.fetch_add(grain);
+      const int64_t b = next.fetch_add(grain, std::memory_order_relaxed);
       if (b >= n) return;
       (*fn)(b, std::min(n, b + grain));
     }
@@ -36,15 +53,18 @@ struct KernelThreads::Impl {
   void Work(int index) {
     uint64_t seen = 0;
     for (;;) {
-      {
+      auto changed = [&] { return generation.load(std::memory_order_acquire) != seen; };
+      if (!SpinUntil(changed)) {
         std::unique_lock<std::mutex> l(mu);
-        wake.wait(l, [&] { return generation != seen; });
-        seen = generation;
-        if (index >= wanted) continue;
+        wake.wait(l, changed);
       }
+      seen = generation.load(std::memory_order_acquire);
+      if (index >= wanted) continue;
       RunChunks();
-      std::lock_guard<std::mutex> l(mu);
-      if (--active == 0) done.notify_one();
+      if (active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> l(mu);
+        done.notify_one();
+      }
     }
   }
 };
@@ -52,8 +72,7 @@ struct KernelThreads::Impl {
 KernelThreads::KernelThreads(int threads) : impl_(new Impl) {
   impl_->threads = std::max(1, threads);
   for (int i = 0; i + 1 < impl_->threads; ++i) {
-    impl_->workers.emplace_back([this, i] { impl_->Work(i); });
-    impl_->workers.back().detach();  // the pool lives as long as the process
+    std::thread([this, i] { impl_->Work(i); }).detach();  // the pool lives as long as the process
   }
 }
 
@@ -77,26 +96,31 @@ void KernelThreads::ParallelFor(int64_t n, int64_t grain,
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
   const int64_t chunks = (n + grain - 1) / grain;
-  std::unique_lock<std::mutex> region(impl_->region, std::try_to_lock);
-  if (chunks == 1 || impl_->threads == 1 || !region.owns_lock()) {
+  std::unique_lock<std::mutex> region(impl_->region, std::defer_lock);
+  if (chunks == 1 || impl_->threads == 1 || !region.try_lock()) {
     for (int64_t b = 0; b < n; b += grain) fn(b, std::min(n, b + grain));
     return;
   }
-  const int helpers = static_cast<int>(std::min<int64_t>(impl_->threads - 1, chunks - 1));
+  Impl& p = *impl_;
+  const int helpers = static_cast<int>(std::min<int64_t>(p.threads - 1, chunks - 1));
+  p.fn = &fn;
+  p.n = n;
+  p.grain = grain;
+  p.wanted = helpers;
+  p.next.store(0, std::memory_order_relaxed);
+  p.active.store(helpers, std::memory_order_relaxed);
   {
-    std::lock_guard<std::mutex> l(impl_->mu);
-    impl_->fn = &fn;
-    impl_->n = n;
-    impl_->grain = grain;
-    impl_->next.store(0);
-    impl_->wanted = helpers;
-    impl_->active = helpers;
-    ++impl_->generation;
+    // Under mu, so that a worker about to sleep either sees the new generation or is woken.
+    std::lock_guard<std::mutex> l(p.mu);
+    p.generation.fetch_add(1, std::memory_order_release);
   }
-  impl_->wake.notify_all();
-  impl_->RunChunks();
-  std::unique_lock<std::mutex> l(impl_->mu);
-  impl_->done.wait(l, [&] { return impl_->active == 0; });
+  p.wake.notify_all();
+  p.RunChunks();
+  auto finished = [&] { return p.active.load(std::memory_order_acquire) == 0; };
+  if (!SpinUntil(finished)) {
+    std::unique_lock<std::mutex> l(p.mu);
+    p.done.wait(l, finished);
+  }
 }
 
 }  // namespace moemesh::cpu
