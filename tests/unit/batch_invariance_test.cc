@@ -105,7 +105,9 @@ TEST_P(BatchInvarianceTest, LogitsAreBitwiseEqualAloneInABatchAndInMicroBatches)
         // First micro-batch: the others before the probe's position; second: the rest.
         std::vector<StepInput> first(batch.begin(), batch.begin() + pos);
         std::vector<StepInput> second(batch.begin() + pos, batch.end());
-        if (!first.empty()) ASSERT_TRUE(e.Step(first).ok());
+        if (!first.empty()) {
+          ASSERT_TRUE(e.Step(first).ok());
+        }
         auto r = e.Step(second);
         ASSERT_TRUE(r.ok()) << r.status();
         got = (*r)[0];

@@ -186,7 +186,7 @@ void GateUpSilu(const float* x, int64_t m, const Weight& w1, const Weight& w3, f
     thread_local std::vector<float> up;
     if (static_cast<int64_t>(up.size()) < m * cols) up.resize(m * cols);
     float* scratch = Scratch(std::max(w1.cols, w3.cols)).data();
-    rows1(x, m, w1, b, e, h + b, inter, false, scratch);
+    rows1(x, m, w1, b, e, h, inter, false, scratch);
     // rows writes y[i * ldy + j] for j in [b, e); shift so that column b lands at up[0].
     rows3(x, m, w3, b, e, up.data() - b, cols, false, scratch);
     for (int64_t i = 0; i < m; ++i) {
