@@ -2,7 +2,7 @@
 // single-process engine on the same checkpoint.
 //
 //   bench_mesh [--model DIR | --small] [--groups 2] [--replicas 1] [--wire_dtype f32|bf16]
-//              [--prompt 512] [--decode 64] [--concurrency 1,4,16] [--json out.json]
+//              [--prompt 512] [--decode 64] [--concurrency 1,4,8,16] [--json out.json]
 //
 // Without --model it uses bench_engine's benchmark model (hidden 1024, 8 layers, 8 experts
 // top-2, vocab 32000, F32, ~640M parameters), generating it into --cache_dir once; --small
@@ -74,11 +74,11 @@ ABSL_FLAG(std::string, cache_dir, "",
 ABSL_FLAG(bool, small, false, "use a smaller generated model (hidden 512, 4 layers, vocab 32000)");
 ABSL_FLAG(int, groups, 2, "expert groups");
 ABSL_FLAG(int, replicas, 1, "replicas per group");
-ABSL_FLAG(std::string, wire_dtype, "f32", "activation dtype on the wire: f32 | bf16");
+ABSL_FLAG(std::string, wire_dtype, "bf16", "activation dtype on the wire: f32 | bf16");
 ABSL_FLAG(int, prompt, 512, "prompt tokens for prefill");
 ABSL_FLAG(int, decode, 64, "tokens each decode stream generates");
 ABSL_FLAG(int, decode_prompt, 16, "prompt tokens of each decode stream");
-ABSL_FLAG(std::string, concurrency, "1,4,16", "concurrent decode streams, comma separated");
+ABSL_FLAG(std::string, concurrency, "1,4,8,16", "concurrent decode streams, comma separated");
 ABSL_FLAG(int, repeats, 2, "prefill repetitions (best is reported)");
 ABSL_FLAG(bool, inproc, true, "also measure the single-process engine");
 ABSL_FLAG(std::string, bin_dir, "", "directory of the moemesh service binaries (default: ours)");

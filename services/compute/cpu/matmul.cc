@@ -54,10 +54,11 @@ int64_t Grain(int64_t n) {
   return std::max<int64_t>(4, n / (threads * 4));
 }
 
-// The scratch a chunk needs for one dequantised weight row.
+// The scratch a chunk needs for a panel of dequantised weight rows.
 std::vector<float>& Scratch(int64_t cols) {
   thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < cols + kLanes) buf.resize(cols + kLanes);
+  const int64_t need = internal::kPanelRows * cols + kLanes;
+  if (static_cast<int64_t>(buf.size()) < need) buf.resize(need);
   return buf;
 }
 

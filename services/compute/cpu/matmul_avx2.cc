@@ -92,30 +92,51 @@ void RowsAvx2(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1
               int64_t ldy, bool accumulate, float* scratch) {
   const int64_t k = w.cols;
   constexpr int kR = 4;
+  // Few rows: one weight row at a time (dequantised into L1). More rows: panels of kPanelRows
+  // weight rows, so that a tile of x rows is reused over the whole panel while in cache.
+  // Either way each output is one DotTile in the canonical order.
+  const int64_t panel = m > kR ? kPanelRows : 1;
   float out[kR];
-  for (int64_t j = n0; j < n1; ++j) {
-    const float* wr;
+  auto store = [&](int64_t i, int64_t j, int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float& d = y[(i + r) * ldy + j];
+      d = accumulate ? d + out[r] : out[r];
+    }
+  };
+  for (int64_t j0 = n0; j0 < n1; j0 += panel) {
+    const int64_t j1 = j0 + panel < n1 ? j0 + panel : n1;
+    const float* wp;
     if (w.dtype == DType::kF32) {
-      wr = static_cast<const float*>(w.data) + j * k;
+      wp = static_cast<const float*>(w.data) + j0 * k;
     } else {
-      DecodeRow(w, j, scratch);
-      wr = scratch;
+      for (int64_t j = j0; j < j1; ++j) DecodeRow(w, j, scratch + (j - j0) * k);
+      wp = scratch;
     }
     int64_t i = 0;
     for (; i + kR <= m; i += kR) {
-      DotTile<kR>(x + i * k, k, k, wr, out);
-      for (int r = 0; r < kR; ++r) {
-        float& d = y[(i + r) * ldy + j];
-        d = accumulate ? d + out[r] : out[r];
+      for (int64_t j = j0; j < j1; ++j) {
+        DotTile<kR>(x + i * k, k, k, wp + (j - j0) * k, out);
+        store(i, j, kR);
       }
     }
-    const int64_t rest = m - i;
-    if (rest == 3) DotTile<3>(x + i * k, k, k, wr, out);
-    if (rest == 2) DotTile<2>(x + i * k, k, k, wr, out);
-    if (rest == 1) DotTile<1>(x + i * k, k, k, wr, out);
-    for (int r = 0; r < rest; ++r) {
-      float& d = y[(i + r) * ldy + j];
-      d = accumulate ? d + out[r] : out[r];
+    if (i == m) continue;
+    const float* xi = x + i * k;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* wr = wp + (j - j0) * k;
+      switch (m - i) {
+        case 3:
+          DotTile<3>(xi, k, k, wr, out);
+          break;
+        case 2:
+          DotTile<2>(xi, k, k, wr, out);
+          break;
+        case 1:
+          DotTile<1>(xi, k, k, wr, out);
+          break;
+        default:
+          break;
+      }
+      store(i, j, m - i);
     }
   }
 }

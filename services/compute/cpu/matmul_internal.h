@@ -1,8 +1,8 @@
 // Internal to the CPU kernels: the per-instruction-set entry points behind matmul.h.
 //
 // Each computes y[i * ldy + j] = dot(x[i, :], w[j, :]) (+ y when accumulate) for i < m and
-// n0 <= j < n1 in the canonical order of matmul.h. `scratch` holds w.cols + 16 floats (one
-// dequantised weight row). The AVX files are compiled with their own -m flags and must not
+// n0 <= j < n1 in the canonical order of matmul.h. `scratch` holds kPanelRows * w.cols + 16
+// floats (a panel of dequantised weight rows). The AVX files are compiled with their own -m flags and must not
 // include standard-library headers with inline code, so that no AVX instantiation of a shared
 // inline function can be picked by the linker for the baseline build.
 #pragma once
@@ -14,6 +14,7 @@
 namespace moemesh::cpu::internal {
 
 inline constexpr int kLanes = 16;
+inline constexpr int64_t kPanelRows = 16;
 
 using RowsFn = void (*)(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1,
                         float* y, int64_t ldy, bool accumulate, float* scratch);
