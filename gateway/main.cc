@@ -96,7 +96,8 @@ absl::Status Run(const Options& o) {
   Engine* engine = nullptr;
   ModelConfig cfg;
   if (o.inproc) {
-    ASSIGN_OR_RETURN(inproc, InprocModel::Load(o.model, InprocOptions{1, o.top_k, o.weights_dtype}));
+    ASSIGN_OR_RETURN(inproc,
+                     InprocModel::Load(o.model, InprocOptions{1, o.top_k, o.weights_dtype}));
     engine = inproc->engine.get();
     cfg = inproc->config;
   } else {

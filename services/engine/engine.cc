@@ -85,12 +85,12 @@ int64_t Engine::weight_bytes() const {
   int64_t b = embed_.bytes() + bytes(norm_);
   if (lm_head_.data != embed_.data) b += lm_head_.bytes();
   for (const auto& l : layers_) {
-    for (const Weight* w : {&l->wq, &l->wk, &l->wv, &l->wo, &l->wq_a, &l->wq_b, &l->wkv_a, &l->w1,
-                            &l->w3, &l->w2}) {
+    for (const Weight* w :
+         {&l->wq, &l->wk, &l->wv, &l->wo, &l->wq_a, &l->wq_b, &l->wkv_a, &l->w1, &l->w3, &l->w2}) {
       if (!w->empty()) b += w->bytes();
     }
-    for (const Tensor* t : {&l->input_norm, &l->post_norm, &l->q_a_norm, &l->kv_a_norm,
-                            &l->wkv_b, &l->w_uk_t}) {
+    for (const Tensor* t :
+         {&l->input_norm, &l->post_norm, &l->q_a_norm, &l->kv_a_norm, &l->wkv_b, &l->w_uk_t}) {
       b += bytes(*t);
     }
   }
@@ -148,8 +148,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
   if (cfg.tie_word_embeddings && !ckpt.Has("lm_head.weight")) {
     e->lm_head_ = e->embed_;
   } else {
-    ASSIGN_OR_RETURN(e->lm_head_,
-                     ckpt.LoadWeight("lm_head.weight", std::vector<int64_t>{v, h}));
+    ASSIGN_OR_RETURN(e->lm_head_, ckpt.LoadWeight("lm_head.weight", std::vector<int64_t>{v, h}));
   }
   const int64_t hd = cfg.head_dim, nh = cfg.num_heads, nkv = cfg.num_kv_heads;
   // Layers past num_layers (DeepSeek's multi-token-prediction layers) are never read.
@@ -163,14 +162,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
     if (cfg.IsMla()) {
       RETURN_IF_ERROR(e->LoadMla(ckpt, l, layer.get()));
     } else {
-      ASSIGN_OR_RETURN(
-          layer->wq, ckpt.LoadWeight(p + "self_attn.q_proj.weight", std::vector<int64_t>{nh * hd, h}));
+      ASSIGN_OR_RETURN(layer->wq, ckpt.LoadWeight(p + "self_attn.q_proj.weight",
+                                                  std::vector<int64_t>{nh * hd, h}));
       ASSIGN_OR_RETURN(layer->wk, ckpt.LoadWeight(p + "self_attn.k_proj.weight",
-                                               std::vector<int64_t>{nkv * hd, h}));
+                                                  std::vector<int64_t>{nkv * hd, h}));
       ASSIGN_OR_RETURN(layer->wv, ckpt.LoadWeight(p + "self_attn.v_proj.weight",
-                                               std::vector<int64_t>{nkv * hd, h}));
-      ASSIGN_OR_RETURN(
-          layer->wo, ckpt.LoadWeight(p + "self_attn.o_proj.weight", std::vector<int64_t>{h, nh * hd}));
+                                                  std::vector<int64_t>{nkv * hd, h}));
+      ASSIGN_OR_RETURN(layer->wo, ckpt.LoadWeight(p + "self_attn.o_proj.weight",
+                                                  std::vector<int64_t>{h, nh * hd}));
     }
     if (!cfg.IsMoeLayer(l)) {
       layer->dense = true;

@@ -308,9 +308,9 @@ absl::StatusOr<Weight> Checkpoint::LoadWeight(const std::string& name,
     const std::vector<int64_t> want =
         Fp8ScaleShape(w.rows, w.cols, fp8_block_rows_, fp8_block_cols_);
     if (scale.shape() != want) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          dir_, ": FP8 tensor '", name, "': scales have shape ", scale.ShapeString(),
-          ", expected ", ShapeToString(want)));
+      return absl::InvalidArgumentError(absl::StrCat(dir_, ": FP8 tensor '", name,
+                                                     "': scales have shape ", scale.ShapeString(),
+                                                     ", expected ", ShapeToString(want)));
     }
     w.data = bytes.data();
     w.scale_inv = scale.data();

@@ -3,8 +3,8 @@
 // This is the compute of an expert worker and of the single-process engine. Run groups the
 // tokens of a call by expert, so every expert does one batched GEMM chain per call (never one
 // per token), then scatters the weighted outputs back. Weights stay in their checkpoint's
-// dtype; each expert's products run on all of the process's kernel threads. Only the tensors of held experts are
-// read from the checkpoint. Run is thread-safe (all scratch space is per call).
+// dtype; each expert's products run on all of the process's kernel threads. Only the tensors of
+// held experts are read from the checkpoint. Run is thread-safe (all scratch space is per call).
 #pragma once
 
 #include <memory>

@@ -1,10 +1,10 @@
 // Tensor: a dense, row-major F32 array with a shape, sharing its storage.
 //
 // Activations are F32 inside a process; weights of linear layers are Weight
-// (services/tensor/weight.h), kept in their checkpoint's dtype. A Tensor either owns its buffer or is a view into memory kept alive
-// by an owner (an mmap'd checkpoint file), so aligned F32 weights are used without a copy.
-// Copying a Tensor copies the handle, not the data. Views over read-only mappings must not be
-// written through mutable_data().
+// (services/tensor/weight.h), kept in their checkpoint's dtype. A Tensor either owns its buffer or
+// is a view into memory kept alive by an owner (an mmap'd checkpoint file), so aligned F32 weights
+// are used without a copy. Copying a Tensor copies the handle, not the data. Views over read-only
+// mappings must not be written through mutable_data().
 #pragma once
 
 #include <cstdint>
@@ -18,7 +18,6 @@
 #include "services/tensor/dtype.h"
 
 namespace moemesh {
-
 
 // "F32", "F16", "BF16", "F8_E4M3" (the safetensors spellings).
 absl::StatusOr<DType> ParseDType(absl::string_view name);

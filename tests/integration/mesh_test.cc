@@ -142,7 +142,8 @@ TEST_F(MeshTest, LogitsAreBitwiseEqualAloneAndAmongSixteenOthers) {
     for (int i = 0; i < 17; ++i) {
       threads.emplace_back([&, i] {
         auto c = GatewayClient((*mesh)->gateway_address());
-        got[i] = ScoreViaGateway(c.get(), i == 8 + trial ? probe : Tokens(1 + (i * 7) % 23, i + trial));
+        got[i] =
+            ScoreViaGateway(c.get(), i == 8 + trial ? probe : Tokens(1 + (i * 7) % 23, i + trial));
       });
     }
     for (auto& t : threads) t.join();

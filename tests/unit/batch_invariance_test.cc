@@ -92,9 +92,9 @@ TEST_P(BatchInvarianceTest, LogitsAreBitwiseEqualAloneInABatchAndInMicroBatches)
       for (int k = 0; k < 16; ++k) {
         batch.push_back({others[k].get(), other_tokens[k], false});
       }
-      const StepInput mine = step == 0
-                                 ? StepInput{s.get(), probe, false}
-                                 : StepInput{s.get(), absl::MakeConstSpan(&next[step - 1], 1), false};
+      const StepInput mine =
+          step == 0 ? StepInput{s.get(), probe, false}
+                    : StepInput{s.get(), absl::MakeConstSpan(&next[step - 1], 1), false};
       batch.insert(batch.begin() + pos, mine);
       Tensor got;
       if (!micro) {
@@ -112,26 +112,25 @@ TEST_P(BatchInvarianceTest, LogitsAreBitwiseEqualAloneInABatchAndInMicroBatches)
         ASSERT_TRUE(r.ok()) << r.status();
         got = (*r)[0];
       }
-      ASSERT_TRUE(Same(got, alone[step]))
-          << "trial " << trial << " step " << step << " position " << pos
-          << (micro ? " (micro-batches)" : "");
+      ASSERT_TRUE(Same(got, alone[step])) << "trial " << trial << " step " << step << " position "
+                                          << pos << (micro ? " (micro-batches)" : "");
       // The others decode one new token each next step.
       for (int k = 0; k < 16; ++k) other_tokens[k] = RandomTokens(rng, 1, vocab);
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    All, BatchInvarianceTest,
-    ::testing::Values(Case{DType::kF32, 1}, Case{DType::kF32, 2}, Case{DType::kBF16, 2},
-                      Case{DType::kF8E4M3, 1}, Case{DType::kF32, 2, true},
-                      Case{DType::kF8E4M3, 2, true}),
-    [](const auto& info) {
-      std::string n(DTypeName(info.param.dtype));
-      for (char& c : n) c = c == '_' ? 'x' : c;
-      return (info.param.deepseek ? "DeepSeek_" : "Mixtral_") + n + "_" +
-             std::to_string(info.param.groups) + "groups";
-    });
+INSTANTIATE_TEST_SUITE_P(All, BatchInvarianceTest,
+                         ::testing::Values(Case{DType::kF32, 1}, Case{DType::kF32, 2},
+                                           Case{DType::kBF16, 2}, Case{DType::kF8E4M3, 1},
+                                           Case{DType::kF32, 2, true},
+                                           Case{DType::kF8E4M3, 2, true}),
+                         [](const auto& info) {
+                           std::string n(DTypeName(info.param.dtype));
+                           for (char& c : n) c = c == '_' ? 'x' : c;
+                           return (info.param.deepseek ? "DeepSeek_" : "Mixtral_") + n + "_" +
+                                  std::to_string(info.param.groups) + "groups";
+                         });
 
 }  // namespace
 }  // namespace moemesh

@@ -87,8 +87,8 @@ TEST(MatMulTest, EveryIsaMatchesTheScalarReferenceBitwise) {
               MatMul(x.data(), m, w, y.data(), acc);
               MatMulReference(x.data(), m, w, ref.data(), acc);
               ASSERT_TRUE(BitwiseEqual(y, ref))
-                  << IsaName(isa) << " " << DTypeName(dt) << " m=" << m << " k=" << k
-                  << " n=" << n << " acc=" << acc;
+                  << IsaName(isa) << " " << DTypeName(dt) << " m=" << m << " k=" << k << " n=" << n
+                  << " acc=" << acc;
             }
           }
         }

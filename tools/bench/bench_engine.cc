@@ -60,16 +60,19 @@ int Fail(const absl::Status& s) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  if (absl::GetFlag(FLAGS_threads) > 0) cpu::KernelThreads::SetThreads(absl::GetFlag(FLAGS_threads));
+  if (absl::GetFlag(FLAGS_threads) > 0)
+    cpu::KernelThreads::SetThreads(absl::GetFlag(FLAGS_threads));
   cpu::set_blas_min_rows(absl::GetFlag(FLAGS_blas_min_rows));
   const std::string isa = absl::GetFlag(FLAGS_isa);
   if (isa == "scalar") cpu::SetIsa(cpu::Isa::kScalar);
   if (isa == "avx2") cpu::SetIsa(cpu::Isa::kAvx2);
   if (isa == "avx512") cpu::SetIsa(cpu::Isa::kAvx512);
   std::vector<int> streams;
-  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_concurrency), ',', absl::SkipEmpty())) {
+  for (absl::string_view p :
+       absl::StrSplit(absl::GetFlag(FLAGS_concurrency), ',', absl::SkipEmpty())) {
     int c;
-    if (!absl::SimpleAtoi(p, &c) || c < 1) return Fail(absl::InvalidArgumentError("bad --concurrency"));
+    if (!absl::SimpleAtoi(p, &c) || c < 1)
+      return Fail(absl::InvalidArgumentError("bad --concurrency"));
     streams.push_back(c);
   }
   std::string dir = absl::GetFlag(FLAGS_model);
@@ -121,7 +124,8 @@ int main(int argc, char** argv) {
     std::vector<StepInput> ins;
     for (int s = 0; s < c; ++s) {
       seqs.push_back(e.NewSequence());
-      for (int i = 0; i < 16; ++i) prompts[s].push_back((s * 104729 + i * 7919 + 17) % cfg.vocab_size);
+      for (int i = 0; i < 16; ++i)
+        prompts[s].push_back((s * 104729 + i * 7919 + 17) % cfg.vocab_size);
       ins.push_back(StepInput{seqs.back().get(), prompts[s], false});
     }
     auto r = e.Step(ins);

@@ -70,7 +70,9 @@ void DecodeRow(const Weight& w, int64_t j, float* out) {
   const int64_t esize = w.dtype == DType::kF8E4M3 ? 1 : 2;
   const uint8_t* p = static_cast<const uint8_t*>(w.data) + j * k * esize;
   const float* scales =
-      w.dtype == DType::kF8E4M3 ? w.scale_inv + (j / w.block_rows) * ((k + w.block_cols - 1) / w.block_cols) : nullptr;
+      w.dtype == DType::kF8E4M3
+          ? w.scale_inv + (j / w.block_rows) * ((k + w.block_cols - 1) / w.block_cols)
+          : nullptr;
   int64_t c = 0;
   for (; c + 8 <= k; c += 8) {
     const float s = scales ? scales[c / w.block_cols] * 256.0f : 0.0f;

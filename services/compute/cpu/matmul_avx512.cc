@@ -49,8 +49,7 @@ inline __m512 Decode16(DType dtype, const uint8_t* p, float scale256) {
       const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
       const __m256i rest = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7);
-      return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, rest)),
-                           _mm512_set1_ps(scale256));
+      return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(sign, rest)), _mm512_set1_ps(scale256));
     }
     case DType::kF32:
       break;
@@ -62,9 +61,10 @@ void DecodeRow(const Weight& w, int64_t j, float* out) {
   const int64_t k = w.cols;
   const int64_t esize = w.dtype == DType::kF8E4M3 ? 1 : 2;
   const uint8_t* p = static_cast<const uint8_t*>(w.data) + j * k * esize;
-  const float* scales = w.dtype == DType::kF8E4M3
-                            ? w.scale_inv + (j / w.block_rows) * ((k + w.block_cols - 1) / w.block_cols)
-                            : nullptr;
+  const float* scales =
+      w.dtype == DType::kF8E4M3
+          ? w.scale_inv + (j / w.block_rows) * ((k + w.block_cols - 1) / w.block_cols)
+          : nullptr;
   int64_t c = 0;
   for (; c + 16 <= k; c += 16) {
     const float s = scales ? scales[c / w.block_cols] * 256.0f : 0.0f;

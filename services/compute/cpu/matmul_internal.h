@@ -2,9 +2,9 @@
 //
 // Each computes y[i * ldy + j] = dot(x[i, :], w[j, :]) (+ y when accumulate) for i < m and
 // n0 <= j < n1 in the canonical order of matmul.h. `scratch` holds kPanelRows * w.cols + 16
-// floats (a panel of dequantised weight rows). The AVX files are compiled with their own -m flags and must not
-// include standard-library headers with inline code, so that no AVX instantiation of a shared
-// inline function can be picked by the linker for the baseline build.
+// floats (a panel of dequantised weight rows). The AVX files are compiled with their own -m flags
+// and must not include standard-library headers with inline code, so that no AVX instantiation of a
+// shared inline function can be picked by the linker for the baseline build.
 #pragma once
 
 #include <cstdint>
