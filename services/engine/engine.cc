@@ -235,7 +235,7 @@ void Engine::Reserve(Sequence* seq, int64_t needed) const {
 absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, const float* xn,
                                   int64_t t, const std::vector<int32_t>& positions, float* out) {
   const Layer& L = *layers_[l];
-  const int64_t h = cfg_.hidden_size, nh = cfg_.num_heads;
+  const int64_t nh = cfg_.num_heads;
   const int64_t nope = cfg_.qk_nope_head_dim, rope = cfg_.qk_rope_head_dim, vd = cfg_.v_head_dim;
   const int64_t qk = nope + rope, kvl = cfg_.kv_lora_rank, row = kvl + rope;  // row == k_row_
 
@@ -330,8 +330,7 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const 
                                int64_t t, const std::vector<int32_t>& positions, float* out) {
   if (cfg_.IsMla()) return MlaAttention(l, inputs, xn, t, positions, out);
   const Layer& L = *layers_[l];
-  const int64_t h = cfg_.hidden_size, hd = cfg_.head_dim, nh = cfg_.num_heads,
-                nkv = cfg_.num_kv_heads;
+  const int64_t hd = cfg_.head_dim, nh = cfg_.num_heads, nkv = cfg_.num_kv_heads;
   std::vector<float> q(t * nh * hd), k(t * nkv * hd), v(t * nkv * hd), attn(t * nh * hd);
   backend_->MatMulW(xn, t, L.wq, q.data());
   backend_->MatMulW(xn, t, L.wk, k.data());

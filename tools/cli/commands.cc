@@ -140,7 +140,7 @@ absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens
 absl::Status Generate(const Common& c, const GenerateArgs& a) {
   if (!c.gateway.empty()) return GenerateViaGateway(c, a);
   if (c.model.empty()) return absl::InvalidArgumentError("give --model DIR or --gateway ADDR");
-  ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, InprocOptions{c.groups, c.top_k}));
+  ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, InprocOptions{c.groups, c.top_k, std::nullopt}));
   auto tok = Tokenizer::Load(c.model + "/tokenizer.json");
   const Tokenizer* tp = tok.ok() ? &*tok : nullptr;
   ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(a.prompt, a.tokens, tp));
@@ -184,7 +184,7 @@ absl::Status Score(const Common& c, const std::vector<int32_t>& tokens, bool log
   if (tokens.empty()) return absl::InvalidArgumentError("--tokens is required");
   if (!c.gateway.empty()) return ScoreViaGateway(c, tokens, logprobs);
   if (c.model.empty()) return absl::InvalidArgumentError("give --model DIR or --gateway ADDR");
-  ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, InprocOptions{c.groups, c.top_k}));
+  ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, InprocOptions{c.groups, c.top_k, std::nullopt}));
   ASSIGN_OR_RETURN(Tensor logits, m->engine->Score(tokens));
   PrintScore(tokens, logits, logprobs);
   return absl::OkStatus();
