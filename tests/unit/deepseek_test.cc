@@ -855,7 +855,7 @@ TEST(DeepseekModelTest, GroupsGiveTheSameLogits) {
   const std::vector<int32_t> tokens = Tokens(9, o.config.vocab_size, 2);
   Tensor base;
   for (int groups : {1, 2, 4}) {
-    auto m = InprocModel::Load(path, InprocOptions{groups, 0});
+    auto m = InprocModel::Load(path, InprocOptions{groups, 0, std::nullopt});
     ASSERT_TRUE(m.ok()) << m.status();
     absl::StatusOr<Tensor> l = (*m)->engine->Score(tokens);
     ASSERT_TRUE(l.ok()) << l.status();
