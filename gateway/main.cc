@@ -4,14 +4,23 @@
 //
 // Loads only the dense tensors (embeddings, attention, norms, LM head); every MoE layer is a
 // call to the router. With --inproc it runs the experts in process instead (no router).
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
 #include <cstdio>
+#include <thread>
+#include <fstream>
+#include <sstream>
 #include <optional>
 #include <string>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
+#include "gateway/api_keys.h"
 #include "gateway/gateway_service.h"
+#include "gateway/http_api.h"
 #include "services/common/status_macros.h"
 #include "services/engine/engine.h"
 #include "services/engine/inproc.h"
@@ -21,6 +30,7 @@
 #include "services/rpc/server_host.h"
 #include "services/rpc/service_main.h"
 #include "services/rpc/tensor_proto.h"
+#include "services/text/text_model.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory");
 ABSL_FLAG(std::string, router, "", "router address host:port");
@@ -39,6 +49,22 @@ ABSL_FLAG(int, max_running, 64, "sequences batched together");
 ABSL_FLAG(int, max_queued, 1024, "waiting requests before RESOURCE_EXHAUSTED");
 ABSL_FLAG(double, router_wait, 60, "seconds to wait for the router at start");
 ABSL_FLAG(double, drain_seconds, 30, "grace period for in-flight requests on SIGTERM");
+ABSL_FLAG(std::string, chat_template, "",
+          "a Jinja chat template file that replaces tokenizer_config.json's chat_template");
+ABSL_FLAG(int64_t, max_prompt_bytes, int64_t{4} << 20,
+          "longest text (prompt or rendered chat) the tokenizer accepts, in bytes; longer is "
+          "INVALID_ARGUMENT before any work");
+ABSL_FLAG(int, text_threads, 2, "threads that tokenize prompts and render chat templates");
+ABSL_FLAG(int, http_port, -1,
+          "OpenAI-compatible HTTP API port (-1: off, 0: pick a free one); HTTPS with --tls_cert");
+ABSL_FLAG(std::string, http_port_file, "", "write the bound HTTP port here once serving");
+ABSL_FLAG(int, http_threads, 64, "concurrent HTTP requests (each streaming one holds a thread)");
+ABSL_FLAG(int64_t, max_body_bytes, int64_t{4} << 20, "largest HTTP request body (413 past it)");
+ABSL_FLAG(std::string, served_model_name, "",
+          "the model id of the HTTP API (default: the model directory's name)");
+ABSL_FLAG(std::string, api_key_file, "",
+          "require one of these keys (one per line; reread on SIGHUP) as 'Authorization: Bearer "
+          "KEY' on HTTP and as 'authorization' metadata on gRPC");
 
 namespace moemesh::gateway {
 namespace {
@@ -51,6 +77,11 @@ struct Options {
   bool shared_in_gateway = false;
   SchedulerOptions sched;
   double router_wait = 60, drain_seconds = 30;
+  TextModelOptions text;
+  int text_threads = 2;
+  int http_port = -1, http_threads = 64;
+  std::string http_port_file, served_model_name, api_key_file;
+  size_t max_body_bytes = size_t{4} << 20;
 };
 
 absl::StatusOr<Options> GetOptions() {
@@ -69,6 +100,36 @@ absl::StatusOr<Options> GetOptions() {
   o.router_wait = absl::GetFlag(FLAGS_router_wait);
   o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
+  if (const std::string f = absl::GetFlag(FLAGS_chat_template); !f.empty()) {
+    std::ifstream in(f, std::ios::binary);
+    if (!in) return absl::InvalidArgumentError(absl::StrCat("cannot read --chat_template ", f));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    o.text.chat_template_override = ss.str();
+    if (o.text.chat_template_override.empty())
+      return absl::InvalidArgumentError(absl::StrCat("--chat_template ", f, " is empty"));
+  }
+  if (absl::GetFlag(FLAGS_max_prompt_bytes) < 1)
+    return absl::InvalidArgumentError("--max_prompt_bytes must be >= 1");
+  o.text.tokenizer.max_input_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_prompt_bytes));
+  o.text_threads = absl::GetFlag(FLAGS_text_threads);
+  o.http_port = absl::GetFlag(FLAGS_http_port);
+  o.http_port_file = absl::GetFlag(FLAGS_http_port_file);
+  o.http_threads = absl::GetFlag(FLAGS_http_threads);
+  o.api_key_file = absl::GetFlag(FLAGS_api_key_file);
+  if (absl::GetFlag(FLAGS_max_body_bytes) < 1024)
+    return absl::InvalidArgumentError("--max_body_bytes must be >= 1024");
+  o.max_body_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_max_body_bytes));
+  if (o.http_port < -1 || o.http_port > 65535)
+    return absl::InvalidArgumentError("--http_port must be -1 (off), 0 (any) or a port");
+  if (o.http_threads < 1) return absl::InvalidArgumentError("--http_threads must be >= 1");
+  o.served_model_name = absl::GetFlag(FLAGS_served_model_name);
+  if (o.served_model_name.empty()) {
+    std::string m = o.model;
+    while (m.size() > 1 && m.back() == '/') m.pop_back();
+    o.served_model_name = m.substr(m.rfind('/') + 1);
+  }
+  if (o.text_threads < 1) return absl::InvalidArgumentError("--text_threads must be >= 1");
   if (o.router.empty() == !o.inproc)
     return absl::InvalidArgumentError("give exactly one of --router and --inproc");
   ASSIGN_OR_RETURN(const bool shared,
@@ -80,6 +141,34 @@ absl::StatusOr<Options> GetOptions() {
         "--max_step_tokens, --max_running and --max_queued must be >= 1");
   }
   return o;
+}
+
+// SIGHUP rereads the API key file, on a thread of its own (the handler only writes a byte).
+int g_hup_pipe[2] = {-1, -1};
+
+void OnHup(int) {
+  const char c = 1;
+  [[maybe_unused]] ssize_t n = ::write(g_hup_pipe[1], &c, 1);
+}
+
+void ReloadOnSighup(ApiKeys* keys) {
+  if (::pipe2(g_hup_pipe, O_CLOEXEC) != 0) return;
+  struct sigaction sa = {};
+  sa.sa_handler = OnHup;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  ::sigaction(SIGHUP, &sa, nullptr);
+  std::thread([keys] {
+    char c;
+    while (::read(g_hup_pipe[0], &c, 1) == 1) {
+      if (absl::Status s = keys->Reload(); !s.ok()) {
+        std::fprintf(stderr, "gateway: SIGHUP: keeping the previous API keys: %s\n",
+                     std::string(s.message()).c_str());
+      } else {
+        std::fprintf(stderr, "gateway: SIGHUP: API keys reread\n");
+      }
+    }
+  }).detach();
 }
 
 absl::Status Run(const Options& o) {
@@ -124,8 +213,9 @@ absl::Status Run(const Options& o) {
     ASSIGN_OR_RETURN(engine_owned, Engine::Load(*ckpt, cfg, backend.get(), moe));
     engine = engine_owned.get();
   }
-  std::optional<Tokenizer> tokenizer;
-  if (auto t = Tokenizer::Load(o.model + "/tokenizer.json"); t.ok()) tokenizer = *std::move(t);
+  ASSIGN_OR_RETURN(std::shared_ptr<const TextModel> text, TextModel::LoadDir(o.model, o.text));
+  ApiKeys keys;
+  if (!o.api_key_file.empty()) RETURN_IF_ERROR(keys.Load(o.api_key_file));
   Metrics metrics("gateway");
   if (o.metrics_port >= 0) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
@@ -138,7 +228,8 @@ absl::Status Run(const Options& o) {
     metrics.SetQueueDepth(s.queued);
   };
   Scheduler scheduler(engine, sched);
-  GatewayService service(&scheduler, cfg, std::move(tokenizer), &metrics);
+  TextGenerator generator(&scheduler, std::move(text), &metrics, o.text_threads);
+  GatewayService service(&scheduler, cfg, &generator, &metrics, &keys);
   ServerHostOptions so;
   so.address = absl::StrCat(o.host, ":", o.port);
   so.port_file = o.port_file;
@@ -146,9 +237,32 @@ absl::Status Run(const Options& o) {
   std::fprintf(stderr, "gateway: %s, %d layers, serving on %s\n",
                o.inproc ? "in-process experts" : o.router.c_str(), cfg.num_layers,
                host->address().c_str());
+  std::unique_ptr<HttpApi> http;
+  if (o.http_port >= 0) {
+    HttpApiOptions ho;
+    ho.host = o.host;
+    ho.port = o.http_port;
+    ho.served_model_name = o.served_model_name;
+    ho.max_body_bytes = o.max_body_bytes;
+    ho.threads = o.http_threads;
+    ho.keys = &keys;
+    ho.max_model_len = cfg.max_position_embeddings;
+    RemoteMoeLayer* router = remote.get();
+    ho.healthy = [router] { return router == nullptr || router->IsReady(); };
+    ASSIGN_OR_RETURN(http, HttpApi::Start(ho, &generator, &metrics));
+    std::fprintf(stderr, "gateway: OpenAI-compatible HTTP API on %s:%d (model '%s')\n",
+                 o.host.c_str(), http->port(), o.served_model_name.c_str());
+    if (!o.http_port_file.empty()) {
+      std::ofstream(o.http_port_file + ".tmp") << http->port() << "\n";
+      std::rename((o.http_port_file + ".tmp").c_str(), o.http_port_file.c_str());
+    }
+  }
+  ReloadOnSighup(&keys);
   const int sig = WaitForShutdownSignal();
   std::fprintf(stderr, "gateway: signal %d, draining\n", sig);
+  if (http) http->SetDraining();
   host->Drain(absl::Seconds(o.drain_seconds));
+  if (http) http->Stop();
   scheduler.Stop(false);
   return absl::OkStatus();
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -46,6 +47,8 @@ absl::Status Scheduler::Submit(GenerationRequest request, GenerationCallback on_
     return absl::InvalidArgumentError("max_tokens must be at least 1");
   }
   if (auto s = ValidateSampling(request.sampling); !s.ok()) return s;
+  if (request.logprobs > 20)
+    return absl::InvalidArgumentError("at most 20 top log-probabilities per token");
   auto a = std::make_unique<Active>();
   a->sampler = std::make_unique<Sampler>(request.sampling);
   a->req = std::move(request);
@@ -58,6 +61,25 @@ absl::Status Scheduler::Submit(GenerationRequest request, GenerationCallback on_
   }
   queue_.push_back(std::move(a));
   return absl::OkStatus();
+}
+
+// The log-probability of `token` and the `top` most likely (lowest id first on ties).
+static void TokenLogprobs(absl::Span<const float> row, int32_t token, int top,
+                   GenerationEvent* ev) {
+  float mx = row[0];
+  for (float x : row) mx = std::max(mx, x);
+  double sum = 0;
+  for (float x : row) sum += std::exp(static_cast<double>(x - mx));
+  const float lse = mx + static_cast<float>(std::log(sum));
+  ev->logprob = row[token] - lse;
+  const int k = std::min<int>(top, static_cast<int>(row.size()));
+  if (k <= 0) return;
+  std::vector<int32_t> idx(row.size());
+  for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int32_t>(i);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+    return row[a] > row[b] || (row[a] == row[b] && a < b);
+  });
+  for (int i = 0; i < k; ++i) ev->top_logprobs.emplace_back(idx[i], row[idx[i]] - lse);
 }
 
 void Scheduler::Stop(bool drain) {
@@ -222,12 +244,14 @@ void Scheduler::Loop() {
         }
         if (a->prefilled < prompt_len) continue;
       }
-      const int32_t tok = a->sampler->Sample(
-          logits.span().subspan((logits.dim(0) - 1) * cfg.vocab_size, cfg.vocab_size));
+      const absl::Span<const float> row =
+          logits.span().subspan((logits.dim(0) - 1) * cfg.vocab_size, cfg.vocab_size);
+      const int32_t tok = a->sampler->Sample(row);
       ++a->generated;
       a->next_token = tok;
       GenerationEvent ev;
       ev.token = tok;
+      if (a->req.logprobs >= 0) TokenLogprobs(row, tok, a->req.logprobs, &ev);
       ev.prompt_tokens = prompt_len;
       ev.completion_tokens = a->generated;
       a->cb(ev);

@@ -15,6 +15,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -32,6 +33,9 @@ struct GenerationRequest {
   SamplingParams sampling;
   std::vector<int32_t> stop_tokens;
   bool score_only = false;  // return the logits of every prompt position, generate nothing
+  // -1: none; k >= 0: each generated token's log-probability under the model (the raw logits'
+  // log-softmax, before temperature) and the k (<= 20) most likely tokens with theirs.
+  int logprobs = -1;
   absl::Time deadline = absl::InfiniteFuture();
   std::shared_ptr<CancelFlag> cancel;  // may be null
 };
@@ -39,6 +43,8 @@ struct GenerationRequest {
 struct GenerationEvent {
   bool done = false;  // false: `token` is a new token; true: the request ended
   int32_t token = -1;
+  float logprob = 0;                                    // when the request asked
+  std::vector<std::pair<int32_t, float>> top_logprobs;  // when asked; most likely first
   Tensor logits;              // score_only: [prompt, vocab] on the final event
   std::string finish_reason;  // "length", "stop", "max_position", "cancelled", "deadline", "error"
   absl::Status status;        // non-OK with finish_reason "error" / "deadline" / "cancelled"

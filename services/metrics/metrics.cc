@@ -82,6 +82,14 @@ Metrics::Metrics(std::string service)
                .Name("moemesh_time_to_first_token_seconds")
                .Help("Request arrival to first token")
                .Register(*registry_);
+  http_requests_ = &BuildCounter()
+                        .Name("moemesh_http_requests_total")
+                        .Help("HTTP API requests by path and status code")
+                        .Register(*registry_);
+  http_latency_ = &BuildHistogram()
+                       .Name("moemesh_http_request_duration_seconds")
+                       .Help("HTTP API request receive to response end (the whole stream)")
+                       .Register(*registry_);
   window_start_ = absl::Now();
 }
 
@@ -160,6 +168,14 @@ void Metrics::CountRequest(const std::string& method, absl::StatusCode code) {
 
 void Metrics::ObserveLatency(const std::string& method, double seconds) {
   latency_->Add({{"service", service_}, {"method", method}}, LatencyBuckets()).Observe(seconds);
+}
+
+void Metrics::CountHttpRequest(const std::string& path, int status) {
+  Counter(http_requests_, {{"path", path}, {"code", std::to_string(status)}}).Increment();
+}
+
+void Metrics::ObserveHttpLatency(const std::string& path, double seconds) {
+  http_latency_->Add({{"path", path}}, LatencyBuckets()).Observe(seconds);
 }
 
 void Metrics::SetQueueDepth(double depth) { queue_depth_->Add({{"service", service_}}).Set(depth); }

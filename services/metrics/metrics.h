@@ -17,6 +17,8 @@
 //   moemesh_running_sequences                          gateway: sequences in the batch
 //   moemesh_step_tokens / moemesh_step_duration_seconds gateway: batch size and step time
 //   moemesh_time_to_first_token_seconds                gateway
+//   moemesh_http_requests_total{path,code}             gateway HTTP API, when the response ends
+//   moemesh_http_request_duration_seconds{path}        gateway HTTP API: receive → response end
 //
 // Thread-safe. Serve() starts an HTTP /metrics endpoint.
 #pragma once
@@ -69,6 +71,9 @@ class Metrics {
   void SetRunning(double running);
   void ObserveStep(double seconds, int64_t tokens);
   void ObserveTimeToFirstToken(double seconds);
+  // Gateway HTTP API. `path` is one of the API's routes or "other".
+  void CountHttpRequest(const std::string& path, int status);
+  void ObserveHttpLatency(const std::string& path, double seconds);
 
  private:
   prometheus::Counter& Counter(prometheus::Family<prometheus::Counter>* f,
@@ -91,6 +96,8 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* step_tokens_;
   prometheus::Family<prometheus::Histogram>* step_seconds_;
   prometheus::Family<prometheus::Histogram>* ttft_;
+  prometheus::Family<prometheus::Counter>* http_requests_;
+  prometheus::Family<prometheus::Histogram>* http_latency_;
 
   absl::Mutex mu_;  // guards the busy-ratio window
   absl::Time window_start_ ABSL_GUARDED_BY(mu_);

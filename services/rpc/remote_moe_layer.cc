@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/tensor_proto.h"
 
@@ -15,6 +16,16 @@ RemoteMoeLayer::RemoteMoeLayer(const std::string& router_target, DType wire)
 
 bool RemoteMoeLayer::WaitForReady(absl::Duration timeout) {
   return channel_->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout));
+}
+
+bool RemoteMoeLayer::IsReady(absl::Duration timeout) {
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  grpc::health::v1::HealthCheckRequest req;
+  grpc::health::v1::HealthCheckResponse resp;
+  return health->Check(&ctx, req, &resp).ok() &&
+         resp.status() == grpc::health::v1::HealthCheckResponse::SERVING;
 }
 
 absl::StatusOr<v1::TopologyResponse> RemoteMoeLayer::Topology(absl::Duration timeout) {

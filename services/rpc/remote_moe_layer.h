@@ -20,6 +20,8 @@ class RemoteMoeLayer final : public MoeLayer {
   absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden, const CallOptions& opts) override;
   // Waits until the router's channel is ready or the timeout passes.
   bool WaitForReady(absl::Duration timeout);
+  // True when the router answers its grpc.health.v1 check with SERVING within `timeout`.
+  bool IsReady(absl::Duration timeout = absl::Seconds(1));
   // The router's Topology (groups, replicas, where shared experts run).
   [[nodiscard]] absl::StatusOr<v1::TopologyResponse> Topology(absl::Duration timeout);
 
