@@ -115,7 +115,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 }  // namespace
 
 GatewayService::GatewayService(Scheduler* scheduler, const ModelConfig& config,
-                               std::optional<Tokenizer> tokenizer, Metrics* metrics)
+                               std::shared_ptr<const Tokenizer> tokenizer, Metrics* metrics)
     : scheduler_(scheduler), config_(config), tokenizer_(std::move(tokenizer)), metrics_(metrics) {}
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
@@ -153,8 +153,9 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
   const absl::Time received = absl::Now();
   const int64_t prompt_tokens = static_cast<int64_t>(g.prompt.size());
   absl::Status s = scheduler_->Submit(
-      std::move(g), [link = reactor->link(), tok = tokenizer_ ? &*tokenizer_ : nullptr,
-                     utf8 = std::make_shared<Utf8Stream>(), metrics = metrics_, received,
+      std::move(g), [link = reactor->link(), tok = tokenizer_.get(),
+                     stream = tokenizer_ ? std::make_shared<DecodeStream>(tokenizer_) : nullptr,
+                     metrics = metrics_, received,
                      prompt_tokens](const GenerationEvent& ev) {
         auto msg = std::make_unique<v1::GenerateResponse>();
         if (!ev.done) {
@@ -163,10 +164,10 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
           }
           msg->add_token_ids(ev.token);
           // A token may end inside a multi-byte character: text carries only whole ones.
-          if (tok != nullptr) msg->set_text(utf8->Push(tok->DecodeOne(ev.token)));
+          if (tok != nullptr) msg->set_text(stream->Push(ev.token));
         } else {
           metrics->AddTokens(prompt_tokens, ev.completion_tokens);
-          if (tok != nullptr) msg->set_text(utf8->Flush());
+          if (tok != nullptr) msg->set_text(stream->Flush());
           msg->set_finish_reason(ToProtoReason(ev.finish_reason));
           metrics->ObserveLatency("Generate", absl::ToDoubleSeconds(absl::Now() - received));
         }

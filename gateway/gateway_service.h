@@ -12,14 +12,14 @@
 #include "moemesh/v1/gateway.grpc.pb.h"
 #include "services/engine/scheduler.h"
 #include "services/metrics/metrics.h"
-#include "services/model/tokenizer.h"
+#include "services/text/tokenizer.h"
 
 namespace moemesh::gateway {
 
 class GatewayService final : public v1::Gateway::CallbackService {
  public:
   GatewayService(Scheduler* scheduler, const ModelConfig& config,
-                 std::optional<Tokenizer> tokenizer, Metrics* metrics);
+                 std::shared_ptr<const Tokenizer> tokenizer, Metrics* metrics);
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* ctx,
                                                            const v1::GenerateRequest* req) override;
@@ -32,7 +32,7 @@ class GatewayService final : public v1::Gateway::CallbackService {
  private:
   Scheduler* scheduler_;
   ModelConfig config_;
-  std::optional<Tokenizer> tokenizer_;
+  std::shared_ptr<const Tokenizer> tokenizer_;
   Metrics* metrics_;
 };
 

@@ -124,8 +124,8 @@ absl::Status Run(const Options& o) {
     ASSIGN_OR_RETURN(engine_owned, Engine::Load(*ckpt, cfg, backend.get(), moe));
     engine = engine_owned.get();
   }
-  std::optional<Tokenizer> tokenizer;
-  if (auto t = Tokenizer::Load(o.model + "/tokenizer.json"); t.ok()) tokenizer = *std::move(t);
+  std::shared_ptr<const Tokenizer> tokenizer;
+  if (auto t = Tokenizer::LoadDir(o.model); t.ok()) tokenizer = *std::move(t);
   Metrics metrics("gateway");
   if (o.metrics_port >= 0) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));

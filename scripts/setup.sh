@@ -5,8 +5,11 @@ set -euo pipefail
 pkgs=(build-essential cmake ninja-build ccache pkg-config
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
       libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev libopenblas-dev
-      nlohmann-json3-dev)
+      nlohmann-json3-dev libonig-dev libicu-dev nodejs)
 missing=()
+# The tokenizer goldens (tests/tokenizer) run transformers.js with npm. Debian ships npm on
+# its own; NodeSource's nodejs carries it inside, so only ask for it when it is missing.
+command -v npm >/dev/null 2>&1 || pkgs+=(npm)
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
@@ -13,7 +14,7 @@
 #include "services/engine/inproc.h"
 #include "services/engine/scheduler.h"
 #include "services/model/generator.h"
-#include "services/model/tokenizer.h"
+#include "services/text/tokenizer.h"
 
 namespace moemesh::cli {
 
@@ -141,10 +142,12 @@ absl::Status Generate(const Common& c, const GenerateArgs& a) {
   if (!c.gateway.empty()) return GenerateViaGateway(c, a);
   if (c.model.empty()) return absl::InvalidArgumentError("give --model DIR or --gateway ADDR");
   ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, InprocOptions{c.groups, c.top_k}));
-  auto tok = Tokenizer::Load(c.model + "/tokenizer.json");
-  const Tokenizer* tp = tok.ok() ? &*tok : nullptr;
+  auto tok = Tokenizer::LoadDir(c.model);
+  const Tokenizer* tp = tok.ok() ? tok->get() : nullptr;
   ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(a.prompt, a.tokens, tp));
   const bool text_mode = a.tokens.empty();
+  std::optional<DecodeStream> stream;
+  if (text_mode) stream.emplace(*tok);
   Scheduler sched(m->engine.get(), SchedulerOptions{});
   GenerationRequest req;
   req.prompt = prompt;
@@ -159,7 +162,7 @@ absl::Status Generate(const Common& c, const GenerateArgs& a) {
     if (!ev.done) {
       if (n++ == 0) first = absl::Now();
       if (text_mode) {
-        std::cout << tp->DecodeOne(ev.token);
+        std::cout << stream->Push(ev.token);
       } else {
         std::cout << (n > 1 ? "," : "") << ev.token;
       }
@@ -170,6 +173,7 @@ absl::Status Generate(const Common& c, const GenerateArgs& a) {
     done.Notify();
   }));
   done.WaitForNotification();
+  if (stream.has_value()) std::cout << stream->Flush();
   std::cout << std::endl;
   const double total = absl::ToDoubleSeconds(absl::Now() - start);
   std::fprintf(
