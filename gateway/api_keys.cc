@@ -68,7 +68,8 @@ bool ApiKeys::Check(absl::string_view authorization) const {
   if (!enabled_) return true;
   constexpr absl::string_view kBearer = "Bearer ";
   if (!absl::StartsWithIgnoreCase(authorization, kBearer)) return false;
-  const absl::string_view presented = absl::StripAsciiWhitespace(authorization.substr(kBearer.size()));
+  const absl::string_view presented =
+      absl::StripAsciiWhitespace(authorization.substr(kBearer.size()));
   bool ok = false;
   for (const std::string& k : keys_) ok |= ConstantTimeEquals(presented, k);
   return ok;

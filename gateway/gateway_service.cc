@@ -114,7 +114,6 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   grpc::Status final_ ABSL_GUARDED_BY(mu_);
 };
 
-
 // Pushes to the call behind `link` if it is still there.
 void PushTo(const std::shared_ptr<GenerateReactor::Link>& link,
             std::unique_ptr<v1::GenerateResponse> msg, bool last, grpc::Status status) {
@@ -122,13 +121,14 @@ void PushTo(const std::shared_ptr<GenerateReactor::Link>& link,
   if (link->reactor != nullptr) link->reactor->Push(std::move(msg), last, std::move(status));
 }
 
-absl::StatusOr<nlohmann::json> ChatToJson(const v1::Chat& chat, nlohmann::json* tools) {
-  nlohmann::json messages = nlohmann::json::array();
+absl::StatusOr<nlohmann::ordered_json> ChatToJson(const v1::Chat& chat,
+                                                  nlohmann::ordered_json* tools) {
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
   for (const v1::ChatMessage& m : chat.messages())
     messages.push_back({{"role", m.role()}, {"content", m.content()}});
   *tools = nullptr;
   if (!chat.tools_json().empty()) {
-    *tools = nlohmann::json::parse(chat.tools_json(), nullptr, /*allow_exceptions=*/false);
+    *tools = nlohmann::ordered_json::parse(chat.tools_json(), nullptr, /*allow_exceptions=*/false);
     if (tools->is_discarded() || !tools->is_array())
       return absl::InvalidArgumentError("chat.tools_json must be a JSON array");
   }
@@ -328,16 +328,16 @@ grpc::ServerUnaryReactor* GatewayService::Tokenize(grpc::CallbackServerContext* 
       switch (req->input_case()) {
         case v1::TokenizeRequest::kText: {
           ASSIGN_OR_RETURN(ids, text.Encode(req->text(), !req->has_add_special_tokens() ||
-                                                               req->add_special_tokens()));
+                                                             req->add_special_tokens()));
           break;
         }
         case v1::TokenizeRequest::kChat: {
-          nlohmann::json tools;
-          ASSIGN_OR_RETURN(nlohmann::json messages, ChatToJson(req->chat(), &tools));
+          nlohmann::ordered_json tools;
+          ASSIGN_OR_RETURN(nlohmann::ordered_json messages, ChatToJson(req->chat(), &tools));
           const bool gen_prompt = !req->has_add_generation_prompt() || req->add_generation_prompt();
           ASSIGN_OR_RETURN(std::string rendered, text.RenderChat(messages, gen_prompt, tools));
           ASSIGN_OR_RETURN(ids, text.Encode(rendered, req->has_add_special_tokens() &&
-                                                            req->add_special_tokens()));
+                                                          req->add_special_tokens()));
           resp->set_text(std::move(rendered));
           break;
         }
@@ -353,8 +353,8 @@ grpc::ServerUnaryReactor* GatewayService::Tokenize(grpc::CallbackServerContext* 
   };
   if (!generator_->RunText(std::move(work))) {
     metrics_->CountRequest("Tokenize", absl::StatusCode::kResourceExhausted);
-    reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError(
-        "the gateway's tokenizer queue is full; retry later")));
+    reactor->Finish(ToGrpcStatus(
+        absl::ResourceExhaustedError("the gateway's tokenizer queue is full; retry later")));
   }
   return reactor;
 }
@@ -376,8 +376,8 @@ grpc::ServerUnaryReactor* GatewayService::Detokenize(grpc::CallbackServerContext
   };
   if (!generator_->RunText(std::move(work))) {
     metrics_->CountRequest("Detokenize", absl::StatusCode::kResourceExhausted);
-    reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError(
-        "the gateway's tokenizer queue is full; retry later")));
+    reactor->Finish(ToGrpcStatus(
+        absl::ResourceExhaustedError("the gateway's tokenizer queue is full; retry later")));
   }
   return reactor;
 }

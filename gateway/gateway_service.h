@@ -17,18 +17,18 @@
 #include <string>
 #include <vector>
 
+#include "gateway/api_keys.h"
+#include "gateway/text_generator.h"
 #include "moemesh/v1/gateway.grpc.pb.h"
 #include "services/engine/scheduler.h"
 #include "services/metrics/metrics.h"
-#include "gateway/api_keys.h"
-#include "gateway/text_generator.h"
 
 namespace moemesh::gateway {
 
 class GatewayService final : public v1::Gateway::CallbackService {
  public:
-  GatewayService(Scheduler* scheduler, const ModelConfig& config,
-                 TextGenerator* generator, Metrics* metrics, const ApiKeys* keys = nullptr);
+  GatewayService(Scheduler* scheduler, const ModelConfig& config, TextGenerator* generator,
+                 Metrics* metrics, const ApiKeys* keys = nullptr);
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* ctx,
                                                            const v1::GenerateRequest* req) override;

@@ -17,9 +17,7 @@ using nlohmann::json;
 
 constexpr const char* kJson = "application/json";
 
-std::string Dump(const json& j) {
-  return j.dump(-1, ' ', false, json::error_handler_t::replace);
-}
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 // A request error in OpenAI's shape.
 struct ApiError {
@@ -148,8 +146,8 @@ std::optional<ApiError> ReadFloat(const json& body, const char* key, double lo, 
   return std::nullopt;
 }
 
-#define RETURN_API_ERROR(expr)                  \
-  do {                                          \
+#define RETURN_API_ERROR(expr)                       \
+  do {                                               \
     if (auto _e = (expr); _e) return *std::move(_e); \
   } while (0)
 
@@ -162,14 +160,14 @@ struct Common {
 };
 
 // The sampling and stopping fields both endpoints share.
-std::optional<ApiError> ReadSampling(const json& body, bool chat, int max_model_len,
-                                     TextRequest* r, Common* c) {
+std::optional<ApiError> ReadSampling(const json& body, bool chat, int max_model_len, TextRequest* r,
+                                     Common* c) {
   std::optional<int64_t> n, max_tokens, top_k, seed;
   RETURN_API_ERROR(ReadInt(body, "n", 1, 1, &n));
   if (Has(body, "best_of") && body["best_of"] != 1)
     return Bad("best_of", "only best_of = 1 is supported");
-  const char* max_key = chat && Has(body, "max_completion_tokens") ? "max_completion_tokens"
-                                                                   : "max_tokens";
+  const char* max_key =
+      chat && Has(body, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
   RETURN_API_ERROR(ReadInt(body, max_key, 1, INT32_MAX, &max_tokens));
   r->max_tokens = static_cast<int>(max_tokens.value_or(std::max(1, max_model_len)));
   std::optional<float> temperature, top_p;
@@ -217,8 +215,7 @@ std::optional<ApiError> ReadSampling(const json& body, bool chat, int max_model_
     std::optional<int64_t> top;
     RETURN_API_ERROR(ReadBool(body, "logprobs", &logprobs));
     RETURN_API_ERROR(ReadInt(body, "top_logprobs", 0, 20, &top));
-    if (top && !logprobs)
-      return Bad("top_logprobs", "'top_logprobs' needs 'logprobs' to be true");
+    if (top && !logprobs) return Bad("top_logprobs", "'top_logprobs' needs 'logprobs' to be true");
     if (logprobs) c->logprobs = static_cast<int>(top.value_or(0));
   } else {
     std::optional<int64_t> lp;
@@ -337,9 +334,9 @@ absl::StatusOr<std::unique_ptr<HttpApi>> HttpApi::Start(HttpApiOptions options,
     auto ssl = std::make_unique<httplib::SSLServer>(o.tls_cert.c_str(), o.tls_key.c_str(),
                                                     o.tls_ca.empty() ? nullptr : o.tls_ca.c_str());
     if (!ssl->is_valid())
-      return absl::InvalidArgumentError(absl::StrCat(
-          "cannot use the HTTPS certificate ", o.tls_cert, " with key ", o.tls_key,
-          o.tls_ca.empty() ? "" : absl::StrCat(" and CA ", o.tls_ca)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot use the HTTPS certificate ", o.tls_cert, " with key ", o.tls_key,
+                       o.tls_ca.empty() ? "" : absl::StrCat(" and CA ", o.tls_ca)));
     api->server_ = std::move(ssl);
   } else {
     api->server_ = std::make_unique<httplib::Server>();
@@ -366,10 +363,11 @@ void HttpApi::Routes() {
 
   s.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     t_request_start = absl::Now();
-    if (req.path == "/health" || req.path == "/metrics") return httplib::Server::HandlerResponse::Unhandled;
+    if (req.path == "/health" || req.path == "/metrics")
+      return httplib::Server::HandlerResponse::Unhandled;
     if (options_.keys != nullptr && !options_.keys->Check(req.get_header_value("Authorization"))) {
-      Send(res, ApiError{401, "Incorrect or missing API key; send 'Authorization: Bearer KEY'",
-                         "", "invalid_api_key"});
+      Send(res, ApiError{401, "Incorrect or missing API key; send 'Authorization: Bearer KEY'", "",
+                         "invalid_api_key"});
       return httplib::Server::HandlerResponse::Handled;
     }
     return httplib::Server::HandlerResponse::Unhandled;
@@ -418,8 +416,11 @@ void HttpApi::Routes() {
       bool gen = true, special = false;
       if (auto e = ReadBool(body, "add_generation_prompt", &gen)) return Send(res, *e);
       if (auto e = ReadBool(body, "add_special_tokens", &special)) return Send(res, *e);
-      absl::StatusOr<std::string> rendered = text.RenderChat(body["messages"], gen,
-                                                             Has(body, "tools") ? body["tools"] : json(nullptr));
+      // Members keep their order, as in Hugging Face's dicts (tojson shows it).
+      const auto ordered = nlohmann::ordered_json::parse(req.body, nullptr, false);
+      absl::StatusOr<std::string> rendered =
+          text.RenderChat(ordered["messages"], gen,
+                          Has(body, "tools") ? ordered["tools"] : nlohmann::ordered_json(nullptr));
       if (!rendered.ok()) return Send(res, FromStatus(rendered.status()));
       ids = text.Encode(*rendered, special);
     } else if (Has(body, "prompt") && body["prompt"].is_string()) {
@@ -430,10 +431,9 @@ void HttpApi::Routes() {
       return Send(res, ApiError{400, "give 'prompt' (a string) or 'messages'", "prompt", ""});
     }
     if (!ids.ok()) return Send(res, FromStatus(ids.status()));
-    res.set_content(Dump({{"count", ids->size()},
-                          {"max_model_len", options_.max_model_len},
-                          {"tokens", *ids}}),
-                    kJson);
+    res.set_content(
+        Dump({{"count", ids->size()}, {"max_model_len", options_.max_model_len}, {"tokens", *ids}}),
+        kJson);
   });
 
   s.Post("/detokenize", [this, &text](const httplib::Request& req, httplib::Response& res) {
@@ -476,16 +476,20 @@ void HttpApi::Complete(const httplib::Request& req, httplib::Response& res, bool
   if (chat) {
     if (!Has(body, "messages"))
       return Send(res, ApiError{400, "'messages' is required", "messages", ""});
-    absl::StatusOr<json> msgs = NormaliseChatMessages(body["messages"]);
-    if (!msgs.ok()) return Send(res, ApiError{400, std::string(msgs.status().message()), "messages", ""});
+    // Members keep their order, as in Hugging Face's dicts (tojson shows it).
+    const auto ordered = nlohmann::ordered_json::parse(req.body, nullptr, false);
+    absl::StatusOr<nlohmann::ordered_json> msgs = NormaliseChatMessages(ordered["messages"]);
+    if (!msgs.ok())
+      return Send(res, ApiError{400, std::string(msgs.status().message()), "messages", ""});
     r.input = TextRequest::Input::kChat;
     r.messages = *std::move(msgs);
     if (Has(body, "tools")) {
-      if (!body["tools"].is_array()) return Send(res, ApiError{400, "'tools' must be a list", "tools", ""});
-      r.tools = body["tools"];
+      if (!body["tools"].is_array())
+        return Send(res, ApiError{400, "'tools' must be a list", "tools", ""});
+      r.tools = ordered["tools"];
     }
-    if (Has(body, "response_format") &&
-        !(body["response_format"].is_object() && body["response_format"].value("type", "") == "text"))
+    if (Has(body, "response_format") && !(body["response_format"].is_object() &&
+                                          body["response_format"].value("type", "") == "text"))
       return Send(res, ApiError{400, "only response_format {\"type\": \"text\"} is supported",
                                 "response_format", ""});
   } else {
@@ -505,9 +509,9 @@ void HttpApi::Complete(const httplib::Request& req, httplib::Response& res, bool
         r.prompt_ids.push_back(t.get<int32_t>());
       }
     } else {
-      return Send(res, ApiError{400,
-                                "'prompt' must be a string or a list of token ids (one prompt: n = 1)",
-                                "prompt", ""});
+      return Send(
+          res, ApiError{400, "'prompt' must be a string or a list of token ids (one prompt: n = 1)",
+                        "prompt", ""});
     }
   }
   if (auto e = ReadSampling(body, chat, options_.max_model_len, &r, &c)) return Send(res, *e);
@@ -517,7 +521,8 @@ void HttpApi::Complete(const httplib::Request& req, httplib::Response& res, bool
   auto queue = std::make_shared<EventQueue>();
   const TextRequest::Input input = r.input;
   const std::string prompt_text = r.prompt;
-  if (absl::Status s = generator_->Start(std::move(r), [queue](TextEvent ev) { queue->Push(std::move(ev)); });
+  if (absl::Status s =
+          generator_->Start(std::move(r), [queue](TextEvent ev) { queue->Push(std::move(ev)); });
       !s.ok()) {
     return Send(res, FromStatus(s));
   }
@@ -599,8 +604,8 @@ void HttpApi::Complete(const httplib::Request& req, httplib::Response& res, bool
   res.set_header("Cache-Control", "no-cache");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, st, queue, cancel, chat, id, created, model, include_usage, logprobs, echo,
-       &text](size_t, httplib::DataSink& sink) {
+      [this, st, queue, cancel, chat, id, created, model, include_usage, logprobs, echo, &text](
+          size_t, httplib::DataSink& sink) {
         auto chunk = [&](json choice, bool with_usage_null) {
           json j = {{"id", id},
                     {"object", chat ? "chat.completion.chunk" : "text_completion"},
@@ -622,8 +627,9 @@ void HttpApi::Complete(const httplib::Request& req, httplib::Response& res, bool
                         {"finish_reason", nullptr}},
                        true);
           } else if (!echo.empty()) {
-            ok = chunk({{"index", 0}, {"text", echo}, {"logprobs", nullptr}, {"finish_reason", nullptr}},
-                       true);
+            ok = chunk(
+                {{"index", 0}, {"text", echo}, {"logprobs", nullptr}, {"finish_reason", nullptr}},
+                true);
             st->offset = echo.size();
           }
           if (!ok) {
@@ -669,8 +675,9 @@ void HttpApi::Complete(const httplib::Request& req, httplib::Response& res, bool
                         {"finish_reason", nullptr}},
                        true);
           } else {
-            ok = chunk({{"index", 0}, {"text", ev->text}, {"logprobs", lp}, {"finish_reason", nullptr}},
-                       true);
+            ok = chunk(
+                {{"index", 0}, {"text", ev->text}, {"logprobs", lp}, {"finish_reason", nullptr}},
+                true);
           }
           st->offset += ev->text.size();
         }

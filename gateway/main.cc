@@ -9,11 +9,11 @@
 #include <unistd.h>
 
 #include <cstdio>
-#include <thread>
 #include <fstream>
-#include <sstream>
 #include <optional>
+#include <sstream>
 #include <string>
+#include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"

@@ -56,7 +56,8 @@ void TextGenerator::Submit(TextRequest r, TextCallback on_event) {
   };
   if (r.stop.size() > 64) return fail(absl::InvalidArgumentError("at most 64 stop strings"));
   for (const std::string& s : r.stop) {
-    if (s.size() > 1024) return fail(absl::InvalidArgumentError("a stop string is over 1024 bytes"));
+    if (s.size() > 1024)
+      return fail(absl::InvalidArgumentError("a stop string is over 1024 bytes"));
   }
   if (r.logprobs > 20) return fail(absl::InvalidArgumentError("top_logprobs must be <= 20"));
   absl::StatusOr<std::vector<int32_t>> ids = PromptIds(*text_, r);
@@ -79,8 +80,8 @@ void TextGenerator::Submit(TextRequest r, TextCallback on_event) {
   if (g.sampling.top_p == 0.0f) g.sampling.top_p = 1.0f;
   g.sampling.seed = r.seed;
   g.stop_tokens = r.stop_token_ids;
-  if (!r.ignore_eos) g.stop_tokens.insert(g.stop_tokens.end(), t.eos_token_ids().begin(),
-                                          t.eos_token_ids().end());
+  if (!r.ignore_eos)
+    g.stop_tokens.insert(g.stop_tokens.end(), t.eos_token_ids().begin(), t.eos_token_ids().end());
   g.logprobs = r.logprobs;
   g.deadline = r.deadline;
   g.cancel = r.cancel ? r.cancel : std::make_shared<CancelFlag>();
@@ -93,8 +94,7 @@ void TextGenerator::Submit(TextRequest r, TextCallback on_event) {
   const int64_t prompt_tokens = static_cast<int64_t>(g.prompt.size());
   auto cancel = g.cancel;
   Metrics* metrics = metrics_;
-  auto cb = [state, on_event, cancel, metrics, received,
-             prompt_tokens](const GenerationEvent& ev) {
+  auto cb = [state, on_event, cancel, metrics, received, prompt_tokens](const GenerationEvent& ev) {
     if (state->finished) return;
     TextEvent out;
     out.prompt_tokens = ev.prompt_tokens;

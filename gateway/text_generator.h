@@ -34,11 +34,11 @@ namespace moemesh::gateway {
 struct TextRequest {
   enum class Input { kText, kIds, kChat };
   Input input = Input::kText;
-  std::string prompt;                // kText
-  std::vector<int32_t> prompt_ids;   // kIds
-  nlohmann::json messages;           // kChat: array of {"role","content"}
-  nlohmann::json tools;              // kChat: null or an array
-  bool add_special_tokens = true;    // kText
+  std::string prompt;               // kText
+  std::vector<int32_t> prompt_ids;  // kIds
+  nlohmann::ordered_json messages;  // kChat: array of {"role","content"}, members in order
+  nlohmann::ordered_json tools;     // kChat: null or an array
+  bool add_special_tokens = true;   // kText
   int max_tokens = 16;
   std::optional<float> temperature, top_p;
   std::optional<int> top_k;
@@ -59,8 +59,8 @@ struct TextEvent {
   // Not done: one new token and the text it makes safe to show (possibly empty).
   int32_t token = -1;
   std::string text;
-  float logprob = 0;                            // when asked
-  std::vector<std::pair<int32_t, float>> top;   // when asked: most likely first
+  float logprob = 0;                           // when asked
+  std::vector<std::pair<int32_t, float>> top;  // when asked: most likely first
   // Done: how it ended. A non-OK status means the request failed (nothing more follows);
   // otherwise `text` holds the last of the text and finish_reason is "stop" or "length".
   std::string finish_reason;

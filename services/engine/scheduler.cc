@@ -65,7 +65,7 @@ absl::Status Scheduler::Submit(GenerationRequest request, GenerationCallback on_
 
 // The log-probability of `token` and the `top` most likely (lowest id first on ties).
 static void TokenLogprobs(absl::Span<const float> row, int32_t token, int top,
-                   GenerationEvent* ev) {
+                          GenerationEvent* ev) {
   float mx = row[0];
   for (float x : row) mx = std::max(mx, x);
   double sum = 0;

@@ -50,28 +50,29 @@ absl::StatusOr<std::string> TextModel::Decode(const std::vector<int32_t>& ids,
   if (!tokenizer_) return absl::FailedPreconditionError("the model has no tokenizer.json");
   for (int32_t id : ids) {
     if (id < 0 || id >= tokenizer_->vocab_size())
-      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary [0, ",
-                                                     tokenizer_->vocab_size(), ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token id ", id, " is outside the vocabulary [0, ", tokenizer_->vocab_size(), ")"));
   }
   return tokenizer_->Decode(ids, skip_special_tokens);
 }
 
-absl::StatusOr<nlohmann::json> NormaliseChatMessages(const nlohmann::json& messages) {
+absl::StatusOr<nlohmann::ordered_json> NormaliseChatMessages(
+    const nlohmann::ordered_json& messages) {
   if (!messages.is_array() || messages.empty())
     return absl::InvalidArgumentError("messages must be a non-empty array");
-  nlohmann::json out = nlohmann::json::array();
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
   for (size_t i = 0; i < messages.size(); ++i) {
-    const nlohmann::json& m = messages[i];
+    const nlohmann::ordered_json& m = messages[i];
     const std::string where = absl::StrCat("messages[", i, "]");
     if (!m.is_object()) return absl::InvalidArgumentError(absl::StrCat(where, " is not an object"));
     auto role = m.find("role");
     if (role == m.end() || !role->is_string())
       return absl::InvalidArgumentError(absl::StrCat(where, " needs a string 'role'"));
-    nlohmann::json n = m;
+    nlohmann::ordered_json n = m;
     auto content = m.find("content");
     if (content != m.end() && content->is_array()) {
       std::string text;
-      for (const nlohmann::json& part : *content) {
+      for (const nlohmann::ordered_json& part : *content) {
         if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
             !part["text"].is_string())
           return absl::InvalidArgumentError(
@@ -88,19 +89,19 @@ absl::StatusOr<nlohmann::json> NormaliseChatMessages(const nlohmann::json& messa
   return out;
 }
 
-absl::StatusOr<std::string> TextModel::RenderChat(const nlohmann::json& messages,
+absl::StatusOr<std::string> TextModel::RenderChat(const nlohmann::ordered_json& messages,
                                                   bool add_generation_prompt,
-                                                  const nlohmann::json& tools) const {
+                                                  const nlohmann::ordered_json& tools) const {
   if (!tokenizer_) return absl::FailedPreconditionError("the model has no tokenizer.json");
   if (!chat_template_)
     return absl::FailedPreconditionError(
         "the model has no chat template (tokenizer_config.json has no chat_template); send a "
         "prompt instead");
-  ASSIGN_OR_RETURN(nlohmann::json msgs, NormaliseChatMessages(messages));
-  nlohmann::json ctx = {{"messages", std::move(msgs)},
-                        {"add_generation_prompt", add_generation_prompt},
-                        {"bos_token", tokenizer_->bos_token()},
-                        {"eos_token", tokenizer_->eos_token()}};
+  ASSIGN_OR_RETURN(nlohmann::ordered_json msgs, NormaliseChatMessages(messages));
+  nlohmann::ordered_json ctx = {{"messages", std::move(msgs)},
+                                {"add_generation_prompt", add_generation_prompt},
+                                {"bos_token", tokenizer_->bos_token()},
+                                {"eos_token", tokenizer_->eos_token()}};
   if (!tools.is_null()) {
     if (!tools.is_array()) return absl::InvalidArgumentError("tools must be an array");
     ctx["tools"] = tools;
@@ -108,9 +109,9 @@ absl::StatusOr<std::string> TextModel::RenderChat(const nlohmann::json& messages
   return chat_template_->Render(ctx);
 }
 
-absl::StatusOr<std::vector<int32_t>> TextModel::EncodeChat(const nlohmann::json& messages,
-                                                           bool add_generation_prompt,
-                                                           const nlohmann::json& tools) const {
+absl::StatusOr<std::vector<int32_t>> TextModel::EncodeChat(
+    const nlohmann::ordered_json& messages, bool add_generation_prompt,
+    const nlohmann::ordered_json& tools) const {
   ASSIGN_OR_RETURN(std::string text, RenderChat(messages, add_generation_prompt, tools));
   return tokenizer_->Encode(text, /*add_special_tokens=*/false);
 }

@@ -54,13 +54,13 @@ class TextModel {
   // The chat template applied as Hugging Face's apply_chat_template does. `messages` is a JSON
   // array of objects with a string "role"; `tools` is null (absent) or an array. Template
   // errors (raise_exception, a bad role order) are INVALID_ARGUMENT with the template's message.
-  [[nodiscard]] absl::StatusOr<std::string> RenderChat(const nlohmann::json& messages,
-                                                       bool add_generation_prompt,
-                                                       const nlohmann::json& tools = nullptr) const;
+  [[nodiscard]] absl::StatusOr<std::string> RenderChat(
+      const nlohmann::ordered_json& messages, bool add_generation_prompt,
+      const nlohmann::ordered_json& tools = nullptr) const;
   // The rendered chat, tokenized with add_special_tokens=false (the template writes BOS itself).
   [[nodiscard]] absl::StatusOr<std::vector<int32_t>> EncodeChat(
-      const nlohmann::json& messages, bool add_generation_prompt,
-      const nlohmann::json& tools = nullptr) const;
+      const nlohmann::ordered_json& messages, bool add_generation_prompt,
+      const nlohmann::ordered_json& tools = nullptr) const;
 
  private:
   std::shared_ptr<const Tokenizer> tokenizer_;
@@ -72,7 +72,8 @@ class TextModel {
 // Checks a chat's messages: a non-empty JSON array of objects, each with a string "role" and a
 // "content" that is a string, null or absent, or a list of {"type":"text","text":…} parts
 // (joined into one string, as OpenAI clients send them). Returns the normalised messages.
-[[nodiscard]] absl::StatusOr<nlohmann::json> NormaliseChatMessages(const nlohmann::json& messages);
+[[nodiscard]] absl::StatusOr<nlohmann::ordered_json> NormaliseChatMessages(
+    const nlohmann::ordered_json& messages);
 
 class TextStream {
  public:

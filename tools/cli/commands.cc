@@ -271,14 +271,14 @@ absl::StatusOr<std::string> GenerateLocal(const Local& l, const GenerateArgs& a)
 
 }  // namespace
 
-absl::StatusOr<nlohmann::json> ReadChatFile(const std::string& path) {
+absl::StatusOr<nlohmann::ordered_json> ReadChatFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::InvalidArgumentError(absl::StrCat("cannot read --chat file ", path));
   std::stringstream ss;
   ss << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded())
-    return absl::InvalidArgumentError(absl::StrCat(path, " is not valid JSON"));
+  nlohmann::ordered_json j =
+      nlohmann::ordered_json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, " is not valid JSON"));
   auto msgs = NormaliseChatMessages(j);
   if (!msgs.ok())
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", msgs.status().message()));
@@ -307,7 +307,7 @@ absl::Status Chat(const Common& c, const GenerateArgs& a) {
   if (!a.messages.is_null()) return answer(a).status();
   // A conversation on standard input.
   GenerateArgs g = a;
-  g.messages = nlohmann::json::array();
+  g.messages = nlohmann::ordered_json::array();
   std::string line;
   while (true) {
     std::cerr << "> " << std::flush;
@@ -334,7 +334,8 @@ absl::Status Tokenize(const Common& c, const TokenizeArgs& a) {
   return absl::OkStatus();
 }
 
-absl::Status Detokenize(const Common& c, const std::vector<int32_t>& ids, bool skip_special_tokens) {
+absl::Status Detokenize(const Common& c, const std::vector<int32_t>& ids,
+                        bool skip_special_tokens) {
   if (!c.gateway.empty()) return DetokenizeViaGateway(c, ids, skip_special_tokens);
   if (c.model.empty()) return absl::InvalidArgumentError("give --model DIR or --gateway ADDR");
   ASSIGN_OR_RETURN(std::shared_ptr<const TextModel> text, TextModel::LoadDir(c.model));

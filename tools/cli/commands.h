@@ -45,7 +45,7 @@ struct MakeModelArgs {
 struct GenerateArgs {
   std::string prompt;
   std::vector<int32_t> tokens;
-  nlohmann::json messages;  // a chat (JSON array of {"role","content"}), or null
+  nlohmann::ordered_json messages;  // a chat (JSON array of {"role","content"}), or null
   int max_tokens = 16;
   SamplingParams sampling;
   // Unset sampling fields take the model's generation_config.json defaults.
@@ -56,7 +56,7 @@ struct GenerateArgs {
 
 struct TokenizeArgs {
   std::string prompt;
-  nlohmann::json messages;  // a chat, or null
+  nlohmann::ordered_json messages;  // a chat, or null
   bool add_special_tokens = true;
 };
 
@@ -69,6 +69,9 @@ struct UpArgs {
   std::string run_dir = "/tmp";   // logs and port files go under it
   std::string address_file;       // when set, the gateway address is written here
   bool shared_in_gateway = true;  // DeepSeek shared experts in the gateway, not a worker group
+  int http_port = -1;             // the gateway's OpenAI-compatible HTTP API (-1: off, 0: any)
+  std::string api_key_file;       // passed to the gateway
+  std::string chat_template;      // passed to the gateway
 };
 
 absl::Status MakeModel(const MakeModelArgs& a);
@@ -82,7 +85,7 @@ absl::Status Detokenize(const Common& c, const std::vector<int32_t>& ids, bool s
 // standard input (each line a user message) until end of input.
 absl::Status Chat(const Common& c, const GenerateArgs& a);
 // Reads a chat file: a JSON array of {"role","content"} messages.
-absl::StatusOr<nlohmann::json> ReadChatFile(const std::string& path);
+absl::StatusOr<nlohmann::ordered_json> ReadChatFile(const std::string& path);
 absl::Status Up(const Common& c, const UpArgs& a);
 
 // Through a gateway (remote.cc). Generation prints the text (or ids) as it streams and returns

@@ -18,7 +18,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/reflection.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
@@ -30,7 +29,8 @@
 
 ABSL_FLAG(std::string, arch, "mixtral", "make-model: mixtral | deepseek_v3");
 ABSL_FLAG(std::string, out, "", "make-model: output directory");
-ABSL_FLAG(int, vocab, 512, "make-model: vocabulary size");
+ABSL_FLAG(int, vocab, 0,
+          "make-model: vocabulary size (0: the --tokenizer_from tokenizer's size, else 512)");
 ABSL_FLAG(int, hidden, 256, "make-model: hidden size");
 ABSL_FLAG(int, intermediate, 512,
           "make-model: expert FFN width (mixtral); dense-layer FFN width (deepseek_v3)");
@@ -77,14 +77,13 @@ ABSL_FLAG(std::string, gateway, "", "generate/score through a running gateway at
 ABSL_FLAG(std::string, prompt, "", "generate: prompt text");
 ABSL_FLAG(std::string, tokens, "", "generate/score: comma-separated token ids");
 ABSL_FLAG(int, max_tokens, 16, "generate: tokens to generate");
-ABSL_FLAG(double, temperature, 0.0,
-          "generate/chat: 0 is greedy (when not given: the model's generation_config.json "
-          "default, else 0)");
-ABSL_FLAG(int, sample_top_k, 0,
-          "generate/chat: sample among the k most likely (0: all; when not given: the model's "
-          "default)");
-ABSL_FLAG(double, top_p, 1.0,
-          "generate/chat: nucleus sampling mass (when not given: the model's default, else 1)");
+ABSL_FLAG(double, temperature, -1,
+          "generate/chat: 0 is greedy (-1: the model's generation_config.json default, else 0)");
+ABSL_FLAG(int, sample_top_k, -1,
+          "generate/chat: sample among the k most likely (0: all; -1: the model's default, else "
+          "all)");
+ABSL_FLAG(double, top_p, -1,
+          "generate/chat: nucleus sampling mass (-1: the model's default, else 1)");
 ABSL_FLAG(std::string, chat, "",
           "generate/chat/tokenize: a JSON file holding an array of {\"role\",\"content\"} "
           "messages, rendered with the model's chat template and the generation prompt");
@@ -107,14 +106,14 @@ ABSL_FLAG(bool, shared_in_gateway, true,
           "up: run DeepSeek shared experts in the gateway, overlapped with the router call "
           "(--noshared_in_gateway: in expert group 0)");
 ABSL_FLAG(std::string, address_file, "", "up: write the gateway address to this file once serving");
+ABSL_FLAG(int, http_port, -1,
+          "up: serve the OpenAI-compatible HTTP API on this gateway port (0: any; -1: off)");
+ABSL_FLAG(std::string, api_key_file, "", "up: the gateway's API keys (one per line)");
+ABSL_FLAG(std::string, chat_template, "",
+          "up: a Jinja chat template file that replaces the model's");
 ABSL_FLAG(double, timeout, 0, "generate/score via gateway: deadline in seconds (0: none)");
 
 namespace {
-
-bool FlagGiven(const char* name) {
-  const absl::CommandLineFlag* f = absl::FindCommandLineFlag(name);
-  return f != nullptr && f->IsSpecifiedOnCommandLine();
-}
 
 // --stop: comma-separated, where "\\," is a literal comma and C escapes are understood.
 absl::StatusOr<std::vector<std::string>> ParseStops(const std::vector<std::string>& parts) {
@@ -190,7 +189,7 @@ int main(int argc, char** argv) {
     moemesh::cli::MakeModelArgs m;
     m.arch = absl::GetFlag(FLAGS_arch);
     m.out = absl::GetFlag(FLAGS_out);
-    m.vocab = absl::GetFlag(FLAGS_vocab);
+    m.vocab = absl::GetFlag(FLAGS_vocab) > 0 ? absl::GetFlag(FLAGS_vocab) : 512;
     m.hidden = absl::GetFlag(FLAGS_hidden);
     m.intermediate = absl::GetFlag(FLAGS_intermediate);
     m.layers = absl::GetFlag(FLAGS_layers);
@@ -226,7 +225,7 @@ int main(int argc, char** argv) {
     m.rope_mscale_all_dim = absl::GetFlag(FLAGS_rope_mscale_all_dim);
     m.mtp_layers = absl::GetFlag(FLAGS_mtp_layers);
     m.tokenizer_from = absl::GetFlag(FLAGS_tokenizer_from);
-    m.vocab_given = FlagGiven("vocab");
+    m.vocab_given = absl::GetFlag(FLAGS_vocab) > 0;
     status = moemesh::cli::MakeModel(m);
   } else if (cmd == "tokenize") {
     moemesh::cli::TokenizeArgs t;
@@ -239,9 +238,6 @@ int main(int argc, char** argv) {
         return 2;
       }
       t.messages = *std::move(m);
-    } else if (!FlagGiven("prompt")) {
-      std::cerr << "moemesh tokenize: give --prompt TEXT or --chat FILE\n";
-      return 2;
     }
     status = moemesh::cli::Tokenize(c, t);
   } else if (cmd == "detokenize") {
@@ -270,9 +266,12 @@ int main(int argc, char** argv) {
       g.sampling.top_k = absl::GetFlag(FLAGS_sample_top_k);
       g.sampling.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
       g.sampling.seed = absl::GetFlag(FLAGS_seed);
-      g.temperature_set = FlagGiven("temperature");
-      g.top_k_set = FlagGiven("sample_top_k");
-      g.top_p_set = FlagGiven("top_p");
+      g.temperature_set = g.sampling.temperature >= 0;
+      g.top_k_set = g.sampling.top_k >= 0;
+      g.top_p_set = g.sampling.top_p >= 0;
+      if (!g.temperature_set) g.sampling.temperature = 0;
+      if (!g.top_k_set) g.sampling.top_k = 0;
+      if (!g.top_p_set) g.sampling.top_p = 1;
       g.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
       auto stops = ParseStops(absl::GetFlag(FLAGS_stop));
       if (!stops.ok()) {
@@ -308,6 +307,9 @@ int main(int argc, char** argv) {
                               : absl::StrCat(home ? home : "/tmp", "/.cache/moemesh/default-model");
     u.address_file = absl::GetFlag(FLAGS_address_file);
     u.shared_in_gateway = absl::GetFlag(FLAGS_shared_in_gateway);
+    u.http_port = absl::GetFlag(FLAGS_http_port);
+    u.api_key_file = absl::GetFlag(FLAGS_api_key_file);
+    u.chat_template = absl::GetFlag(FLAGS_chat_template);
     const char* tmp = std::getenv("TMPDIR");
     u.run_dir = tmp ? tmp : "/tmp";
     status = moemesh::cli::Up(c, u);

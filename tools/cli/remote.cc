@@ -37,8 +37,8 @@ void SetDeadline(const Common& c, grpc::ClientContext* ctx) {
 
 namespace {
 
-void ToProtoChat(const nlohmann::json& messages, v1::Chat* chat) {
-  for (const nlohmann::json& m : messages) {
+void ToProtoChat(const nlohmann::ordered_json& messages, v1::Chat* chat) {
+  for (const nlohmann::ordered_json& m : messages) {
     v1::ChatMessage* pm = chat->add_messages();
     pm->set_role(m.value("role", ""));
     if (m.contains("content") && m["content"].is_string())
@@ -131,8 +131,8 @@ absl::Status DetokenizeViaGateway(const Common& c, const std::vector<int32_t>& i
   req.set_skip_special_tokens(skip_special_tokens);
   v1::DetokenizeResponse resp;
   RETURN_IF_ERROR(FromGrpcStatus(stub->Detokenize(&ctx, req, &resp)));
-  std::cout << nlohmann::json{{"text", resp.text()}}.dump(
-                   -1, ' ', false, nlohmann::json::error_handler_t::replace)
+  std::cout << nlohmann::json{{"text", resp.text()}}.dump(-1, ' ', false,
+                                                          nlohmann::json::error_handler_t::replace)
             << "\n";
   return absl::OkStatus();
 }
@@ -186,12 +186,30 @@ absl::Status Up(const Common& c, const UpArgs& a) {
   o.shared_experts_in_gateway = a.shared_in_gateway;
   o.metrics = true;
   o.work_dir = absl::StrCat(a.run_dir, "/moemesh-up-", ::getpid());
+  const std::string http_port_file = o.work_dir + "/gateway.http_port";
+  if (a.http_port >= 0) {
+    o.gateway_args.push_back(absl::StrCat("--http_port=", a.http_port));
+    o.gateway_args.push_back(absl::StrCat("--http_port_file=", http_port_file));
+  }
+  if (!a.api_key_file.empty()) o.gateway_args.push_back("--api_key_file=" + a.api_key_file);
+  if (!a.chat_template.empty()) o.gateway_args.push_back("--chat_template=" + a.chat_template);
   std::fprintf(
       stderr,
       "moemesh up: starting %d expert group(s) x %d replica(s), router and gateway (logs in %s)\n",
       a.groups, a.replicas, o.work_dir.c_str());
   ASSIGN_OR_RETURN(auto mesh, Mesh::Start(o));
   std::printf("gateway listening on %s\n", mesh->gateway_address().c_str());
+  if (a.http_port >= 0) {
+    std::string port;
+    for (int i = 0; i < 200 && port.empty(); ++i) {
+      std::ifstream in(http_port_file);
+      if (!(in >> port)) {
+        port.clear();
+        absl::SleepFor(absl::Milliseconds(50));
+      }
+    }
+    std::printf("OpenAI-compatible API on http://127.0.0.1:%s/v1\n", port.c_str());
+  }
   std::fflush(stdout);
   if (!a.address_file.empty()) {
     std::ofstream(a.address_file + ".tmp") << mesh->gateway_address() << "\n";
