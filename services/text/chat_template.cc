@@ -33,8 +33,8 @@ absl::Status Error(const Expr& at, absl::string_view message) {
 }
 
 absl::Status UndefinedError(const Value& v) {
-  return absl::InvalidArgumentError(
-      v.undefined_hint().empty() ? "value is undefined" : v.undefined_hint());
+  return absl::InvalidArgumentError(v.undefined_hint().empty() ? "value is undefined"
+                                                               : v.undefined_hint());
 }
 
 struct Scope {
@@ -53,8 +53,8 @@ struct Scope {
 enum class Flow { kNormal, kBreak, kContinue };
 
 // Python's sequence index normalisation for slices.
-void SliceIndices(int64_t n, const Value& start, const Value& stop, const Value& step_v,
-                  int64_t& b, int64_t& e, int64_t& step) {
+void SliceIndices(int64_t n, const Value& start, const Value& stop, const Value& step_v, int64_t& b,
+                  int64_t& e, int64_t& step) {
   step = step_v.is_none() || step_v.is_undefined() ? 1 : step_v.as_int();
   auto clamp = [&](const Value& v, int64_t def, bool is_start) -> int64_t {
     if (v.is_none() || v.is_undefined()) return def;
@@ -270,18 +270,18 @@ class Interpreter {
                  std::function<absl::StatusOr<Value>(Interpreter&, CallArgs&)> f) {
       return Value(std::make_shared<const Function>(Function{std::move(name), std::move(f)}));
     };
-    g.vars["raise_exception"] = fn("raise_exception", [](Interpreter&, CallArgs& a)
-                                                          -> absl::StatusOr<Value> {
-      std::string msg = a.positional.empty() ? "" : a.positional[0].Str();
-      return absl::InvalidArgumentError(msg);
-    });
-    g.vars["strftime_now"] = fn("strftime_now", [](Interpreter& in, CallArgs& a)
-                                                    -> absl::StatusOr<Value> {
-      if (a.positional.empty() || !a.positional[0].is_string()) {
-        return absl::InvalidArgumentError("strftime_now() takes a format string");
-      }
-      return Value(StrftimeUtc(a.positional[0].as_string(), in.now_));
-    });
+    g.vars["raise_exception"] =
+        fn("raise_exception", [](Interpreter&, CallArgs& a) -> absl::StatusOr<Value> {
+          std::string msg = a.positional.empty() ? "" : a.positional[0].Str();
+          return absl::InvalidArgumentError(msg);
+        });
+    g.vars["strftime_now"] =
+        fn("strftime_now", [](Interpreter& in, CallArgs& a) -> absl::StatusOr<Value> {
+          if (a.positional.empty() || !a.positional[0].is_string()) {
+            return absl::InvalidArgumentError("strftime_now() takes a format string");
+          }
+          return Value(StrftimeUtc(a.positional[0].as_string(), in.now_));
+        });
     g.vars["namespace"] = fn("namespace", [](Interpreter&, CallArgs& a) -> absl::StatusOr<Value> {
       auto ns = std::make_shared<Namespace>();
       for (const Value& p : a.positional) {
@@ -466,18 +466,19 @@ class Interpreter {
     return Value(std::make_shared<const Function>(Function{name, std::move(call)}));
   }
 
-  absl::Status Unpack(const std::vector<std::string>& targets, const Value& item,
-                      Scope& into, const Node& at) {
+  absl::Status Unpack(const std::vector<std::string>& targets, const Value& item, Scope& into,
+                      const Node& at) {
     if (targets.size() == 1) {
       into.vars[targets[0]] = item;
       return absl::OkStatus();
     }
     ASSIGN_OR_RETURN(List parts, Iterate(item, *at.expr));
     if (parts.size() != targets.size()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "line ", at.line, ": ",
-          parts.size() < targets.size() ? "not enough values to unpack" : "too many values to unpack",
-          " (expected ", targets.size(), ", got ", parts.size(), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("line ", at.line, ": ",
+                       parts.size() < targets.size() ? "not enough values to unpack"
+                                                     : "too many values to unpack",
+                       " (expected ", targets.size(), ", got ", parts.size(), ")"));
     }
     for (size_t i = 0; i < targets.size(); ++i) into.vars[targets[i]] = parts[i];
     return absl::OkStatus();
@@ -513,22 +514,22 @@ class Interpreter {
       loop.items.emplace_back(Value("length"), Value(n));
       loop.items.emplace_back(Value("depth"), Value(1));
       loop.items.emplace_back(Value("depth0"), Value(0));
-      loop.items.emplace_back(Value("previtem"),
-                              i > 0 ? items[i - 1]
-                                    : Value::MakeUndefined("there is no previous item"));
-      loop.items.emplace_back(Value("nextitem"),
-                              i + 1 < n ? items[i + 1]
-                                        : Value::MakeUndefined("there is no next item"));
+      loop.items.emplace_back(
+          Value("previtem"),
+          i > 0 ? items[i - 1] : Value::MakeUndefined("there is no previous item"));
+      loop.items.emplace_back(
+          Value("nextitem"),
+          i + 1 < n ? items[i + 1] : Value::MakeUndefined("there is no next item"));
       const int64_t index0 = i;
       loop.items.emplace_back(
           Value("cycle"),
-          Value(std::make_shared<const Function>(Function{
-              "cycle", [index0](Interpreter&, CallArgs& a) -> absl::StatusOr<Value> {
-                if (a.positional.empty()) {
-                  return absl::InvalidArgumentError("no items for cycling given");
-                }
-                return a.positional[static_cast<size_t>(index0) % a.positional.size()];
-              }})));
+          Value(std::make_shared<const Function>(
+              Function{"cycle", [index0](Interpreter&, CallArgs& a) -> absl::StatusOr<Value> {
+                         if (a.positional.empty()) {
+                           return absl::InvalidArgumentError("no items for cycling given");
+                         }
+                         return a.positional[static_cast<size_t>(index0) % a.positional.size()];
+                       }})));
       iter->vars["loop"] = Value(std::move(loop));
       ASSIGN_OR_RETURN(Flow flow, RenderBody(node.body, iter));
       if (flow == Flow::kBreak) break;
@@ -674,9 +675,9 @@ class Interpreter {
         ASSIGN_OR_RETURN(Value v, Eval(*e.args[0], scope));
         if (v.is_undefined()) return UndefinedError(v);
         if (!v.is_number()) {
-          return Error(e, absl::StrCat("bad operand type for unary ",
-                                       e.kind == Expr::Kind::kNeg ? "-" : "+", ": '",
-                                       v.TypeName(), "'"));
+          return Error(
+              e, absl::StrCat("bad operand type for unary ", e.kind == Expr::Kind::kNeg ? "-" : "+",
+                              ": '", v.TypeName(), "'"));
         }
         if (e.kind == Expr::Kind::kPos) return v.is_bool() ? Value(v.as_int()) : v;
         if (v.is_float()) return Value(-v.as_double());
@@ -696,8 +697,9 @@ class Interpreter {
         ASSIGN_OR_RETURN(Value c, Eval(*e.args[1], scope));
         if (c.Truthy()) return Eval(*e.args[0], scope);
         if (e.args[2]) return Eval(*e.args[2], scope);
-        return Value::MakeUndefined("the inline if-expression evaluated to false and no else "
-                                    "section was defined.");
+        return Value::MakeUndefined(
+            "the inline if-expression evaluated to false and no else "
+            "section was defined.");
       }
       case Expr::Kind::kBinary: {
         ASSIGN_OR_RETURN(Value l, Eval(*e.args[0], scope));
@@ -712,19 +714,19 @@ class Interpreter {
   absl::StatusOr<Value> BoundMethod(const Value& self, const std::string& name) {
     Value receiver = self;
     std::string method = name;
-    return Value(std::make_shared<const Function>(Function{
-        name, [receiver, method](Interpreter& in, CallArgs& a) -> absl::StatusOr<Value> {
-          return in.CallMethod(receiver, method, a);
-        }}));
+    return Value(std::make_shared<const Function>(
+        Function{name, [receiver, method](Interpreter& in, CallArgs& a) -> absl::StatusOr<Value> {
+                   return in.CallMethod(receiver, method, a);
+                 }}));
   }
 
   static bool IsStringMethod(absl::string_view n) {
     static constexpr absl::string_view kNames[] = {
-        "startswith", "endswith", "split",   "rsplit",     "strip",   "lstrip",  "rstrip",
-        "upper",      "lower",    "title",   "capitalize", "replace", "find",    "rfind",
-        "index",      "count",    "join",    "isdigit",    "isalpha", "isalnum", "isspace",
-        "islower",    "isupper",  "splitlines", "swapcase", "zfill", "center", "ljust", "rjust",
-        "removeprefix", "removesuffix"};
+        "startswith", "endswith",     "split",       "rsplit",     "strip",   "lstrip",  "rstrip",
+        "upper",      "lower",        "title",       "capitalize", "replace", "find",    "rfind",
+        "index",      "count",        "join",        "isdigit",    "isalpha", "isalnum", "isspace",
+        "islower",    "isupper",      "splitlines",  "swapcase",   "zfill",   "center",  "ljust",
+        "rjust",      "removeprefix", "removesuffix"};
     return std::find(std::begin(kNames), std::end(kNames), n) != std::end(kNames);
   }
   static bool IsDictMethod(absl::string_view n) {
@@ -732,8 +734,8 @@ class Interpreter {
   }
   static bool IsUnsafeMutator(absl::string_view n) {
     static constexpr absl::string_view kNames[] = {
-        "append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
-        "update", "setdefault", "popitem", "add", "discard"};
+        "append",  "extend", "insert",     "pop",     "remove", "clear",  "sort",
+        "reverse", "update", "setdefault", "popitem", "add",    "discard"};
     return std::find(std::begin(kNames), std::end(kNames), n) != std::end(kNames);
   }
 
@@ -749,8 +751,7 @@ class Interpreter {
         }
         const Value* v = obj.as_dict().Find(absl::string_view(name));
         if (v != nullptr) return *v;
-        return Value::MakeUndefined(
-            absl::StrCat("'dict object' has no attribute '", name, "'"));
+        return Value::MakeUndefined(absl::StrCat("'dict object' has no attribute '", name, "'"));
       }
       case Value::Kind::kNamespace: {
         const Value* v = obj.as_namespace().attrs.Find(absl::string_view(name));
@@ -788,8 +789,7 @@ class Interpreter {
           return Value::MakeUndefined(
               absl::StrCat("'dict object' has no attribute '", key.as_string(), "'"));
         }
-        return Value::MakeUndefined(
-            absl::StrCat("'dict object' has no attribute ", key.Repr()));
+        return Value::MakeUndefined(absl::StrCat("'dict object' has no attribute ", key.Repr()));
       }
       case Value::Kind::kList:
       case Value::Kind::kString: {
@@ -894,8 +894,8 @@ class Interpreter {
     }
     if (l.is_undefined()) return UndefinedError(l);
     if (r.is_undefined()) return UndefinedError(r);
-    return Error(at, absl::StrCat("'", op, "' not supported between instances of '",
-                                  l.TypeName(), "' and '", r.TypeName(), "'"));
+    return Error(at, absl::StrCat("'", op, "' not supported between instances of '", l.TypeName(),
+                                  "' and '", r.TypeName(), "'"));
   }
 
   absl::StatusOr<bool> Contains(const Value& container, const Value& item, const Expr& at) {
@@ -917,8 +917,8 @@ class Interpreter {
       case Value::Kind::kUndefined:
         return false;
       default:
-        return Error(at, absl::StrCat("argument of type '", container.TypeName(),
-                                      "' is not iterable"));
+        return Error(at,
+                     absl::StrCat("argument of type '", container.TypeName(), "' is not iterable"));
     }
   }
 
@@ -953,12 +953,12 @@ class Interpreter {
         return Value(std::move(out));
       }
       if (l.is_string()) {
-        return Error(at, absl::StrCat("can only concatenate str (not \"", r.TypeName(),
-                                      "\") to str"));
+        return Error(at,
+                     absl::StrCat("can only concatenate str (not \"", r.TypeName(), "\") to str"));
       }
       if (l.is_list()) {
-        return Error(at, absl::StrCat("can only concatenate list (not \"", r.TypeName(),
-                                      "\") to list"));
+        return Error(
+            at, absl::StrCat("can only concatenate list (not \"", r.TypeName(), "\") to list"));
       }
       return TypeError(at, "+", l, r);
     }
@@ -1073,8 +1073,7 @@ class Interpreter {
         }
       }
       if (name == "index") {
-        return absl::InvalidArgumentError(
-            absl::StrCat(a.positional[0].Repr(), " is not in list"));
+        return absl::InvalidArgumentError(absl::StrCat(a.positional[0].Repr(), " is not in list"));
       }
       return Value(count);
     }
@@ -1092,13 +1091,12 @@ class Interpreter {
       for (const Value& c : candidates) {
         if (!c.is_string()) {
           return absl::InvalidArgumentError(
-              absl::StrCat(name, " first arg must be str or a tuple of str, not ",
-                           c.TypeName()));
+              absl::StrCat(name, " first arg must be str or a tuple of str, not ", c.TypeName()));
         }
         const std::string& p = c.as_string();
-        if (name == "startswith" ? s.compare(0, p.size(), p) == 0 && s.size() >= p.size()
-                                 : s.size() >= p.size() &&
-                                       s.compare(s.size() - p.size(), p.size(), p) == 0) {
+        if (name == "startswith"
+                ? s.compare(0, p.size(), p) == 0 && s.size() >= p.size()
+                : s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0) {
           return Value(true);
         }
       }
@@ -1256,10 +1254,14 @@ class Interpreter {
     if (name == "isdigit") return Value(all([](uint32_t c) { return c >= '0' && c <= '9'; }));
     if (name == "isspace") return Value(all([](uint32_t c) { return IsPythonSpace(c); }));
     if (name == "isalpha") {
-      return Value(all([](uint32_t c) { return c >= 0x80 ? IsCased(c) || c > 0x2e7f : std::isalpha(static_cast<int>(c)) != 0; }));
+      return Value(all([](uint32_t c) {
+        return c >= 0x80 ? IsCased(c) || c > 0x2e7f : std::isalpha(static_cast<int>(c)) != 0;
+      }));
     }
     if (name == "isalnum") {
-      return Value(all([](uint32_t c) { return c >= 0x80 ? IsCased(c) || c > 0x2e7f : std::isalnum(static_cast<int>(c)) != 0; }));
+      return Value(all([](uint32_t c) {
+        return c >= 0x80 ? IsCased(c) || c > 0x2e7f : std::isalnum(static_cast<int>(c)) != 0;
+      }));
     }
     if (name == "islower" || name == "isupper") {
       bool any_cased = false;
@@ -1293,9 +1295,8 @@ class Interpreter {
       const std::string part = path.substr(start, dot - start);
       bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), ::isdigit);
       if (cur.is_undefined()) return cur;
-      ASSIGN_OR_RETURN(cur, GetItem(cur, numeric ? Value(int64_t{std::atoll(part.c_str())})
-                                                 : Value(part),
-                                    at));
+      ASSIGN_OR_RETURN(
+          cur, GetItem(cur, numeric ? Value(int64_t{std::atoll(part.c_str())}) : Value(part), at));
       start = dot + 1;
     }
     return cur;
@@ -1528,7 +1529,8 @@ class Interpreter {
       return def != nullptr ? *def : Value(0.0);
     }
     if (name == "abs") {
-      if (!v.is_number()) return Error(at, absl::StrCat("bad operand type for abs(): '", v.TypeName(), "'"));
+      if (!v.is_number())
+        return Error(at, absl::StrCat("bad operand type for abs(): '", v.TypeName(), "'"));
       if (v.is_float()) return Value(std::fabs(v.as_double()));
       return Value(v.as_int() < 0 ? -v.as_int() : v.as_int());
     }
@@ -1638,10 +1640,11 @@ class Interpreter {
       const Value* width_v = Arg(a, 0, "width");
       const Value* first_v = Arg(a, 1, "first");
       const Value* blank_v = Arg(a, 2, "blank");
-      const std::string pad = width_v == nullptr ? "    "
-                              : width_v->is_string()
-                                  ? width_v->as_string()
-                                  : std::string(static_cast<size_t>(std::max<int64_t>(0, width_v->as_int())), ' ');
+      const std::string pad =
+          width_v == nullptr ? "    "
+          : width_v->is_string()
+              ? width_v->as_string()
+              : std::string(static_cast<size_t>(std::max<int64_t>(0, width_v->as_int())), ' ');
       const bool first = first_v != nullptr && first_v->Truthy();
       const bool blank = blank_v != nullptr && blank_v->Truthy();
       std::string s = v.Str();

@@ -15,8 +15,19 @@ namespace moemesh::jinja {
 namespace {
 
 struct Token {
-  enum class Type { kData, kVarBegin, kVarEnd, kBlockBegin, kBlockEnd, kName, kString, kInt,
-                    kFloat, kOp, kEof };
+  enum class Type {
+    kData,
+    kVarBegin,
+    kVarEnd,
+    kBlockBegin,
+    kBlockEnd,
+    kName,
+    kString,
+    kInt,
+    kFloat,
+    kOp,
+    kEof
+  };
   Type type;
   std::string text;  // data, name, operator or decoded string
   Value number;
@@ -54,10 +65,10 @@ absl::StatusOr<std::string> DecodeStringLiteral(absl::string_view body, int line
           return ErrorAt(line, column, "truncated escape in string literal");
         }
         const char h = body[++i];
-        v = v * 16 + static_cast<uint32_t>(std::isdigit(static_cast<unsigned char>(h))
-                                               ? h - '0'
-                                               : std::tolower(static_cast<unsigned char>(h)) -
-                                                     'a' + 10);
+        v = v * 16 +
+            static_cast<uint32_t>(std::isdigit(static_cast<unsigned char>(h))
+                                      ? h - '0'
+                                      : std::tolower(static_cast<unsigned char>(h)) - 'a' + 10);
       }
       return v;
     };
@@ -154,9 +165,8 @@ class Lexer {
         break;
       }
       const char kind = src_[t + 1];
-      const char sign = (t + 2 < src_.size() && (src_[t + 2] == '-' || src_[t + 2] == '+'))
-                            ? src_[t + 2]
-                            : '\0';
+      const char sign =
+          (t + 2 < src_.size() && (src_[t + 2] == '-' || src_[t + 2] == '+')) ? src_[t + 2] : '\0';
       std::string text = src_.substr(pos_, t - pos_);
       if (sign == '-') {
         text = RStrip(text);
@@ -198,8 +208,11 @@ class Lexer {
         continue;
       }
       const bool block = kind == '%';
-      tokens_.push_back(Token{block ? Token::Type::kBlockBegin : Token::Type::kVarBegin, "", {},
-                              LineOf(t), ColumnOf(t)});
+      tokens_.push_back(Token{block ? Token::Type::kBlockBegin : Token::Type::kVarBegin,
+                              "",
+                              {},
+                              LineOf(t),
+                              ColumnOf(t)});
       pos_ = p;
       ASSIGN_OR_RETURN(line_starting, LexTag(block, t));
     }
@@ -378,7 +391,8 @@ class Lexer {
       if (absl::string_view("+-*/%~[](){}<>=.:|,;").find(c) != absl::string_view::npos) {
         if (c == '(' || c == '[' || c == '{') ++balance;
         if (c == ')' || c == ']' || c == '}') {
-          if (balance == 0) return ErrorAt(line, column, absl::StrCat("unexpected '", std::string(1, c), "'"));
+          if (balance == 0)
+            return ErrorAt(line, column, absl::StrCat("unexpected '", std::string(1, c), "'"));
           --balance;
         }
         tokens_.push_back(Token{Token::Type::kOp, std::string(1, c), {}, line, column});
@@ -392,10 +406,9 @@ class Lexer {
   absl::Status LexNumber(int line, int column) {
     std::string digits;
     auto take_digits = [&] {
-      while (pos_ < src_.size() &&
-             (std::isdigit(static_cast<unsigned char>(src_[pos_])) ||
-              (src_[pos_] == '_' && pos_ + 1 < src_.size() &&
-               std::isdigit(static_cast<unsigned char>(src_[pos_ + 1]))))) {
+      while (pos_ < src_.size() && (std::isdigit(static_cast<unsigned char>(src_[pos_])) ||
+                                    (src_[pos_] == '_' && pos_ + 1 < src_.size() &&
+                                     std::isdigit(static_cast<unsigned char>(src_[pos_ + 1]))))) {
         if (src_[pos_] != '_') digits += src_[pos_];
         ++pos_;
       }
@@ -442,19 +455,18 @@ class Lexer {
 };
 
 constexpr absl::string_view kFilters[] = {
-    "abs",      "attr",       "capitalize", "count",   "d",
-    "default",  "dictsort",   "e",      "escape",     "first",      "float",   "forceescape",
-    "indent",     "int",    "items",      "join",       "last",    "length",
-    "list",     "lower",      "map",    "max",        "min",        "reject",  "rejectattr",
-    "replace",  "reverse",    "round",  "safe",       "select",     "selectattr", "sort",
-    "string",   "sum",    "title",      "tojson",     "trim",    "unique",
-    "upper",    "wordcount"};
+    "abs",    "attr",   "capitalize", "count",      "d",           "default", "dictsort",
+    "e",      "escape", "first",      "float",      "forceescape", "indent",  "int",
+    "items",  "join",   "last",       "length",     "list",        "lower",   "map",
+    "max",    "min",    "reject",     "rejectattr", "replace",     "reverse", "round",
+    "safe",   "select", "selectattr", "sort",       "string",      "sum",     "title",
+    "tojson", "trim",   "unique",     "upper",      "wordcount"};
 constexpr absl::string_view kTests[] = {
-    "boolean", "callable", "defined",  "divisibleby", "eq",      "equalto", "escaped",
-    "even",    "false",    "filter",   "float",       "ge",      "greaterthan", "gt",
-    "in",      "integer",  "iterable", "le",          "lessthan", "lower",  "lt",
-    "mapping", "ne",       "none",     "number",      "odd",     "sameas",  "sequence",
-    "string",  "test",     "true",     "undefined",   "upper",   "==",      "!=",
+    "boolean", "callable", "defined",  "divisibleby", "eq",       "equalto",     "escaped",
+    "even",    "false",    "filter",   "float",       "ge",       "greaterthan", "gt",
+    "in",      "integer",  "iterable", "le",          "lessthan", "lower",       "lt",
+    "mapping", "ne",       "none",     "number",      "odd",      "sameas",      "sequence",
+    "string",  "test",     "true",     "undefined",   "upper",    "==",          "!=",
     "<",       "<=",       ">",        ">="};
 
 Node NewNode(Node::Kind kind, int line, int column) {
@@ -479,9 +491,7 @@ class Parser {
 
  private:
   const Token& Cur() const { return toks_[i_]; }
-  const Token& Peek(size_t k = 1) const {
-    return toks_[std::min(i_ + k, toks_.size() - 1)];
-  }
+  const Token& Peek(size_t k = 1) const { return toks_[std::min(i_ + k, toks_.size() - 1)]; }
   void Advance() {
     if (i_ + 1 < toks_.size()) ++i_;
   }
@@ -576,8 +586,7 @@ class Parser {
           ASSIGN_OR_RETURN(n.expr, ParseTuple(true));
           if (Cur().type != Token::Type::kVarEnd) {
             return ErrorAt(Cur().line, Cur().column,
-                           absl::StrCat("expected end of print statement, got ",
-                                        Describe(Cur())));
+                           absl::StrCat("expected end of print statement, got ", Describe(Cur())));
           }
           Advance();
           body.push_back(std::move(n));
@@ -616,13 +625,12 @@ class Parser {
     if (name == "filter") return ParseFilterBlock();
     if (name == "break" || name == "continue") {
       if (loop_depth_ == 0) {
-        return ErrorAt(tag.line, tag.column,
-                       absl::StrCat("'", name, "' outside of a for loop"));
+        return ErrorAt(tag.line, tag.column, absl::StrCat("'", name, "' outside of a for loop"));
       }
       Advance();
       RETURN_IF_ERROR(ExpectBlockEnd());
       return NewNode(name == "break" ? Node::Kind::kBreak : Node::Kind::kContinue, tag.line,
-                  tag.column);
+                     tag.column);
     }
     if (name == "generation") {
       Advance();
@@ -820,8 +828,8 @@ class Parser {
     tuple->args.push_back(std::move(first));
     while (IsOp(",")) {
       Advance();
-      if (Cur().type == Token::Type::kVarEnd || Cur().type == Token::Type::kBlockEnd ||
-          IsOp(")") || (stop_at_if_recursive && (IsName("if") || IsName("recursive")))) {
+      if (Cur().type == Token::Type::kVarEnd || Cur().type == Token::Type::kBlockEnd || IsOp(")") ||
+          (stop_at_if_recursive && (IsName("if") || IsName("recursive")))) {
         break;
       }
       ASSIGN_OR_RETURN(ExprPtr e, ParseExpression(with_condexpr));
@@ -908,9 +916,8 @@ class Parser {
     while (true) {
       const Token at = Cur();
       std::string op;
-      if (at.type == Token::Type::kOp &&
-          (at.text == "==" || at.text == "!=" || at.text == "<" || at.text == ">" ||
-           at.text == "<=" || at.text == ">=")) {
+      if (at.type == Token::Type::kOp && (at.text == "==" || at.text == "!=" || at.text == "<" ||
+                                          at.text == ">" || at.text == "<=" || at.text == ">=")) {
         op = at.text;
         Advance();
       } else if (IsName("in")) {
@@ -1182,8 +1189,7 @@ class Parser {
         call.kwargs.emplace_back(std::move(key), std::move(v));
       } else {
         if (!call.kwargs.empty()) {
-          return ErrorAt(Cur().line, Cur().column,
-                         "positional argument follows keyword argument");
+          return ErrorAt(Cur().line, Cur().column, "positional argument follows keyword argument");
         }
         ASSIGN_OR_RETURN(ExprPtr v, ParseExpression(true));
         call.args.push_back(std::move(v));
@@ -1246,10 +1252,11 @@ class Parser {
     if (IsOp("(")) {
       RETURN_IF_ERROR(ParseCallArgs(*e));
     } else if ((Cur().type == Token::Type::kName || Cur().type == Token::Type::kString ||
-                Cur().type == Token::Type::kInt || Cur().type == Token::Type::kFloat ||
-                IsOp("[") || IsOp("{")) &&
+                Cur().type == Token::Type::kInt || Cur().type == Token::Type::kFloat || IsOp("[") ||
+                IsOp("{")) &&
                !IsName("else") && !IsName("or") && !IsName("and")) {
-      if (IsName("is")) return ErrorAt(Cur().line, Cur().column, "you cannot chain multiple tests with is");
+      if (IsName("is"))
+        return ErrorAt(Cur().line, Cur().column, "you cannot chain multiple tests with is");
       ASSIGN_OR_RETURN(ExprPtr arg, ParsePrimary());
       ASSIGN_OR_RETURN(arg, ParsePostfix(std::move(arg)));
       e->args.push_back(std::move(arg));

@@ -12,11 +12,11 @@
 
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "services/text/jinja_value.h"
 
 namespace moemesh::jinja {
@@ -26,30 +26,30 @@ using ExprPtr = std::unique_ptr<Expr>;
 
 struct Expr {
   enum class Kind {
-    kLiteral,   // literal
-    kName,      // name
-    kList,      // args = items
-    kTuple,     // args = items
-    kDict,      // args = k0, v0, k1, v1, ...
-    kGetAttr,   // args[0] . name
-    kGetItem,   // args[0] [ args[1] ]
-    kSlice,     // args[0] [ args[1] : args[2] : args[3] ] (null when absent)
-    kCall,      // args[0] ( args[1..], kwargs )
-    kFilter,    // args[0] | name ( args[1..], kwargs )
-    kTest,      // args[0] is [not] name ( args[1..] )
-    kNot,       // not args[0]
-    kNeg,       // - args[0]
-    kPos,       // + args[0]
-    kBinary,    // args[0] op args[1]; op in + - * / // % ** ~ == != < > <= >= in notin
-    kAnd,       // args[0] and args[1]
-    kOr,        // args[0] or args[1]
-    kCond,      // args[0] if args[1] else args[2] (args[2] null when absent)
+    kLiteral,  // literal
+    kName,     // name
+    kList,     // args = items
+    kTuple,    // args = items
+    kDict,     // args = k0, v0, k1, v1, ...
+    kGetAttr,  // args[0] . name
+    kGetItem,  // args[0] [ args[1] ]
+    kSlice,    // args[0] [ args[1] : args[2] : args[3] ] (null when absent)
+    kCall,     // args[0] ( args[1..], kwargs )
+    kFilter,   // args[0] | name ( args[1..], kwargs )
+    kTest,     // args[0] is [not] name ( args[1..] )
+    kNot,      // not args[0]
+    kNeg,      // - args[0]
+    kPos,      // + args[0]
+    kBinary,   // args[0] op args[1]; op in + - * / // % ** ~ == != < > <= >= in notin
+    kAnd,      // args[0] and args[1]
+    kOr,       // args[0] or args[1]
+    kCond,     // args[0] if args[1] else args[2] (args[2] null when absent)
   };
   Kind kind;
   int line = 0;
   int column = 0;
   Value literal;
-  std::string name;  // variable, attribute, filter, test name, or operator
+  std::string name;      // variable, attribute, filter, test name, or operator
   bool negated = false;  // `is not`
   std::vector<ExprPtr> args;
   std::vector<std::pair<std::string, ExprPtr>> kwargs;
@@ -60,17 +60,17 @@ using Body = std::vector<Node>;
 
 struct Node {
   enum class Kind {
-    kText,      // text
-    kOutput,    // {{ expr }}
-    kIf,        // conds[i] -> bodies[i]; else_body
-    kFor,       // for targets in expr [if cond] body else else_body
-    kSet,       // set targets = expr, or set targets[0].attr = expr
-    kSetBlock,  // {% set name %}body{% endset %}
-    kMacro,     // macro name(params = defaults) body
-    kCallBlock, // {% call(params) expr %}body{% endcall %}
+    kText,       // text
+    kOutput,     // {{ expr }}
+    kIf,         // conds[i] -> bodies[i]; else_body
+    kFor,        // for targets in expr [if cond] body else else_body
+    kSet,        // set targets = expr, or set targets[0].attr = expr
+    kSetBlock,   // {% set name %}body{% endset %}
+    kMacro,      // macro name(params = defaults) body
+    kCallBlock,  // {% call(params) expr %}body{% endcall %}
     kBreak,
     kContinue,
-    kScope,     // a body rendered as is ({% generation %}, {% filter %} uses name)
+    kScope,        // a body rendered as is ({% generation %}, {% filter %} uses name)
     kFilterBlock,  // {% filter name %}body{% endfilter %}: expr holds the filter applied
                    // to the kName "__body__"
   };
@@ -95,8 +95,7 @@ struct Program {
   Body body;
 };
 
-[[nodiscard]] absl::StatusOr<std::shared_ptr<const Program>> ParseProgram(
-    absl::string_view source);
+[[nodiscard]] absl::StatusOr<std::shared_ptr<const Program>> ParseProgram(absl::string_view source);
 
 // Names of the filters and tests the interpreter knows, for parse-time checks.
 bool IsKnownFilter(absl::string_view name);

@@ -395,8 +395,8 @@ absl::Status JsonKey(const Value& k, std::string& out) {
       absl::StrAppend(&out, "\"", FormatPythonFloat(k.as_double()), "\"");
       return absl::OkStatus();
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "keys must be str, int, float, bool or None, not ", k.TypeName()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("keys must be str, int, float, bool or None, not ", k.TypeName()));
   }
 }
 

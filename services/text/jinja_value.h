@@ -13,12 +13,12 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <utility>
 #include <variant>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
 
 namespace moemesh::jinja {
@@ -55,23 +55,33 @@ struct Function {
 
 class Value {
  public:
-  enum class Kind { kUndefined, kNone, kBool, kInt, kFloat, kString, kList, kDict, kNamespace,
-                    kFunction };
+  enum class Kind {
+    kUndefined,
+    kNone,
+    kBool,
+    kInt,
+    kFloat,
+    kString,
+    kList,
+    kDict,
+    kNamespace,
+    kFunction
+  };
 
   Value() : v_(Undefined{}) {}
   static Value MakeUndefined(std::string hint) { return Value(Undefined{std::move(hint)}); }
   static Value None() { return Value(NoneType{}); }
-  Value(bool b) : v_(b) {}  // NOLINT: implicit on purpose, values are built inline
-  Value(int64_t i) : v_(i) {}   // NOLINT
-  Value(int i) : v_(static_cast<int64_t>(i)) {}  // NOLINT
-  Value(double d) : v_(d) {}  // NOLINT
-  Value(std::string s) : v_(std::move(s)) {}  // NOLINT
-  Value(const char* s) : v_(std::string(s)) {}  // NOLINT
-  Value(absl::string_view s) : v_(std::string(s)) {}  // NOLINT
+  Value(bool b) : v_(b) {}     // NOLINT: implicit on purpose, values are built inline
+  Value(int64_t i) : v_(i) {}  // NOLINT
+  Value(int i) : v_(static_cast<int64_t>(i)) {}                      // NOLINT
+  Value(double d) : v_(d) {}                                         // NOLINT
+  Value(std::string s) : v_(std::move(s)) {}                         // NOLINT
+  Value(const char* s) : v_(std::string(s)) {}                       // NOLINT
+  Value(absl::string_view s) : v_(std::string(s)) {}                 // NOLINT
   Value(List l) : v_(std::make_shared<const List>(std::move(l))) {}  // NOLINT
   Value(Dict d) : v_(std::make_shared<const Dict>(std::move(d))) {}  // NOLINT
-  Value(std::shared_ptr<Namespace> ns) : v_(std::move(ns)) {}  // NOLINT
-  Value(std::shared_ptr<const Function> f) : v_(std::move(f)) {}  // NOLINT
+  Value(std::shared_ptr<Namespace> ns) : v_(std::move(ns)) {}        // NOLINT
+  Value(std::shared_ptr<const Function> f) : v_(std::move(f)) {}     // NOLINT
 
   static Value FromJson(const nlohmann::json& j);
   static Value FromJson(const nlohmann::ordered_json& j);
@@ -91,7 +101,7 @@ class Value {
   bool is_function() const { return kind() == Kind::kFunction; }
 
   bool as_bool() const { return std::get<bool>(v_); }
-  int64_t as_int() const;  // int or bool
+  int64_t as_int() const;    // int or bool
   double as_double() const;  // any number
   const std::string& as_string() const { return std::get<std::string>(v_); }
   const List& as_list() const { return *std::get<std::shared_ptr<const List>>(v_); }
@@ -112,10 +122,9 @@ class Value {
   std::string TypeName() const;
 
  private:
-  using Storage =
-      std::variant<Undefined, NoneType, bool, int64_t, double, std::string,
-                   std::shared_ptr<const List>, std::shared_ptr<const Dict>,
-                   std::shared_ptr<Namespace>, std::shared_ptr<const Function>>;
+  using Storage = std::variant<Undefined, NoneType, bool, int64_t, double, std::string,
+                               std::shared_ptr<const List>, std::shared_ptr<const Dict>,
+                               std::shared_ptr<Namespace>, std::shared_ptr<const Function>>;
   explicit Value(Undefined u) : v_(std::move(u)) {}
   explicit Value(NoneType n) : v_(n) {}
   Storage v_;
@@ -134,7 +143,7 @@ absl::StatusOr<std::string> ToJson(const Value& v, int indent);
 std::vector<uint32_t> DecodeUtf8(absl::string_view s);  // invalid bytes become U+FFFD
 std::string EncodeUtf8(const std::vector<uint32_t>& cps);
 void AppendUtf8(uint32_t cp, std::string& out);
-bool IsPythonSpace(uint32_t cp);  // str.isspace()
+bool IsPythonSpace(uint32_t cp);                                      // str.isspace()
 std::string PythonStrip(absl::string_view s, bool left, bool right);  // str.strip() family
 std::string PythonStripChars(absl::string_view s, absl::string_view chars, bool left, bool right);
 std::string PythonUpper(absl::string_view s);
