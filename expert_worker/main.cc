@@ -5,6 +5,7 @@
 //   moemesh-expert-worker --model DIR --experts 0-3 --backend cuda --device 1
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -21,6 +22,7 @@
 #include "services/model/safetensors.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/service_main.h"
+#include "services/rpc/tls.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory");
 ABSL_FLAG(std::string, experts, "",
@@ -42,6 +44,11 @@ ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu | cuda (cuda needs a CUDA build and a GPU)");
 ABSL_FLAG(int, device, 0, "CUDA device for --backend cuda");
 
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate: serve TLS (and present it to peers)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA: require client certificates it signed (mTLS) and verify peers against it");
+
 namespace moemesh::expert_worker {
 namespace {
 
@@ -50,10 +57,13 @@ struct Options {
   int port = 0, metrics_port = -1, threads = 1, max_queue = 256, device = 0;
   double drain_seconds = 10;
   double max_connection_age = 60;
+  std::optional<TlsConfig> tls;
 };
 
 absl::StatusOr<Options> GetOptions() {
   Options o;
+  ASSIGN_OR_RETURN(o.tls, LoadTls({absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+                                   absl::GetFlag(FLAGS_tls_ca)}));
   o.model = absl::GetFlag(FLAGS_model);
   o.experts = absl::GetFlag(FLAGS_experts);
   o.placement = absl::GetFlag(FLAGS_placement);
@@ -94,6 +104,7 @@ absl::StatusOr<Options> GetOptions() {
 }
 
 absl::Status Run(const Options& o) {
+  SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
   ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg));
   std::vector<ExpertKey> keys;
@@ -137,6 +148,7 @@ absl::Status Run(const Options& o) {
   WorkerService service(std::move(group), info, o.threads, o.max_queue, &metrics);
   ServerHostOptions so;
   so.address = absl::StrCat(o.host, ":", o.port);
+  so.credentials = ServerCredentials(o.tls);
   so.port_file = o.port_file;
   so.max_connection_age = absl::Seconds(o.max_connection_age);
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));

@@ -30,6 +30,7 @@
 #include "services/rpc/server_host.h"
 #include "services/rpc/service_main.h"
 #include "services/rpc/tensor_proto.h"
+#include "services/rpc/tls.h"
 #include "services/text/text_model.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory");
@@ -66,6 +67,11 @@ ABSL_FLAG(std::string, api_key_file, "",
           "require one of these keys (one per line; reread on SIGHUP) as 'Authorization: Bearer "
           "KEY' on HTTP and as 'authorization' metadata on gRPC");
 
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate: serve TLS (and present it to peers)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA: require client certificates it signed (mTLS) and verify peers against it");
+
 namespace moemesh::gateway {
 namespace {
 
@@ -82,10 +88,13 @@ struct Options {
   int http_port = -1, http_threads = 64;
   std::string http_port_file, served_model_name, api_key_file;
   size_t max_body_bytes = size_t{4} << 20;
+  std::optional<TlsConfig> tls;
 };
 
 absl::StatusOr<Options> GetOptions() {
   Options o;
+  ASSIGN_OR_RETURN(o.tls, LoadTls({absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+                                   absl::GetFlag(FLAGS_tls_ca)}));
   o.model = absl::GetFlag(FLAGS_model);
   o.router = absl::GetFlag(FLAGS_router);
   o.inproc = absl::GetFlag(FLAGS_inproc);
@@ -172,6 +181,7 @@ void ReloadOnSighup(ApiKeys* keys) {
 }
 
 absl::Status Run(const Options& o) {
+  SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
   std::unique_ptr<InprocModel> inproc;
   std::unique_ptr<Checkpoint> ckpt;
   std::unique_ptr<ComputeBackend> backend;
@@ -232,6 +242,7 @@ absl::Status Run(const Options& o) {
   GatewayService service(&scheduler, cfg, &generator, &metrics, &keys);
   ServerHostOptions so;
   so.address = absl::StrCat(o.host, ":", o.port);
+  so.credentials = ServerCredentials(o.tls);
   so.port_file = o.port_file;
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
   std::fprintf(stderr, "gateway: %s, %d layers, serving on %s\n",
@@ -246,6 +257,10 @@ absl::Status Run(const Options& o) {
     ho.max_body_bytes = o.max_body_bytes;
     ho.threads = o.http_threads;
     ho.keys = &keys;
+    // HTTPS with the service certificate; OpenAI clients authenticate with API keys, not
+    // client certificates.
+    ho.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+    ho.tls_key = absl::GetFlag(FLAGS_tls_key);
     ho.max_model_len = cfg.max_position_embeddings;
     RemoteMoeLayer* router = remote.get();
     ho.healthy = [router] { return router == nullptr || router->IsReady(); };

@@ -7,6 +7,7 @@
 // router asks every replica what it holds (Describe) and refuses to serve unless every
 // expert of every MoE layer is held by some group.
 #include <cstdio>
+#include <optional>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -22,6 +23,7 @@
 #include "services/rpc/server_host.h"
 #include "services/rpc/service_main.h"
 #include "services/rpc/tensor_proto.h"
+#include "services/rpc/tls.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory (config and gate weights are read)");
 ABSL_FLAG(std::string, groups, "", "expert groups: ',' between groups, '|' between replicas");
@@ -41,6 +43,11 @@ ABSL_FLAG(double, attempt_timeout, 30,
 ABSL_FLAG(double, startup_timeout, 60, "seconds to wait for workers to answer Describe");
 ABSL_FLAG(double, drain_seconds, 10, "grace period for in-flight calls on SIGTERM");
 
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate: serve TLS (and present it to peers)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA: require client certificates it signed (mTLS) and verify peers against it");
+
 namespace moemesh::router {
 namespace {
 
@@ -51,10 +58,13 @@ struct Options {
   DType wire = DType::kF32;
   bool dispatch_shared = true;
   double attempt_timeout = 30, startup_timeout = 60, drain_seconds = 10;
+  std::optional<TlsConfig> tls;
 };
 
 absl::StatusOr<Options> GetOptions() {
   Options o;
+  ASSIGN_OR_RETURN(o.tls, LoadTls({absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+                                   absl::GetFlag(FLAGS_tls_ca)}));
   o.model = absl::GetFlag(FLAGS_model);
   o.host = absl::GetFlag(FLAGS_host);
   o.port = absl::GetFlag(FLAGS_port);
@@ -84,6 +94,7 @@ absl::StatusOr<Options> GetOptions() {
 }
 
 absl::Status Run(const Options& o) {
+  SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
   RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
   ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg));
@@ -132,6 +143,7 @@ absl::Status Run(const Options& o) {
   RouterService service(std::move(dispatcher), sets, o.threads, o.max_queue, &metrics);
   ServerHostOptions so;
   so.address = absl::StrCat(o.host, ":", o.port);
+  so.credentials = ServerCredentials(o.tls);
   so.port_file = o.port_file;
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
   std::fprintf(stderr, "router: %zu groups, top-%d of %d experts, serving on %s\n", sets.size(),

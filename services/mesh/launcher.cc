@@ -18,11 +18,12 @@
 #include "grpcpp/grpcpp.h"
 #include "services/common/status_macros.h"
 #include "services/model/config.h"
+#include "services/rpc/tls.h"
 
 namespace moemesh {
 
 absl::Status WaitForServing(const std::string& address, absl::Time deadline) {
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  auto channel = grpc::CreateChannel(address, ClientChannelCredentials());
   auto stub = grpc::health::v1::Health::NewStub(channel);
   std::string last = "no answer";
   while (absl::Now() < deadline) {

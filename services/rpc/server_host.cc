@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "services/rpc/tls.h"
 
 namespace moemesh {
 
@@ -29,7 +30,9 @@ absl::StatusOr<std::unique_ptr<ServerHost>> ServerHost::Start(
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, 60 * 1000);
   }
   int port = 0;
-  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(
+      options.address,
+      options.credentials ? options.credentials : grpc::InsecureServerCredentials(), &port);
   for (grpc::Service* s : services) builder.RegisterService(s);
   host->server_ = builder.BuildAndStart();
   if (host->server_ == nullptr || port == 0) {
@@ -122,7 +125,7 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool round
     args.SetServiceConfigJSON(R"({"loadBalancingConfig":[{"round_robin":{}}],)"
                               R"("healthCheckConfig":{"serviceName":""}})");
   }
-  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  return grpc::CreateCustomChannel(target, ClientChannelCredentials(), args);
 }
 
 }  // namespace moemesh

@@ -27,6 +27,8 @@ struct ServerHostOptions {
   // When set, connections are closed (GOAWAY, in-flight calls finish within the grace) after
   // this age, so that clients re-resolve DNS names and spread over replicas added since.
   absl::Duration max_connection_age = absl::ZeroDuration();
+  // TLS or mTLS (services/rpc/tls.h); null: plaintext.
+  std::shared_ptr<grpc::ServerCredentials> credentials;
 };
 
 class ServerHost {
