@@ -39,6 +39,17 @@ ABSL_FLAG(int, max_running, 64, "sequences batched together");
 ABSL_FLAG(int, max_queued, 1024, "waiting requests before RESOURCE_EXHAUSTED");
 ABSL_FLAG(double, router_wait, 60, "seconds to wait for the router at start");
 ABSL_FLAG(double, drain_seconds, 30, "grace period for in-flight requests on SIGTERM");
+ABSL_FLAG(double, not_serving_grace, 0,
+          "seconds between health turning NOT_SERVING on SIGTERM and refusing new calls (let "
+          "probes and load balancers move traffic first)");
+ABSL_FLAG(double, router_attempt_timeout, 30,
+          "seconds per router call attempt; a failed or timed-out attempt is retried within "
+          "the step's deadline");
+ABSL_FLAG(int, router_max_attempts, 5, "attempts per router call (retries are backed off)");
+ABSL_FLAG(double, default_deadline, 120,
+          "deadline in seconds of an engine step whose requests carry none");
+ABSL_FLAG(int, max_receive_message_bytes, 4 << 20,
+          "largest request message accepted from clients (the public API)");
 
 namespace moemesh::gateway {
 namespace {
@@ -50,7 +61,9 @@ struct Options {
   DType wire = DType::kF32;
   bool shared_in_gateway = false;
   SchedulerOptions sched;
-  double router_wait = 60, drain_seconds = 30;
+  double router_wait = 60, drain_seconds = 30, not_serving_grace = 0;
+  RemoteMoeLayerOptions remote;
+  int max_receive_message_bytes = 4 << 20;
 };
 
 absl::StatusOr<Options> GetOptions() {
@@ -68,6 +81,20 @@ absl::StatusOr<Options> GetOptions() {
   o.sched.max_queued = absl::GetFlag(FLAGS_max_queued);
   o.router_wait = absl::GetFlag(FLAGS_router_wait);
   o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
+  o.not_serving_grace = absl::GetFlag(FLAGS_not_serving_grace);
+  o.remote.attempt_timeout = absl::Seconds(absl::GetFlag(FLAGS_router_attempt_timeout));
+  o.remote.max_attempts = absl::GetFlag(FLAGS_router_max_attempts);
+  o.remote.default_deadline = absl::Seconds(absl::GetFlag(FLAGS_default_deadline));
+  o.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
+  if (o.not_serving_grace < 0 || o.drain_seconds < 0)
+    return absl::InvalidArgumentError("--not_serving_grace and --drain_seconds must be >= 0");
+  if (o.remote.attempt_timeout <= absl::ZeroDuration() ||
+      o.remote.default_deadline <= absl::ZeroDuration() || o.remote.max_attempts < 1) {
+    return absl::InvalidArgumentError(
+        "--router_attempt_timeout and --default_deadline must be > 0, --router_max_attempts >= 1");
+  }
+  if (o.max_receive_message_bytes < 1024)
+    return absl::InvalidArgumentError("--max_receive_message_bytes must be >= 1024");
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.router.empty() == !o.inproc)
     return absl::InvalidArgumentError("give exactly one of --router and --inproc");
@@ -100,7 +127,7 @@ absl::Status Run(const Options& o) {
     RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
     ASSIGN_OR_RETURN(ckpt, OpenModelCheckpoint(o.model, cfg));
     backend = MakeCpuBackend();
-    remote = std::make_unique<RemoteMoeLayer>(o.router, o.wire);
+    remote = std::make_unique<RemoteMoeLayer>(o.router, o.wire, o.remote);
     if (!remote->WaitForReady(absl::Seconds(o.router_wait))) {
       return absl::UnavailableError(absl::StrCat("router ", o.router, " is not reachable"));
     }
@@ -142,13 +169,14 @@ absl::Status Run(const Options& o) {
   ServerHostOptions so;
   so.address = absl::StrCat(o.host, ":", o.port);
   so.port_file = o.port_file;
+  so.max_receive_message_bytes = o.max_receive_message_bytes;
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
   std::fprintf(stderr, "gateway: %s, %d layers, serving on %s\n",
                o.inproc ? "in-process experts" : o.router.c_str(), cfg.num_layers,
                host->address().c_str());
   const int sig = WaitForShutdownSignal();
   std::fprintf(stderr, "gateway: signal %d, draining\n", sig);
-  host->Drain(absl::Seconds(o.drain_seconds));
+  host->Drain(absl::Seconds(o.drain_seconds), absl::Seconds(o.not_serving_grace));
   scheduler.Stop(false);
   return absl::OkStatus();
 }
