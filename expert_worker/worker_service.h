@@ -30,14 +30,6 @@ struct WorkerInfo {
   int num_experts = 0;  // routed experts per layer (ids 0 .. num_experts-1)
 };
 
-// Checks a RunExperts request before anything is allocated for it: offsets, per-token
-// assignment counts (at most `max_per_token`, no expert twice for one token), expert ids,
-// finite weights, and that `tokens` declares [n, hidden]. INVALID_ARGUMENT naming the first
-// problem.
-[[nodiscard]] absl::Status ValidateRunExpertsRequest(const v1::RunExpertsRequest& req,
-                                                     int64_t hidden, int num_experts,
-                                                     int max_per_token);
-
 class WorkerService final : public v1::ExpertWorker::CallbackService {
  public:
   WorkerService(std::unique_ptr<LocalExpertGroup> group, WorkerInfo info, int threads,
