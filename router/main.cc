@@ -137,9 +137,9 @@ absl::Status Run(const Options& o) {
     if (!holds[g].has_value()) {
       holds[g] = these;
     } else if (these != *holds[g]) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "replicas of group ", g, " hold different experts: ", o.groups[g][r],
-          " differs from the group's first replica to answer"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("replicas of group ", g, " hold different experts: ", o.groups[g][r],
+                       " differs from the group's first replica to answer"));
     }
     return absl::OkStatus();
   };
@@ -178,8 +178,8 @@ absl::Status Run(const Options& o) {
     for (size_t r = 0; r < reps[g].size(); ++r) {
       set->SetReady(r, reps[g][r].ready);
       if (!reps[g][r].ready) {
-        std::fprintf(stderr, "router: group %zu replica %s is not answering; serving degraded\n",
-                     g, o.groups[g][r].c_str());
+        std::fprintf(stderr, "router: group %zu replica %s is not answering; serving degraded\n", g,
+                     o.groups[g][r].c_str());
       }
     }
     sets.push_back(set);

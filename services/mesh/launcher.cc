@@ -156,14 +156,13 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
     groups.push_back(o.multi_address_groups ? absl::StrCat("ipv4:", absl::StrJoin(reps, ","))
                                             : absl::StrJoin(reps, "|"));
   }
-  std::vector<std::string> rargs = {"--model=" + o.model,
-                                    "--groups=" + absl::StrJoin(groups, o.multi_address_groups
-                                                                            ? ";"
-                                                                            : ","),
-                                    "--wire_dtype=" + o.wire_dtype,
-                                    absl::StrCat("--top_k=", o.top_k),
-                                    metrics_flag,
-                                    shared_flag};
+  std::vector<std::string> rargs = {
+      "--model=" + o.model,
+      "--groups=" + absl::StrJoin(groups, o.multi_address_groups ? ";" : ","),
+      "--wire_dtype=" + o.wire_dtype,
+      absl::StrCat("--top_k=", o.top_k),
+      metrics_flag,
+      shared_flag};
   rargs.insert(rargs.end(), o.router_args.begin(), o.router_args.end());
   ASSIGN_OR_RETURN(m->router_, m->Spawn("router", o.bin_dir + "/moemesh-router", rargs));
   RETURN_IF_ERROR(m->WaitServing(&m->router_, deadline));

@@ -16,13 +16,11 @@ GrpcExpertGroup::GrpcExpertGroup(std::string target, DType wire)
     : target_(std::move(target)),
       multi_address_(IsMultiAddressTarget(target_)),
       wire_(wire),
-      channel_(MakeChannel(target_,
-                           ChannelOptions{.round_robin = multi_address_,
-                                          .retry_service = multi_address_
-                                                               ? "moemesh.v1.ExpertWorker"
-                                                               : "",
-                                          .max_attempts = 3,
-                                          .wait_for_ready = false})),
+      channel_(MakeChannel(
+          target_, ChannelOptions{.round_robin = multi_address_,
+                                  .retry_service = multi_address_ ? "moemesh.v1.ExpertWorker" : "",
+                                  .max_attempts = 3,
+                                  .wait_for_ready = false})),
       stub_(v1::ExpertWorker::NewStub(channel_)) {}
 
 namespace {

@@ -72,9 +72,8 @@ absl::StatusOr<Tensor> RemoteMoeLayer::Forward(int layer, const Tensor& hidden,
   TensorToProto(hidden, wire_, req.mutable_hidden());
   req.set_output_dtype(DTypeToProto(wire_));
   const absl::Time start = absl::Now();
-  const absl::Time deadline = opts.deadline == absl::InfiniteFuture()
-                                  ? start + options_.default_deadline
-                                  : opts.deadline;
+  const absl::Time deadline =
+      opts.deadline == absl::InfiniteFuture() ? start + options_.default_deadline : opts.deadline;
   absl::BitGen rng;
   absl::Duration backoff = options_.initial_backoff;
   grpc::Status s;
@@ -82,7 +81,8 @@ absl::StatusOr<Tensor> RemoteMoeLayer::Forward(int layer, const Tensor& hidden,
   for (;;) {
     ++attempt;
     grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(std::min(deadline, absl::Now() + options_.attempt_timeout)));
+    ctx.set_deadline(
+        absl::ToChronoTime(std::min(deadline, absl::Now() + options_.attempt_timeout)));
     ctx.set_wait_for_ready(true);
     int cancel_id = -1;
     if (opts.cancel) cancel_id = opts.cancel->OnCancel([&ctx] { ctx.TryCancel(); });
@@ -97,8 +97,7 @@ absl::StatusOr<Tensor> RemoteMoeLayer::Forward(int layer, const Tensor& hidden,
         absl::Uniform(rng, 0.5, 1.0) * std::min(backoff, options_.max_backoff);
     const bool time_left = absl::Now() + sleep < deadline;
     std::fprintf(stderr, "gateway: router %s: layer %d attempt %d: %s: %s\n", target_.c_str(),
-                 layer, attempt, absl::StatusCodeToString(code).c_str(),
-                 s.error_message().c_str());
+                 layer, attempt, absl::StatusCodeToString(code).c_str(), s.error_message().c_str());
     if (attempt >= options_.max_attempts || !Retryable(code, cancelled, time_left)) break;
     retries_.fetch_add(1);
     absl::SleepFor(sleep);

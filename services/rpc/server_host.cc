@@ -4,9 +4,9 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
-#include <algorithm>
 #include <fstream>
 
 #include "absl/strings/match.h"
@@ -147,8 +147,8 @@ std::string ChannelServiceConfig(const ChannelOptions& o) {
     parts.push_back(R"("healthCheckConfig":{"serviceName":""})");
   }
   if (!o.retry_service.empty() || o.wait_for_ready) {
-    std::string mc = absl::StrCat(R"("methodConfig":[{"name":[{"service":")", o.retry_service,
-                                  R"("}])");
+    std::string mc =
+        absl::StrCat(R"("methodConfig":[{"name":[{"service":")", o.retry_service, R"("}])");
     if (o.wait_for_ready) absl::StrAppend(&mc, R"(,"waitForReady":true)");
     if (!o.retry_service.empty() && o.max_attempts > 1) {
       absl::StrAppend(&mc, R"(,"retryPolicy":{"maxAttempts":)", std::min(o.max_attempts, 5),

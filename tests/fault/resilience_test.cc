@@ -97,16 +97,16 @@ TEST(MultiAddressGroupTest, SigkillOfOneAddressLosesNoRequestAndChangesNoToken) 
     v1::TopologyResponse topo;
     ASSERT_TRUE(router->Topology(&ctx, req, &topo).ok());
     ASSERT_EQ(topo.groups_size(), 2);
-    ASSERT_EQ(topo.groups(1).replicas_size(), 1);  // one target...
+    ASSERT_EQ(topo.groups(1).replicas_size(), 1);                            // one target...
     EXPECT_EQ(topo.groups(1).replicas(0).endpoint().rfind("ipv4:", 0), 0u);  // ...of two addresses
   }
   const auto prompts = Prompts(6);
   const int kMax = 40;
   const auto want = GenerateInproc(model, prompts, kMax);
   int at_kill = 0;
-  auto got = GenerateWithFault(
-      (*mesh)->gateway_address(), prompts, kMax, 12,
-      [&] { ASSERT_TRUE((*mesh)->Signal("worker-g1-r0", SIGKILL).ok()); }, &at_kill);
+  auto got = GenerateWithFault((*mesh)->gateway_address(), prompts, kMax, 12,
+                               [&] { ASSERT_TRUE((*mesh)->Signal("worker-g1-r0", SIGKILL).ok()); },
+                               &at_kill);
   EXPECT_LT(at_kill, static_cast<int>(prompts.size()) * kMax) << "the kill came after the end";
   for (size_t i = 0; i < prompts.size(); ++i) {
     ASSERT_TRUE(got[i].ok()) << "prompt " << i << ": " << got[i].status();
@@ -131,9 +131,9 @@ TEST(BlackHoleTest, SigstoppedReplicaCostsAtMostAnAttemptTimeout) {
   const int kMax = 32;
   const auto want = GenerateInproc(model, prompts, kMax);
   int at_stop = 0;
-  auto got = GenerateWithFault(
-      (*mesh)->gateway_address(), prompts, kMax, 8,
-      [&] { ASSERT_TRUE((*mesh)->Signal("worker-g0-r0", SIGSTOP).ok()); }, &at_stop);
+  auto got = GenerateWithFault((*mesh)->gateway_address(), prompts, kMax, 8,
+                               [&] { ASSERT_TRUE((*mesh)->Signal("worker-g0-r0", SIGSTOP).ok()); },
+                               &at_stop);
   EXPECT_LT(at_stop, static_cast<int>(prompts.size()) * kMax) << "the stop came after the end";
   for (size_t i = 0; i < prompts.size(); ++i) {
     ASSERT_TRUE(got[i].ok()) << "prompt " << i << ": " << got[i].status();

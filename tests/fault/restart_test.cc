@@ -17,11 +17,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/tensor_proto.h"
-#include "grpc/health/v1/health.grpc.pb.h"
 #include "tests/mesh_util.h"
 #include "tests/test_util.h"
 
@@ -146,8 +146,8 @@ TEST(RestartTest, RouterStartsDegradedAndPicksUpAReplicaThatComesLater) {
   Child late(bin + "/moemesh-expert-worker",
              {"--model=" + model, "--experts=2-3", absl::StrCat("--port=", late_port)},
              dir.Join("late.log"));
-  ASSERT_TRUE(WaitForServing(absl::StrCat("127.0.0.1:", late_port), absl::Now() + absl::Seconds(90))
-                  .ok());
+  ASSERT_TRUE(
+      WaitForServing(absl::StrCat("127.0.0.1:", late_port), absl::Now() + absl::Seconds(90)).ok());
   bool joined = false;
   for (const absl::Time end = absl::Now() + absl::Seconds(60); !joined && absl::Now() < end;) {
     auto t = Topology(raddr);
