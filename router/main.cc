@@ -11,7 +11,8 @@
 // it refuses to serve unless every expert of every MoE layer is held by some group.
 // Replicas that did not answer are probed in the background and join when they answer with
 // the group's experts; until then the group is degraded (Topology marks the replica not
-// ready, health service "moemesh.router.all_replicas_ready" is NOT_SERVING, the log says so).
+// ready, health service "moemesh.router.all_replicas_ready" is NOT_SERVING, the gauge
+// moemesh_group_replicas{state="down"} counts it, the log says so).
 #include <atomic>
 #include <cstdio>
 #include <optional>
@@ -204,7 +205,11 @@ absl::Status Run(const Options& o) {
   // replica is out (the router itself, service "", serves throughout).
   auto report_degraded = [&] {
     bool degraded = false;
-    for (const auto& set : sets) degraded |= set->ready_count() < static_cast<int>(set->size());
+    for (size_t g = 0; g < sets.size(); ++g) {
+      const int ready = sets[g]->ready_count(), total = static_cast<int>(sets[g]->size());
+      metrics.SetGroupReplicas(static_cast<int>(g), ready, total);
+      degraded |= ready < total;
+    }
     host->SetServiceServing("moemesh.router.all_replicas_ready", !degraded);
     return degraded;
   };
