@@ -213,6 +213,7 @@ absl::Status Run(const Options& o) {
     host->SetServiceServing("moemesh.router.all_replicas_ready", !degraded);
     return degraded;
   };
+  report_degraded();  // before the first probe, so health says it from the start
   std::atomic<bool> stop{false};
   std::thread prober([&] {
     while (!stop.load() && report_degraded()) {
@@ -223,6 +224,7 @@ absl::Status Run(const Options& o) {
           if (s.ok()) {
             reps[g][r].ready = true;
             sets[g]->SetReady(r, true);
+            report_degraded();
             std::fprintf(stderr, "router: group %zu replica %s joined\n", g,
                          o.groups[g][r].c_str());
           } else if (s.code() == absl::StatusCode::kFailedPrecondition) {

@@ -151,7 +151,10 @@ TEST(RestartTest, RouterStartsDegradedAndPicksUpAReplicaThatComesLater) {
   bool joined = false;
   for (const absl::Time end = absl::Now() + absl::Seconds(60); !joined && absl::Now() < end;) {
     auto t = Topology(raddr);
-    joined = t.ok() && t->groups(1).replicas(1).healthy();
+    // Health follows Topology by a moment: wait for both.
+    joined = t.ok() && t->groups(1).replicas(1).healthy() &&
+             Health(raddr, "moemesh.router.all_replicas_ready") ==
+                 grpc::health::v1::HealthCheckResponse::SERVING;
     if (!joined) absl::SleepFor(absl::Milliseconds(100));
   }
   EXPECT_TRUE(joined) << ReadFileOrDie(dir.Join("router2.log"));
