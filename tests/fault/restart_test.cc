@@ -201,5 +201,49 @@ TEST(RestartTest, GatewaySurvivesARouterRestart) {
   (*mesh)->Stop().IgnoreError();  // the killed router is reported
 }
 
+TEST(RestartTest, SigtermTurnsHealthNotServingFirstAndServesThroughTheGrace) {
+  TempDir dir;
+  const std::string model = MakeModel(dir, "model", SmallModel(13));
+  MeshOptions o = TestMeshOptions(model, dir.Join("work"), 1, 2);
+  o.worker_args = {"--not_serving_grace=3", "--drain_seconds=1"};
+  auto mesh = Mesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  const std::string waddr = (*mesh)->workers()[0].address;
+  auto worker = WorkerClient(waddr);
+  auto run = [&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    v1::RunExpertsRequest req;
+    TensorToProto(Tensor::Zeros({1, 64}), DType::kF32, req.mutable_tokens());
+    req.add_offsets(0);
+    req.add_offsets(1);
+    req.add_experts(0);
+    req.add_weights(1.0f);
+    v1::RunExpertsResponse resp;
+    return worker->RunExperts(&ctx, req, &resp);
+  };
+  ASSERT_TRUE(run().ok());
+  const absl::Time term = absl::Now();
+  ASSERT_TRUE((*mesh)->Signal("worker-g0-r0", SIGTERM).ok());
+  bool not_serving = false;
+  while (!not_serving && absl::Now() < term + absl::Seconds(2)) {
+    not_serving = Health(waddr, "") == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+  }
+  ASSERT_TRUE(not_serving);
+  // Still inside the grace (3 s after the signal): calls are served.
+  const grpc::Status during = run();
+  if (absl::Now() < term + absl::Seconds(3)) {
+    EXPECT_TRUE(during.ok()) << during.error_message();
+  }
+  // The mesh loses nothing: the router uses the other replica.
+  auto gw = GatewayClient((*mesh)->gateway_address());
+  const std::vector<std::vector<int32_t>> prompts = {{7, 8, 9}};
+  const auto want = GenerateInproc(model, prompts, 8);
+  auto got = GenerateViaGateway(gw.get(), prompts[0], 8);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, want[0]);
+  (*mesh)->Stop().IgnoreError();
+}
+
 }  // namespace
 }  // namespace moemesh::testing
