@@ -72,8 +72,11 @@ absl::StatusOr<Tensor> RemoteMoeLayer::Forward(int layer, const Tensor& hidden,
   TensorToProto(hidden, wire_, req.mutable_hidden());
   req.set_output_dtype(DTypeToProto(wire_));
   const absl::Time start = absl::Now();
-  const absl::Time deadline =
-      opts.deadline == absl::InfiniteFuture() ? start + options_.default_deadline : opts.deadline;
+  // A request without a deadline reaches here as InfiniteFuture, or, converted from gRPC's
+  // "no deadline" (std::chrono::system_clock::time_point::max(), the year 2262), as a time
+  // centuries away: both mean none was given.
+  const bool none = opts.deadline - start > absl::Hours(24 * 365 * 100);
+  const absl::Time deadline = none ? start + options_.default_deadline : opts.deadline;
   absl::BitGen rng;
   absl::Duration backoff = options_.initial_backoff;
   grpc::Status s;

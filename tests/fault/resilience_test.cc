@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "services/rpc/tensor_proto.h"
@@ -146,6 +147,53 @@ TEST(BlackHoleTest, SigstoppedReplicaCostsAtMostAnAttemptTimeout) {
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(*again, want[2]);
   ASSERT_TRUE((*mesh)->Signal("worker-g0-r0", SIGCONT).ok());
+  EXPECT_TRUE((*mesh)->Stop().ok());
+}
+
+TEST(BlackHoleTest, SigstoppedRouterFailsStepsAtTheirDeadlineNotNever) {
+  TempDir dir;
+  const std::string model = MakeModel(dir, "model", SmallModel(8));
+  MeshOptions o = TestMeshOptions(model, dir.Join("work"), 1, 1);
+  // Requests that carry no deadline get the gateway's default for their steps.
+  o.gateway_args = {"--default_deadline=3", "--router_attempt_timeout=1",
+                    "--router_max_attempts=10"};
+  auto mesh = Mesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  const auto prompts = Prompts(1);
+  const auto want = GenerateInproc(model, prompts, 8);
+  auto gw = GatewayClient((*mesh)->gateway_address());
+  ASSERT_TRUE((*mesh)->Signal("router", SIGSTOP).ok());
+  // No client deadline: only the mesh's own deadlines can end this request. The test gives
+  // up (cancels) after 60 s so that it stays bounded if they do not.
+  grpc::ClientContext ctx;
+  grpc::Status s;
+  absl::Notification done;
+  const absl::Time start = absl::Now();
+  std::thread t([&] {
+    v1::GenerateRequest req;
+    req.mutable_prompt_tokens()->mutable_ids()->Add(prompts[0].begin(), prompts[0].end());
+    req.set_max_tokens(8);
+    auto reader = gw->Generate(&ctx, req);
+    v1::GenerateResponse resp;
+    while (reader->Read(&resp)) {
+    }
+    s = reader->Finish();
+    done.Notify();
+  });
+  const bool ended = done.WaitForNotificationWithTimeout(absl::Seconds(60));
+  if (!ended) ctx.TryCancel();
+  t.join();
+  EXPECT_TRUE(ended) << "the request was still waiting after 60 s";
+  // The gateway's default step deadline (3 s) ended it.
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
+  EXPECT_EQ(s.error_message().find("127.0.0.1"), std::string::npos) << s.error_message();
+  GTEST_LOG_(INFO) << "ended after " << absl::Now() - start;
+  ASSERT_TRUE((*mesh)->Signal("router", SIGCONT).ok());
+  const absl::Time cont = absl::Now();
+  auto again = GenerateViaGateway(gw.get(), prompts[0], 8, absl::Seconds(60));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(*again, want[0]);
+  GTEST_LOG_(INFO) << "served again after " << absl::Now() - cont;
   EXPECT_TRUE((*mesh)->Stop().ok());
 }
 
