@@ -165,6 +165,10 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
                                            const ChannelOptions& options) {
   grpc::ChannelArguments args = DefaultChannelArguments();
   if (options.round_robin) args.SetLoadBalancingPolicyName("round_robin");
+  // gRPC retries a call only while its request still fits the retry buffer (256 KiB by
+  // default, less than one batch of activations); past it the call is committed and only
+  // the callers' own retries remain.
+  if (!options.retry_service.empty()) args.SetInt(GRPC_ARG_PER_RPC_RETRY_BUFFER_SIZE, 64 << 20);
   const std::string config = ChannelServiceConfig(options);
   if (config != "{}") args.SetServiceConfigJSON(config);
   return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
