@@ -43,6 +43,11 @@ ABSL_FLAG(double, drain_seconds, 10, "grace period for in-flight calls on SIGTER
 ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu | cuda (cuda needs a CUDA build and a GPU)");
 ABSL_FLAG(int, device, 0, "CUDA device for --backend cuda");
+ABSL_FLAG(int, top_k, 0,
+          "routed experts per token the router may assign (0: the config's "
+          "num_experts_per_tok); more per token is rejected as INVALID_ARGUMENT");
+ABSL_FLAG(double, not_serving_grace, 0,
+          "seconds between health turning NOT_SERVING on SIGTERM and refusing new calls");
 
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate: serve TLS (and present it to peers)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
@@ -54,8 +59,8 @@ namespace {
 
 struct Options {
   std::string model, experts, placement, host, port_file, name, backend = "cpu";
-  int port = 0, metrics_port = -1, threads = 1, max_queue = 256, device = 0;
-  double drain_seconds = 10;
+  int port = 0, metrics_port = -1, threads = 1, max_queue = 256, device = 0, top_k = 0;
+  double drain_seconds = 10, not_serving_grace = 0;
   double max_connection_age = 60;
   std::optional<TlsConfig> tls;
 };
@@ -80,6 +85,10 @@ absl::StatusOr<Options> GetOptions() {
     return absl::InvalidArgumentError("--max_connection_age must be >= 0");
   o.backend = absl::GetFlag(FLAGS_backend);
   o.device = absl::GetFlag(FLAGS_device);
+  o.top_k = absl::GetFlag(FLAGS_top_k);
+  o.not_serving_grace = absl::GetFlag(FLAGS_not_serving_grace);
+  if (o.top_k < 0 || o.not_serving_grace < 0 || o.drain_seconds < 0)
+    return absl::InvalidArgumentError("--top_k, --not_serving_grace, --drain_seconds must be >= 0");
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.experts.empty() == o.placement.empty()) {
     return absl::InvalidArgumentError("give exactly one of --experts and --placement");
@@ -106,6 +115,7 @@ absl::StatusOr<Options> GetOptions() {
 absl::Status Run(const Options& o) {
   SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
+  RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
   ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg));
   std::vector<ExpertKey> keys;
   if (!o.experts.empty()) {
@@ -137,6 +147,8 @@ absl::Status Run(const Options& o) {
   }
   info.backend = backend->name();
   info.device = device;
+  info.num_experts = cfg.num_experts;
+  info.max_assignments_per_token = cfg.top_k + (cfg.n_shared_experts > 0 ? 1 : 0);
   Metrics metrics("expert_worker");
   if (o.metrics_port >= 0) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
@@ -156,7 +168,7 @@ absl::Status Run(const Options& o) {
                o.name.c_str(), held, bytes / 1048576.0, host->address().c_str(), device.c_str());
   const int sig = WaitForShutdownSignal();
   std::fprintf(stderr, "expert_worker %s: signal %d, draining\n", o.name.c_str(), sig);
-  host->Drain(absl::Seconds(o.drain_seconds));
+  host->Drain(absl::Seconds(o.drain_seconds), absl::Seconds(o.not_serving_grace));
   return absl::OkStatus();
 }
 

@@ -71,6 +71,17 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM certificate: serve TLS (and present it
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
 ABSL_FLAG(std::string, tls_ca, "",
           "PEM CA: require client certificates it signed (mTLS) and verify peers against it");
+ABSL_FLAG(double, not_serving_grace, 0,
+          "seconds between health turning NOT_SERVING on SIGTERM and refusing new calls (let "
+          "probes and load balancers move traffic first)");
+ABSL_FLAG(double, router_attempt_timeout, 30,
+          "seconds per router call attempt; a failed or timed-out attempt is retried within "
+          "the step's deadline");
+ABSL_FLAG(int, router_max_attempts, 5, "attempts per router call (retries are backed off)");
+ABSL_FLAG(double, default_deadline, 120,
+          "deadline in seconds of an engine step whose requests carry none");
+ABSL_FLAG(int, max_receive_message_bytes, 4 << 20,
+          "largest request message accepted from clients (the public API)");
 
 namespace moemesh::gateway {
 namespace {
@@ -82,13 +93,15 @@ struct Options {
   DType wire = DType::kF32;
   bool shared_in_gateway = false;
   SchedulerOptions sched;
-  double router_wait = 60, drain_seconds = 30;
   TextModelOptions text;
   int text_threads = 2;
   int http_port = -1, http_threads = 64;
   std::string http_port_file, served_model_name, api_key_file;
   size_t max_body_bytes = size_t{4} << 20;
   std::optional<TlsConfig> tls;
+  double router_wait = 60, drain_seconds = 30, not_serving_grace = 0;
+  RemoteMoeLayerOptions remote;
+  int max_receive_message_bytes = 4 << 20;
 };
 
 absl::StatusOr<Options> GetOptions() {
@@ -108,6 +121,20 @@ absl::StatusOr<Options> GetOptions() {
   o.sched.max_queued = absl::GetFlag(FLAGS_max_queued);
   o.router_wait = absl::GetFlag(FLAGS_router_wait);
   o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
+  o.not_serving_grace = absl::GetFlag(FLAGS_not_serving_grace);
+  o.remote.attempt_timeout = absl::Seconds(absl::GetFlag(FLAGS_router_attempt_timeout));
+  o.remote.max_attempts = absl::GetFlag(FLAGS_router_max_attempts);
+  o.remote.default_deadline = absl::Seconds(absl::GetFlag(FLAGS_default_deadline));
+  o.max_receive_message_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
+  if (o.not_serving_grace < 0 || o.drain_seconds < 0)
+    return absl::InvalidArgumentError("--not_serving_grace and --drain_seconds must be >= 0");
+  if (o.remote.attempt_timeout <= absl::ZeroDuration() ||
+      o.remote.default_deadline <= absl::ZeroDuration() || o.remote.max_attempts < 1) {
+    return absl::InvalidArgumentError(
+        "--router_attempt_timeout and --default_deadline must be > 0, --router_max_attempts >= 1");
+  }
+  if (o.max_receive_message_bytes < 1024)
+    return absl::InvalidArgumentError("--max_receive_message_bytes must be >= 1024");
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (const std::string f = absl::GetFlag(FLAGS_chat_template); !f.empty()) {
     std::ifstream in(f, std::ios::binary);
@@ -199,7 +226,7 @@ absl::Status Run(const Options& o) {
     RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
     ASSIGN_OR_RETURN(ckpt, OpenModelCheckpoint(o.model, cfg));
     backend = MakeCpuBackend();
-    remote = std::make_unique<RemoteMoeLayer>(o.router, o.wire);
+    remote = std::make_unique<RemoteMoeLayer>(o.router, o.wire, o.remote);
     if (!remote->WaitForReady(absl::Seconds(o.router_wait))) {
       return absl::UnavailableError(absl::StrCat("router ", o.router, " is not reachable"));
     }
@@ -244,6 +271,7 @@ absl::Status Run(const Options& o) {
   so.address = absl::StrCat(o.host, ":", o.port);
   so.credentials = ServerCredentials(o.tls);
   so.port_file = o.port_file;
+  so.max_receive_message_bytes = o.max_receive_message_bytes;
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
   std::fprintf(stderr, "gateway: %s, %d layers, serving on %s\n",
                o.inproc ? "in-process experts" : o.router.c_str(), cfg.num_layers,
@@ -276,7 +304,7 @@ absl::Status Run(const Options& o) {
   const int sig = WaitForShutdownSignal();
   std::fprintf(stderr, "gateway: signal %d, draining\n", sig);
   if (http) http->SetDraining();
-  host->Drain(absl::Seconds(o.drain_seconds));
+  host->Drain(absl::Seconds(o.drain_seconds), absl::Seconds(o.not_serving_grace));
   if (http) http->Stop();
   scheduler.Stop(false);
   return absl::OkStatus();

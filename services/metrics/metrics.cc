@@ -62,6 +62,10 @@ Metrics::Metrics(std::string service)
                   .Name("moemesh_replica_retries_total")
                   .Help("Calls retried on another replica")
                   .Register(*registry_);
+  group_replicas_ = &BuildGauge()
+                         .Name("moemesh_group_replicas")
+                         .Help("Replicas of each expert group, ready or down")
+                         .Register(*registry_);
   tokens_ = &BuildCounter()
                  .Name("moemesh_tokens_total")
                  .Help("Prompt and completion tokens")
@@ -206,6 +210,11 @@ void Metrics::AddTokenSends(int64_t sends) {
 }
 
 void Metrics::CountRetry(int group) { retries_->Add({{"group", absl::StrCat(group)}}).Increment(); }
+
+void Metrics::SetGroupReplicas(int group, int ready, int total) {
+  group_replicas_->Add({{"group", absl::StrCat(group)}, {"state", "ready"}}).Set(ready);
+  group_replicas_->Add({{"group", absl::StrCat(group)}, {"state", "down"}}).Set(total - ready);
+}
 
 void Metrics::AddTokens(int64_t prompt, int64_t completion) {
   if (prompt) tokens_->Add({{"kind", "prompt"}}).Increment(static_cast<double>(prompt));

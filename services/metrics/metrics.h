@@ -13,6 +13,8 @@
 //   moemesh_worker_tokens_total{service}               worker: token rows computed
 //   moemesh_dispatch_token_sends_total                 router: (token, group) sends
 //   moemesh_replica_retries_total{group}               router: retries on another replica
+//   moemesh_group_replicas{group,state=ready|down}     router: replicas per group (degraded
+//                                                      while any is down)
 //   moemesh_tokens_total{kind=prompt|completion}       gateway: tokens in and out
 //   moemesh_running_sequences                          gateway: sequences in the batch
 //   moemesh_step_tokens / moemesh_step_duration_seconds gateway: batch size and step time
@@ -65,6 +67,7 @@ class Metrics {
   void AddExpertTokens(int layer, const std::vector<int64_t>& per_expert);
   void AddTokenSends(int64_t sends);
   void CountRetry(int group);
+  void SetGroupReplicas(int group, int ready, int total);
 
   // Gateway.
   void AddTokens(int64_t prompt, int64_t completion);
@@ -91,6 +94,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* worker_tokens_;
   prometheus::Family<prometheus::Counter>* token_sends_;
   prometheus::Family<prometheus::Counter>* retries_;
+  prometheus::Family<prometheus::Gauge>* group_replicas_;
   prometheus::Family<prometheus::Counter>* tokens_;
   prometheus::Family<prometheus::Gauge>* running_;
   prometheus::Family<prometheus::Histogram>* step_tokens_;
