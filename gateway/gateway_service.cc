@@ -155,8 +155,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GatewayService::Generate(
   absl::Status s = scheduler_->Submit(
       std::move(g), [link = reactor->link(), tok = tokenizer_.get(),
                      stream = tokenizer_ ? std::make_shared<DecodeStream>(tokenizer_) : nullptr,
-                     metrics = metrics_, received,
-                     prompt_tokens](const GenerationEvent& ev) {
+                     metrics = metrics_, received, prompt_tokens](const GenerationEvent& ev) {
         auto msg = std::make_unique<v1::GenerateResponse>();
         if (!ev.done) {
           if (ev.completion_tokens == 1) {

@@ -26,7 +26,8 @@
 
 ABSL_FLAG(std::string, node_dir, "build/tokenizer_node",
           "where make_goldens.sh installed transformers.js and wrote golden/");
-ABSL_FLAG(std::string, tokenizers, "deepseek_v3,llama2,llama3,llama3_1,qwen3", "tokenizers to time");
+ABSL_FLAG(std::string, tokenizers, "deepseek_v3,llama2,llama3,llama3_1,qwen3",
+          "tokenizers to time");
 ABSL_FLAG(int64_t, bytes, 1 << 20, "size of the text");
 ABSL_FLAG(int, repeats, 3, "warm runs after the cold one");
 ABSL_FLAG(int, threads, 4, "also time this many parallel encodes (0: skip)");
