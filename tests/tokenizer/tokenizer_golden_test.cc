@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "services/text/tokenizer.h"
@@ -123,6 +124,23 @@ TEST_P(GoldenTest, StreamingDecodeAddsUpToDecode) {
     }
   }
   EXPECT_EQ(bad, 0);
+}
+
+// 1 MiB runs of what makes backtracking regexes or BPE work hardest still encode (a
+// quadratic path would time the test out) and still round-trip; over the limit is refused.
+TEST_P(GoldenTest, LongRunsEncode) {
+  const size_t n = size_t{1} << 20;
+  for (const std::string& unit :
+       {std::string(" "), std::string("\n"), std::string(" \n"), std::string("a"), std::string("7"),
+        std::string("!"), std::string("\xE4\xB8\xAD"), std::string("  x")}) {
+    std::string text;
+    while (text.size() + unit.size() <= n) text += unit;
+    auto ids = tok_->Encode(text, false);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    EXPECT_TRUE(tok_->Decode(*ids) == text) << json(unit).dump();
+  }
+  auto over = tok_->Encode(std::string(tok_->options().max_input_bytes + 1, 'a'));
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 INSTANTIATE_TEST_SUITE_P(Published, GoldenTest,
