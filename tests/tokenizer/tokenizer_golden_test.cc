@@ -8,6 +8,7 @@
 // to Decode. Missing goldens are a failure, never a skip.
 #include <cstdlib>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "services/text/tokenizer.h"
+#include "services/text/unicode.h"
 
 #ifndef MOEMESH_TOKENIZER_GOLDEN_DIR
 #error "MOEMESH_TOKENIZER_GOLDEN_DIR must name the goldens written by make_goldens.sh"
@@ -121,6 +123,36 @@ TEST_P(GoldenTest, StreamingDecodeAddsUpToDecode) {
         ADD_FAILURE() << GetParam() << " case " << i << " skip=" << skip << "\n  want "
                       << Excerpt(want) << "\n  got  " << Excerpt(all);
       }
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+// Fuzz-style round trip on the real vocabularies: random bytes, repaired to valid UTF-8,
+// encode and decode back to themselves (after NFC where the tokenizer normalizes with it):
+// byte-level BPE and byte fallback lose nothing.
+TEST_P(GoldenTest, RandomTextRoundTrips) {
+  std::mt19937 rng(42);
+  std::uniform_int_distribution<int> byte(0, 255), len(1, 200), kind(0, 2);
+  int bad = 0;
+  for (int i = 0; i < 500; ++i) {
+    std::string bytes;
+    const int n = len(rng);
+    for (int k = 0; k < n; ++k) {
+      // Mostly ASCII and UTF-8 lead/continuation bytes so that real characters form too.
+      const int b = byte(rng);
+      bytes.push_back(static_cast<char>(kind(rng) == 0   ? b
+                                        : kind(rng) == 1 ? (b & 0x7F)
+                                                         : (0x80 | (b & 0x3F))));
+      if (b % 7 == 0) text::AppendUtf8(0x4E00 + b * 37, &bytes);
+    }
+    const std::string text = text::Utf8Lossy(bytes);
+    auto ids = tok_->Encode(text, false);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    std::string want = text;
+    if (GetParam() == "qwen3") want = *text::Normalize(text, text::NormalForm::kNfc);
+    if (tok_->Decode(*ids) != want && ++bad <= kMaxReports) {
+      ADD_FAILURE() << GetParam() << " " << json(text).dump();
     }
   }
   EXPECT_EQ(bad, 0);
