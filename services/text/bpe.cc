@@ -202,7 +202,15 @@ void Bpe::TokenizeUncached(std::string_view word, std::vector<int32_t>* out) con
       return rank != o.rank ? rank > o.rank : pos > o.pos;
     }
   };
-  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> queue;
+  // The initial candidates are heapified at once (O(n)); merges then push at most two each.
+  std::vector<Candidate> initial;
+  initial.reserve(symbols.size());
+  for (int i = 0; i + 1 < static_cast<int>(symbols.size()); ++i) {
+    auto it = merges_.find(PairKey(symbols[i].id, symbols[i + 1].id));
+    if (it != merges_.end()) initial.push_back({it->second.rank, i, it->second.new_id});
+  }
+  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> queue(
+      std::greater<Candidate>(), std::move(initial));
   auto consider = [&](int left) {
     if (left < 0) return;
     const int right = symbols[left].next;
@@ -210,7 +218,6 @@ void Bpe::TokenizeUncached(std::string_view word, std::vector<int32_t>* out) con
     auto it = merges_.find(PairKey(symbols[left].id, symbols[right].id));
     if (it != merges_.end()) queue.push({it->second.rank, left, it->second.new_id});
   };
-  for (int i = 0; i + 1 < static_cast<int>(symbols.size()); ++i) consider(i);
   while (!queue.empty()) {
     const Candidate top = queue.top();
     queue.pop();

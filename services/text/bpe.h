@@ -30,7 +30,7 @@ namespace moemesh::text {
 
 class Bpe {
  public:
-  // `model` is the "model" object. Throws nothing; bad JSON is INVALID_ARGUMENT.
+  // `model` is the "model" object; a malformed one is INVALID_ARGUMENT.
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Bpe>> FromJson(const nlohmann::json& model);
 
   // Appends the ids of one pre-token.

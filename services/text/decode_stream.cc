@@ -58,8 +58,10 @@ std::string Utf8Stream::Push(std::string_view bytes) {
     }
     // Hold back a valid but incomplete sequence at the end; anything else is U+FFFD.
     const auto c = static_cast<uint8_t>(pending_[i]);
-    const size_t want = c >= 0xF0 && c <= 0xF4 ? 4 : c >= 0xE0 && c <= 0xEF ? 3
-                        : c >= 0xC2 && c <= 0xDF ? 2 : 0;
+    const size_t want = c >= 0xF0 && c <= 0xF4   ? 4
+                        : c >= 0xE0 && c <= 0xEF ? 3
+                        : c >= 0xC2 && c <= 0xDF ? 2
+                                                 : 0;
     if (want > 0 && i + want > pending_.size()) {
       std::string padded = pending_.substr(i);
       // Complete it with the smallest continuation bytes allowed to see if it could be valid.

@@ -212,7 +212,8 @@ absl::StatusOr<std::unique_ptr<PostProcessor>> MakeTemplateFromJson(const json& 
   for (const json& item : single) {
     if (item.contains("Sequence")) {
       if (item["Sequence"].value("id", "A") != "A") {
-        return absl::InvalidArgumentError("TemplateProcessing: single uses a sequence other than A");
+        return absl::InvalidArgumentError(
+            "TemplateProcessing: single uses a sequence other than A");
       }
       seen_sequence = true;
       continue;
@@ -263,8 +264,8 @@ absl::StatusOr<std::unique_ptr<Decoder>> MakeDecoder(const json& j) {
     if (type == "ByteFallback") return std::make_unique<ByteFallbackDecoder>();
     if (type == "Fuse") return std::make_unique<FuseDecoder>();
     if (type == "Strip") {
-      return std::make_unique<StripDecoder>(j.at("content").get<std::string>(),
-                                            j.value("start", 0), j.value("stop", 0));
+      return std::make_unique<StripDecoder>(j.at("content").get<std::string>(), j.value("start", 0),
+                                            j.value("stop", 0));
     }
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(type, " decoder: ", e.what()));
@@ -291,8 +292,7 @@ absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessor(const json& j) 
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(type, " post_processor: ", e.what()));
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unsupported post_processor type \"", type, "\""));
+  return absl::InvalidArgumentError(absl::StrCat("unsupported post_processor type \"", type, "\""));
 }
 
 std::unique_ptr<PostProcessor> MakeTemplate(std::vector<int32_t> prefix,

@@ -130,10 +130,9 @@ class SplitPreTokenizer final : public PreTokenizer {
   SplitPreTokenizer(Pattern pattern, Behavior behavior, bool invert)
       : pattern_(std::move(pattern)), behavior_(behavior), invert_(invert) {}
   absl::Status PreTokenize(std::vector<Piece>* pieces) const override {
-    return SplitPieces(pieces, behavior_, invert_,
-                       [this](std::string_view t, std::vector<Regex::Span>* m) {
-                         return pattern_.FindAll(t, m);
-                       });
+    return SplitPieces(
+        pieces, behavior_, invert_,
+        [this](std::string_view t, std::vector<Regex::Span>* m) { return pattern_.FindAll(t, m); });
   }
 
  private:
@@ -208,8 +207,8 @@ class MetaspacePreTokenizer final : public PreTokenizer {
         }
       }
       const bool starts = out.compare(0, replacement_.size(), replacement_) == 0;
-      if (!starts && (scheme_ == PrependScheme::kAlways ||
-                      (scheme_ == PrependScheme::kFirst && p.at_start))) {
+      if (!starts &&
+          (scheme_ == PrependScheme::kAlways || (scheme_ == PrependScheme::kFirst && p.at_start))) {
         out.insert(0, replacement_);
       }
       p.text = std::move(out);

@@ -19,8 +19,8 @@ void InitOnigurumaOnce() {
 
 std::string OnigMessage(int code, OnigErrorInfo* info) {
   UChar buf[ONIG_MAX_ERROR_MESSAGE_LEN];
-  const int n = info != nullptr ? onig_error_code_to_str(buf, code, info)
-                                : onig_error_code_to_str(buf, code);
+  const int n =
+      info != nullptr ? onig_error_code_to_str(buf, code, info) : onig_error_code_to_str(buf, code);
   return std::string(reinterpret_cast<char*>(buf), n > 0 ? n : 0);
 }
 
@@ -95,7 +95,9 @@ absl::StatusOr<Pattern> Pattern::FromJson(const nlohmann::json& j, std::string_v
   }
   if (j.is_object() && j.contains("Regex") && j["Regex"].is_string()) {
     auto r = Regex::Compile(j["Regex"].get<std::string>());
-    if (!r.ok()) return absl::InvalidArgumentError(absl::StrCat(std::string(where), ": ", r.status().message()));
+    if (!r.ok())
+      return absl::InvalidArgumentError(
+          absl::StrCat(std::string(where), ": ", r.status().message()));
     Pattern p;
     p.regex_ = std::shared_ptr<const Regex>(std::move(*r));
     return p;

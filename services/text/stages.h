@@ -60,8 +60,7 @@ class Decoder {
 [[nodiscard]] absl::StatusOr<std::unique_ptr<Normalizer>> MakeNormalizer(const nlohmann::json& j);
 [[nodiscard]] absl::StatusOr<std::unique_ptr<PreTokenizer>> MakePreTokenizer(
     const nlohmann::json& j);
-// `token_to_id` resolves the ids of TemplateProcessing's special tokens when the JSON
-// leaves them out.
+// TemplateProcessing takes its special tokens' ids from its own "special_tokens" map.
 [[nodiscard]] absl::StatusOr<std::unique_ptr<PostProcessor>> MakePostProcessor(
     const nlohmann::json& j);
 [[nodiscard]] absl::StatusOr<std::unique_ptr<Decoder>> MakeDecoder(const nlohmann::json& j);

@@ -194,15 +194,14 @@ absl::Status Tokenizer::Init(std::string_view tokenizer_json, std::string_view c
     const bool add_bos = config.value("add_bos_token", true);
     const bool add_eos = config.value("add_eos_token", false);
     std::vector<int32_t> prefix, suffix;
-    for (const auto& [add, token, name, ids] :
-         {std::tuple(add_bos, bos_token_, "bos", &prefix),
-          std::tuple(add_eos, eos_token_, "eos", &suffix)}) {
+    for (const auto& [add, token, name, ids] : {std::tuple(add_bos, bos_token_, "bos", &prefix),
+                                                std::tuple(add_eos, eos_token_, "eos", &suffix)}) {
       if (!add) continue;
       const std::optional<int32_t> id = TokenToId(token);
       if (token.empty() || !id.has_value()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("add_", name, "_token is true but ", name, "_token \"", token,
-                         "\" is not in the vocabulary"));
+        return absl::InvalidArgumentError(absl::StrCat("add_", name, "_token is true but ", name,
+                                                       "_token \"", token,
+                                                       "\" is not in the vocabulary"));
       }
       ids->push_back(*id);
     }
@@ -264,8 +263,8 @@ void Tokenizer::SplitAdded(const std::string& s, bool at_start, const Trie& trie
       i = stop;
     }
     if (start_offset < start) {
-      out->push_back({s.substr(start_offset, start - start_offset), -1,
-                      at_start && start_offset == 0});
+      out->push_back(
+          {s.substr(start_offset, start - start_offset), -1, at_start && start_offset == 0});
     }
     out->push_back({"", tok.id, false});
     start_offset = stop;
@@ -341,7 +340,9 @@ std::string Tokenizer::Decode(absl::Span<const int32_t> ids, bool skip_special_t
 int Tokenizer::vocab_size() const { return vocab_size_; }
 
 std::optional<int32_t> Tokenizer::TokenToId(std::string_view token) const {
-  if (auto it = added_by_content_.find(absl::string_view(token.data(), token.size())); it != added_by_content_.end()) return it->second;
+  if (auto it = added_by_content_.find(absl::string_view(token.data(), token.size()));
+      it != added_by_content_.end())
+    return it->second;
   return model_->TokenToId(token);
 }
 

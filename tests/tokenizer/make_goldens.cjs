@@ -19,7 +19,7 @@ const fs = require('fs');
 const path = require('path');
 const { makeCorpus } = require('./corpus.cjs');
 
-const kTokenizers = ['deepseek_v3', 'llama2', 'llama3', 'qwen3'];
+const kTokenizers = ['deepseek_v3', 'llama2', 'llama3', 'llama3_1', 'qwen3'];
 
 function rebuildsPostProcessor(cls) {
   const c = (cls || '').replace(/Fast$/, '');

@@ -1,19 +1,23 @@
 // moemesh's tokenizer against Hugging Face's, on the published tokenizer files of
-// DeepSeek-V3, Llama-2 (Mistral/Mixtral's vocabulary family), Llama-3 and Qwen3.
+// DeepSeek-V3, Llama-2 (Mistral/Mixtral's vocabulary family), Llama-3, Llama-3.1 and Qwen3.
 //
 // The goldens come from transformers.js (tests/tokenizer/make_goldens.cjs, run by the CTest
 // fixture `tokenizer_goldens` into the build tree): for every corpus text, the ids with and
 // without special tokens and the decoded text with and without skip_special_tokens. The
 // test also streams every golden id list through DecodeStream and checks the pieces add up
 // to Decode. Missing goldens are a failure, never a skip.
+#include <cstdlib>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "services/text/tokenizer.h"
+#include "services/text/unicode.h"
 
 #ifndef MOEMESH_TOKENIZER_GOLDEN_DIR
 #error "MOEMESH_TOKENIZER_GOLDEN_DIR must name the goldens written by make_goldens.sh"
@@ -24,7 +28,12 @@ namespace {
 
 using json = nlohmann::json;
 
-std::string GoldenDir() { return MOEMESH_TOKENIZER_GOLDEN_DIR; }
+// MOEMESH_TOKENIZER_GOLDEN_DIR in the environment points the test at other goldens (to
+// investigate a text outside the corpus).
+std::string GoldenDir() {
+  const char* env = std::getenv("MOEMESH_TOKENIZER_GOLDEN_DIR");
+  return env != nullptr && *env != '\0' ? env : MOEMESH_TOKENIZER_GOLDEN_DIR;
+}
 
 bool ReadJson(const std::string& path, json* out) {
   std::ifstream in(path);
@@ -119,8 +128,55 @@ TEST_P(GoldenTest, StreamingDecodeAddsUpToDecode) {
   EXPECT_EQ(bad, 0);
 }
 
+// Fuzz-style round trip on the real vocabularies: random bytes, repaired to valid UTF-8,
+// encode and decode back to themselves (after NFC where the tokenizer normalizes with it):
+// byte-level BPE and byte fallback lose nothing.
+TEST_P(GoldenTest, RandomTextRoundTrips) {
+  std::mt19937 rng(42);
+  std::uniform_int_distribution<int> byte(0, 255), len(1, 200), kind(0, 2);
+  int bad = 0;
+  for (int i = 0; i < 500; ++i) {
+    std::string bytes;
+    const int n = len(rng);
+    for (int k = 0; k < n; ++k) {
+      // Mostly ASCII and UTF-8 lead/continuation bytes so that real characters form too.
+      const int b = byte(rng);
+      bytes.push_back(static_cast<char>(kind(rng) == 0   ? b
+                                        : kind(rng) == 1 ? (b & 0x7F)
+                                                         : (0x80 | (b & 0x3F))));
+      if (b % 7 == 0) text::AppendUtf8(0x4E00 + b * 37, &bytes);
+    }
+    const std::string text = text::Utf8Lossy(bytes);
+    auto ids = tok_->Encode(text, false);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    std::string want = text;
+    if (GetParam() == "qwen3") want = *text::Normalize(text, text::NormalForm::kNfc);
+    if (tok_->Decode(*ids) != want && ++bad <= kMaxReports) {
+      ADD_FAILURE() << GetParam() << " " << json(text).dump();
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+// 1 MiB runs of what makes backtracking regexes or BPE work hardest still encode (a
+// quadratic path would time the test out) and still round-trip; over the limit is refused.
+TEST_P(GoldenTest, LongRunsEncode) {
+  const size_t n = size_t{1} << 20;
+  for (const std::string& unit :
+       {std::string(" "), std::string("\n"), std::string(" \n"), std::string("a"), std::string("7"),
+        std::string("!"), std::string("\xE4\xB8\xAD"), std::string("  x")}) {
+    std::string text;
+    while (text.size() + unit.size() <= n) text += unit;
+    auto ids = tok_->Encode(text, false);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    EXPECT_TRUE(tok_->Decode(*ids) == text) << json(unit).dump();
+  }
+  auto over = tok_->Encode(std::string(tok_->options().max_input_bytes + 1, 'a'));
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 INSTANTIATE_TEST_SUITE_P(Published, GoldenTest,
-                         ::testing::Values("deepseek_v3", "llama2", "llama3", "qwen3"),
+                         ::testing::Values("deepseek_v3", "llama2", "llama3", "llama3_1", "qwen3"),
                          [](const auto& info) { return info.param; });
 
 }  // namespace

@@ -57,7 +57,8 @@ TEST(NormalizerTest, PrependReplaceSequence) {
   EXPECT_EQ(Normalize(llama, "Hello world"), "▁Hello▁world");
   EXPECT_EQ(Normalize(llama, " x"), "▁▁x");
   EXPECT_EQ(Normalize(llama, ""), "");  // Prepend leaves empty text alone
-  const json re = json::parse(R"({"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": "_"})");
+  const json re =
+      json::parse(R"({"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": "_"})");
   EXPECT_EQ(Normalize(re, "a \t b\n\nc"), "a_b_c");
 }
 
@@ -65,9 +66,9 @@ TEST(NormalizerTest, UnicodeForms) {
   const std::string decomposed = "e\xCC\x81";  // e + COMBINING ACUTE
   EXPECT_EQ(Normalize(json{{"type", "NFC"}}, decomposed), "\xC3\xA9");
   EXPECT_EQ(Normalize(json{{"type", "NFD"}}, "\xC3\xA9"), decomposed);
-  EXPECT_EQ(Normalize(json{{"type", "NFKC"}}, "\xEF\xAC\x81"), "fi");      // ﬁ ligature
+  EXPECT_EQ(Normalize(json{{"type", "NFKC"}}, "\xEF\xAC\x81"), "fi");  // ﬁ ligature
   EXPECT_EQ(Normalize(json{{"type", "NFC"}}, "\xEF\xAC\x81"), "\xEF\xAC\x81");
-  EXPECT_EQ(Normalize(json{{"type", "NFKC"}}, "\xEF\xBC\xA1"), "A");       // fullwidth A
+  EXPECT_EQ(Normalize(json{{"type", "NFKC"}}, "\xEF\xBC\xA1"), "A");  // fullwidth A
 }
 
 TEST(NormalizerTest, UnsupportedTypeNamesIt) {
@@ -100,8 +101,7 @@ json SplitJson(const std::string& behavior, bool invert = false, const char* pat
 TEST(PreTokenizerTest, SplitBehaviours) {
   EXPECT_THAT(PreTok(SplitJson("Isolated"), "a-b--c"), ElementsAre("a", "-", "b", "-", "-", "c"));
   EXPECT_THAT(PreTok(SplitJson("Removed"), "a-b--c"), ElementsAre("a", "b", "c"));
-  EXPECT_THAT(PreTok(SplitJson("MergedWithPrevious"), "a-b--c"),
-              ElementsAre("a-", "b-", "-", "c"));
+  EXPECT_THAT(PreTok(SplitJson("MergedWithPrevious"), "a-b--c"), ElementsAre("a-", "b-", "-", "c"));
   EXPECT_THAT(PreTok(SplitJson("MergedWithNext"), "a-b--c"), ElementsAre("a", "-b", "-", "-c"));
   EXPECT_THAT(PreTok(SplitJson("Contiguous"), "a-b--c"), ElementsAre("a", "-", "b", "--", "c"));
   // invert: the pattern describes the pieces to keep apart, the rest is the delimiter.
@@ -109,10 +109,11 @@ TEST(PreTokenizerTest, SplitBehaviours) {
 }
 
 TEST(PreTokenizerTest, SplitRegexWithLookaheadAndUnicodeClasses) {
-  const json j = {{"type", "Split"},
-                  {"pattern", {{"Regex", R"((?i:'s|'t)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|\s+(?!\S)|\s+)"}}},
-                  {"behavior", "Isolated"},
-                  {"invert", false}};
+  const json j = {
+      {"type", "Split"},
+      {"pattern", {{"Regex", R"((?i:'s|'t)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|\s+(?!\S)|\s+)"}}},
+      {"behavior", "Isolated"},
+      {"invert", false}};
   EXPECT_THAT(PreTok(j, "IT'S 12345 héllo   world"),
               ElementsAre("IT", "'S", " ", "123", "45", " héllo", "  ", " world"));
 }
@@ -122,13 +123,14 @@ TEST(PreTokenizerTest, ByteLevel) {
   EXPECT_THAT(PreTok(with_prefix, "hello world"), ElementsAre("\xC4\xA0hello", "\xC4\xA0world"));
   const json plain = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}};
   // No split; space is U+0120, newline U+010A, é's two bytes Ã ©.
-  EXPECT_THAT(PreTok(plain, "a b\n\xC3\xA9"), ElementsAre("a\xC4\xA0" "b\xC4\x8A\xC3\x83\xC2\xA9"));
+  EXPECT_THAT(PreTok(plain, "a b\n\xC3\xA9"), ElementsAre("a\xC4\xA0"
+                                                          "b\xC4\x8A\xC3\x83\xC2\xA9"));
 }
 
 TEST(PreTokenizerTest, MetaspacePrependSchemes) {
   auto ms = [](const char* scheme) {
-    return json{{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", scheme},
-                {"split", true}};
+    return json{
+        {"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", scheme}, {"split", true}};
   };
   EXPECT_THAT(PreTok(ms("always"), "Hey friend"), ElementsAre("▁Hey", "▁friend"));
   EXPECT_THAT(PreTok(ms("always"), "x y", false), ElementsAre("▁x", "▁y"));
@@ -183,7 +185,9 @@ TEST(DecoderTest, LlamaChain) {
   EXPECT_EQ(DecodeWith(j, {"▁Hello", "▁world", "<0xE4>", "<0xB8>", "<0xAD>", "!"}),
             "Hello world中!");
   // Bytes that are not UTF-8: one U+FFFD each, as Hugging Face's ByteFallback.
-  EXPECT_EQ(DecodeWith(j, {"a", "<0xE4>", "<0xB8>", "b"}), "a\xEF\xBF\xBD\xEF\xBF\xBD" "b");
+  EXPECT_EQ(DecodeWith(j, {"a", "<0xE4>", "<0xB8>", "b"}),
+            "a\xEF\xBF\xBD\xEF\xBF\xBD"
+            "b");
 }
 
 TEST(DecoderTest, ByteLevelAndMetaspace) {
@@ -296,10 +300,18 @@ TEST(BpeTest, ByteFallbackUnkAndTemplate) {
   json j = LlamaLikeJson();
   j["model"]["byte_fallback"] = false;
   auto u = Load(j.dump());
-  EXPECT_THAT(Enc(*u, "a\xC3\xA9\xC3\xA9" "b", false), ElementsAre(6, 0, 5));
+  EXPECT_THAT(Enc(*u,
+                  "a\xC3\xA9\xC3\xA9"
+                  "b",
+                  false),
+              ElementsAre(6, 0, 5));
   j["model"]["fuse_unk"] = false;
   auto nf = Load(j.dump());
-  EXPECT_THAT(Enc(*nf, "a\xC3\xA9\xC3\xA9" "b", false), ElementsAre(6, 0, 0, 5));
+  EXPECT_THAT(Enc(*nf,
+                  "a\xC3\xA9\xC3\xA9"
+                  "b",
+                  false),
+              ElementsAre(6, 0, 0, 5));
 }
 
 TEST(TokenizerTest, ConfigRebuildsLlamaPostProcessor) {
@@ -326,7 +338,9 @@ TEST(TokenizerTest, ChatTemplateFromConfig) {
   const std::string tj = LlamaLikeJson().dump();
   EXPECT_EQ(Load(tj, R"({"chat_template": "{{ x }}"})")->chat_template(), "{{ x }}");
   EXPECT_EQ(Load(tj, R"({"chat_template": [{"name": "tool_use", "template": "T"},
-      {"name": "default", "template": "D"}]})")->chat_template(), "D");
+      {"name": "default", "template": "D"}]})")
+                ->chat_template(),
+            "D");
   EXPECT_EQ(Load(tj)->chat_template(), "");
 }
 
@@ -483,7 +497,10 @@ TEST(Utf8StreamTest, HoldsIncompleteCharacters) {
   Utf8Stream s;
   EXPECT_EQ(s.Push("a\xE4"), "a");
   EXPECT_EQ(s.Push("\xB8"), "");
-  EXPECT_EQ(s.Push("\xAD" "b"), "\xE4\xB8\xAD" "b");
+  EXPECT_EQ(s.Push("\xAD"
+                   "b"),
+            "\xE4\xB8\xAD"
+            "b");
   EXPECT_EQ(s.Push("\xFF"), "\xEF\xBF\xBD");
   EXPECT_EQ(s.Push("\xF0\x9F"), "");
   EXPECT_EQ(s.Flush(), "\xEF\xBF\xBD");
