@@ -6,6 +6,9 @@
 // with strftime_now at 2023-11-14 22:13:20 UTC.
 #include "services/text/chat_template.h"
 
+#include <fstream>
+#include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -381,6 +384,52 @@ TEST(ChatTemplate, CopiesShareTheParsedTreeAndRenderConcurrently) {
   }
   for (auto& th : threads) th.join();
   for (int i = 0; i < 8; ++i) EXPECT_EQ(results[i], std::string(200, static_cast<char>('0' + i)));
+}
+
+// Truncated and mutated published templates must give a template or INVALID_ARGUMENT, and a
+// template that parses must render or fail with INVALID_ARGUMENT: never crash or hang.
+TEST(ChatTemplate, DamagedTemplatesFailCleanly) {
+#ifdef MOEMESH_SOURCE_DIR
+  const std::string path =
+      std::string(MOEMESH_SOURCE_DIR) + "/tests/tokenizer/chat/goldens_python.json";
+#else
+  const std::string path = "tests/tokenizer/chat/goldens_python.json";
+#endif
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << path;
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const Json goldens = Json::parse(ss.str());
+  const Json ctx = Json::parse(R"({"messages": [{"role": "system", "content": "s"},
+      {"role": "user", "content": "u"}, {"role": "assistant", "content": "<think>t</think>a"},
+      {"role": "user", "content": "v"}], "add_generation_prompt": true, "tools": null,
+      "bos_token": "<s>", "eos_token": "</s>"})");
+  std::mt19937 rng(7);
+  const std::string alphabet = "{}%#-+()[]'\"|.,:=~ \nabx";
+  int parsed = 0;
+  for (const auto& item : goldens["templates"].items()) {
+    const std::string source = item.value()["template"].get<std::string>();
+    std::vector<std::string> variants;
+    for (size_t n = 0; n < source.size(); n += 13) variants.push_back(source.substr(0, n));
+    for (int k = 0; k < 300; ++k) {
+      std::string m = source;
+      m[rng() % m.size()] = alphabet[rng() % alphabet.size()];
+      variants.push_back(std::move(m));
+    }
+    for (const std::string& v : variants) {
+      auto t = ChatTemplate::Parse(v);
+      if (!t.ok()) {
+        EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
+        continue;
+      }
+      ++parsed;
+      auto out = t->Render(ctx, kNow);
+      if (!out.ok()) {
+        EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument) << out.status();
+      }
+    }
+  }
+  EXPECT_GT(parsed, 100);
 }
 
 }  // namespace
