@@ -37,6 +37,12 @@ absl::Status UndefinedError(const Value& v) {
                                                                : v.undefined_hint());
 }
 
+// jinja2's object_type_repr, as its undefined-attribute messages print it.
+std::string ObjectTypeRepr(const Value& v) {
+  if (v.is_none()) return "None";
+  return absl::StrCat(v.TypeName(), " object");
+}
+
 struct Scope {
   absl::flat_hash_map<std::string, Value> vars;
   std::shared_ptr<Scope> parent;
@@ -775,7 +781,7 @@ class Interpreter {
     }
     (void)at;
     return Value::MakeUndefined(
-        absl::StrCat("'", obj.TypeName(), " object' has no attribute '", name, "'"));
+        absl::StrCat("'", ObjectTypeRepr(obj), "' has no attribute '", name, "'"));
   }
 
   absl::StatusOr<Value> GetItem(const Value& obj, const Value& key, const Expr& at) {
@@ -819,7 +825,7 @@ class Interpreter {
         }
         if (key.is_string()) return GetAttr(obj, key.as_string(), at);
         return Value::MakeUndefined(
-            absl::StrCat("'", obj.TypeName(), " object' has no attribute ", key.Repr()));
+            absl::StrCat("'", ObjectTypeRepr(obj), "' has no attribute ", key.Repr()));
       }
       case Value::Kind::kNamespace:
         if (key.is_string()) return GetAttr(obj, key.as_string(), at);
@@ -828,7 +834,7 @@ class Interpreter {
         break;
     }
     return Value::MakeUndefined(
-        absl::StrCat("'", obj.TypeName(), " object' has no attribute ", key.Repr()));
+        absl::StrCat("'", ObjectTypeRepr(obj), "' has no attribute ", key.Repr()));
   }
 
   absl::StatusOr<Value> Slice(const Value& obj, const Value& start, const Value& stop,
