@@ -37,6 +37,12 @@ absl::Status UndefinedError(const Value& v) {
                                                                : v.undefined_hint());
 }
 
+// jinja2's object_type_repr, as its undefined-attribute messages print it.
+std::string ObjectTypeRepr(const Value& v) {
+  if (v.is_none()) return "None";
+  return absl::StrCat(v.TypeName(), " object");
+}
+
 struct Scope {
   absl::flat_hash_map<std::string, Value> vars;
   std::shared_ptr<Scope> parent;
@@ -614,6 +620,7 @@ class Interpreter {
           ASSIGN_OR_RETURN(Value v, Eval(*a, scope));
           items.push_back(std::move(v));
         }
+        if (e.kind == Expr::Kind::kTuple) return Value::Tuple(std::move(items));
         return Value(std::move(items));
       }
       case Expr::Kind::kDict: {
@@ -774,7 +781,7 @@ class Interpreter {
     }
     (void)at;
     return Value::MakeUndefined(
-        absl::StrCat("'", obj.TypeName(), " object' has no attribute '", name, "'"));
+        absl::StrCat("'", ObjectTypeRepr(obj), "' has no attribute '", name, "'"));
   }
 
   absl::StatusOr<Value> GetItem(const Value& obj, const Value& key, const Expr& at) {
@@ -818,7 +825,7 @@ class Interpreter {
         }
         if (key.is_string()) return GetAttr(obj, key.as_string(), at);
         return Value::MakeUndefined(
-            absl::StrCat("'", obj.TypeName(), " object' has no attribute ", key.Repr()));
+            absl::StrCat("'", ObjectTypeRepr(obj), "' has no attribute ", key.Repr()));
       }
       case Value::Kind::kNamespace:
         if (key.is_string()) return GetAttr(obj, key.as_string(), at);
@@ -827,7 +834,7 @@ class Interpreter {
         break;
     }
     return Value::MakeUndefined(
-        absl::StrCat("'", obj.TypeName(), " object' has no attribute ", key.Repr()));
+        absl::StrCat("'", ObjectTypeRepr(obj), "' has no attribute ", key.Repr()));
   }
 
   absl::StatusOr<Value> Slice(const Value& obj, const Value& start, const Value& stop,
@@ -1051,7 +1058,7 @@ class Interpreter {
       List out;
       for (const auto& [k, v] : d.items) {
         if (name == "items") {
-          out.push_back(Value(List{k, v}));
+          out.push_back(Value::Tuple(List{k, v}));
         } else if (name == "keys") {
           out.push_back(k);
         } else {
@@ -1449,13 +1456,13 @@ class Interpreter {
       if (v.is_undefined()) return Value(List{});
       if (!v.is_dict()) return Error(at, "Can only get item pairs from a mapping.");
       List out;
-      for (const auto& [k, val] : v.as_dict().items) out.push_back(Value(List{k, val}));
+      for (const auto& [k, val] : v.as_dict().items) out.push_back(Value::Tuple(List{k, val}));
       return Value(std::move(out));
     }
     if (name == "dictsort") {
       if (!v.is_dict()) return Error(at, "dictsort expects a mapping");
       List out;
-      for (const auto& [k, val] : v.as_dict().items) out.push_back(Value(List{k, val}));
+      for (const auto& [k, val] : v.as_dict().items) out.push_back(Value::Tuple(List{k, val}));
       const Value* by = Arg(a, 1, "by");
       const bool by_value = by != nullptr && by->Str() == "value";
       const Value* rev = Arg(a, 2, "reverse");
@@ -1671,7 +1678,7 @@ class Interpreter {
     if (name == "wordcount") {
       return Value(static_cast<int64_t>(PythonSplit(v.Str(), Value::None(), -1).size()));
     }
-    return Error(at, absl::StrCat("No filter named '", name, "'."));
+    return Error(at, absl::StrCat("No filter named '", name, "' found."));
   }
 
   // ---- tests ----
@@ -1739,7 +1746,7 @@ class Interpreter {
     }
     if (name == "filter") return v.is_string() && IsKnownFilter(v.as_string());
     if (name == "test") return v.is_string() && IsKnownTest(v.as_string());
-    return Error(at, absl::StrCat("No test named '", name, "'."));
+    return Error(at, absl::StrCat("No test named '", name, "' found."));
   }
 
   absl::Time now_;

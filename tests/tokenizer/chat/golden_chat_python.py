@@ -96,10 +96,9 @@ def main():
             case = {"template": tname, "conversation": conv["name"], "context": ctx}
             try:
                 case["output"] = compiled.render(**ctx)
-            except jinja2.exceptions.TemplateError as e:
+            except Exception as e:  # TemplateError from raise_exception, TypeError, ...
                 case["error"] = str(e)
-            except Exception as e:  # TypeError etc.: still an error of the template
-                case["error"] = f"{type(e).__name__}: {e}"
+                case["error_type"] = type(e).__name__
             cases.append(case)
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump({"generator": "jinja2 " + jinja2.__version__, "templates": templates,

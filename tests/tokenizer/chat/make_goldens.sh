@@ -3,9 +3,9 @@
 # into OUT_DIR (in the build tree) and writes OUT_DIR/goldens_js.json. Fails when npm cannot
 # install them: the golden test must then fail, not skip.
 set -euo pipefail
-out="$1"
+mkdir -p "$1"
+out="$(cd "$1" && pwd)"
 src="$(cd "$(dirname "$0")" && pwd)"
-mkdir -p "$out"
 rm -f "$out/goldens_js.json"
 cp "$src/package.json" "$src/golden_chat.mjs" "$out/"
 cd "$out"
