@@ -52,6 +52,8 @@ struct UpArgs {
   std::string run_dir = "/tmp";   // logs and port files go under it
   std::string address_file;       // when set, the gateway address is written here
   bool shared_in_gateway = true;  // DeepSeek shared experts in the gateway, not a worker group
+  int64_t kv_cache_bytes = -1;    // the gateway's KV cache bound (-1: its default)
+  std::string kv_cache_dtype;     // f32 | bf16 (empty: the gateway's default)
 };
 
 absl::Status MakeModel(const MakeModelArgs& a);

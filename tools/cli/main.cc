@@ -80,6 +80,10 @@ ABSL_FLAG(std::string, wire_dtype, "f32", "up: activation dtype on the wire (f32
 ABSL_FLAG(bool, shared_in_gateway, true,
           "up: run DeepSeek shared experts in the gateway, overlapped with the router call "
           "(--noshared_in_gateway: in expert group 0)");
+ABSL_FLAG(int64_t, kv_cache_bytes, -1,
+          "up: the gateway's KV cache bound in bytes (-1: the gateway's default, half the free "
+          "memory)");
+ABSL_FLAG(std::string, kv_cache_dtype, "", "up: the gateway's KV cache dtype, f32 | bf16");
 ABSL_FLAG(std::string, address_file, "", "up: write the gateway address to this file once serving");
 ABSL_FLAG(double, timeout, 0, "generate/score via gateway: deadline in seconds (0: none)");
 
@@ -207,6 +211,8 @@ int main(int argc, char** argv) {
                               : absl::StrCat(home ? home : "/tmp", "/.cache/moemesh/default-model");
     u.address_file = absl::GetFlag(FLAGS_address_file);
     u.shared_in_gateway = absl::GetFlag(FLAGS_shared_in_gateway);
+    u.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+    u.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
     const char* tmp = std::getenv("TMPDIR");
     u.run_dir = tmp ? tmp : "/tmp";
     status = moemesh::cli::Up(c, u);

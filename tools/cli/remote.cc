@@ -132,6 +132,12 @@ absl::Status Up(const Common& c, const UpArgs& a) {
   o.wire_dtype = a.wire_dtype;
   o.shared_experts_in_gateway = a.shared_in_gateway;
   o.metrics = true;
+  if (a.kv_cache_bytes >= 0) {
+    o.gateway_args.push_back(absl::StrCat("--kv_cache_bytes=", a.kv_cache_bytes));
+  }
+  if (!a.kv_cache_dtype.empty()) {
+    o.gateway_args.push_back(absl::StrCat("--kv_cache_dtype=", a.kv_cache_dtype));
+  }
   o.work_dir = absl::StrCat(a.run_dir, "/moemesh-up-", ::getpid());
   std::fprintf(
       stderr,
