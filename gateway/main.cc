@@ -4,6 +4,7 @@
 //
 // Loads only the dense tensors (embeddings, attention, norms, LM head); every MoE layer is a
 // call to the router. With --inproc it runs the experts in process instead (no router).
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <optional>
@@ -58,15 +59,28 @@ namespace {
 // --kv_cache_bytes says otherwise. The pool is backed lazily, so an idle gateway holds little.
 constexpr double kDefaultKvCacheFraction = 0.5;
 
-// MemAvailable from /proc/meminfo, or 4 GiB when it cannot be read.
+// Memory this process may still take: MemAvailable from /proc/meminfo, lowered to what the
+// cgroup v2 limit leaves (memory.max - memory.current, as in a container with a memory
+// limit); 4 GiB when neither can be read.
 int64_t AvailableMemoryBytes() {
-  std::ifstream in("/proc/meminfo");
-  std::string key, unit;
-  int64_t kib = 0;
-  while (in >> key >> kib >> unit) {
-    if (key == "MemAvailable:") return kib * 1024;
+  int64_t available = -1;
+  {
+    std::ifstream in("/proc/meminfo");
+    std::string key, unit;
+    int64_t kib = 0;
+    while (in >> key >> kib >> unit) {
+      if (key == "MemAvailable:") {
+        available = kib * 1024;
+        break;
+      }
+    }
   }
-  return int64_t{4} << 30;
+  std::ifstream max_in("/sys/fs/cgroup/memory.max"), cur_in("/sys/fs/cgroup/memory.current");
+  int64_t max = 0, current = 0;
+  if ((max_in >> max) && (cur_in >> current) && max > current) {  // "max" fails to parse
+    available = available < 0 ? max - current : std::min(available, max - current);
+  }
+  return available > 0 ? available : int64_t{4} << 30;
 }
 
 struct Options {
