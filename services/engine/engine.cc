@@ -392,11 +392,16 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const 
 absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inputs,
                                                  const CallOptions& opts) {
   // Memory the system refuses fails the step, not the process.
+  absl::StatusOr<std::vector<Tensor>> out;
   try {
-    return StepImpl(inputs, opts);
+    out = StepImpl(inputs, opts);
   } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError("out of memory in an engine step");
+    out = absl::ResourceExhaustedError("out of memory in an engine step");
   }
+  // The gather scratch is as large as the longest context of one layer; past 64 MiB it is
+  // given back rather than kept for the next step.
+  if (ctx_.capacity() > (size_t{16} << 20)) std::vector<float>().swap(ctx_);
+  return out;
 }
 
 absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput> inputs,

@@ -26,7 +26,7 @@ namespace {
 
 constexpr int kVocab = 128;
 constexpr int kStreams = 64;
-constexpr int kMaxTokens = 12;
+constexpr int kMaxTokens = 32;
 constexpr absl::Duration kRunFor = absl::Seconds(60);
 constexpr int kMaxRequestsPerStream = 40;
 

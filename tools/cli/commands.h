@@ -58,7 +58,16 @@ struct UpArgs {
 
 absl::Status MakeModel(const MakeModelArgs& a);
 absl::Status Generate(const Common& c, const GenerateArgs& a);
-absl::Status Score(const Common& c, const std::vector<int32_t>& tokens, bool logprobs);
+// Prints the logits (or log-probabilities) of every position as JSON; with top_logprobs > 0,
+// instead the top_logprobs most likely next tokens per position and the log-probability of
+// each given next token.
+absl::Status Score(const Common& c, const std::vector<int32_t>& tokens, bool logprobs,
+                   int top_logprobs = 0);
 absl::Status Up(const Common& c, const UpArgs& a);
+// The JSON of a top-k score: {"tokens", "token_logprobs", "top": [{"ids", "logprobs"}]}.
+void PrintTopLogProbs(const std::vector<int32_t>& tokens,
+                      const std::vector<std::vector<int32_t>>& top_ids,
+                      const std::vector<std::vector<float>>& top_log_probs,
+                      const std::vector<float>& token_log_probs);
 
 }  // namespace moemesh::cli

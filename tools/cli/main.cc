@@ -74,6 +74,9 @@ ABSL_FLAG(double, temperature, 0.0, "generate: 0 is greedy");
 ABSL_FLAG(int, sample_top_k, 0, "generate: sample among the k most likely (0: all)");
 ABSL_FLAG(double, top_p, 1.0, "generate: nucleus sampling mass");
 ABSL_FLAG(bool, logprobs, false, "score: print log-probabilities instead of logits");
+ABSL_FLAG(int, top_logprobs, 0,
+          "score: print the N most likely next tokens per position and the log-probability of "
+          "each given next token, instead of the full distribution");
 ABSL_FLAG(int, groups, 1, "generate/score in process: local expert groups; up: expert groups");
 ABSL_FLAG(int, replicas, 1, "up: replicas per expert group");
 ABSL_FLAG(std::string, wire_dtype, "f32", "up: activation dtype on the wire (f32 | bf16)");
@@ -193,7 +196,8 @@ int main(int argc, char** argv) {
       g.sampling.seed = absl::GetFlag(FLAGS_seed);
       status = moemesh::cli::Generate(c, g);
     } else {
-      status = moemesh::cli::Score(c, tokens, absl::GetFlag(FLAGS_logprobs));
+      status = moemesh::cli::Score(c, tokens, absl::GetFlag(FLAGS_logprobs),
+                                   absl::GetFlag(FLAGS_top_logprobs));
     }
   } else if (cmd == "up") {
     moemesh::cli::UpArgs u;

@@ -84,15 +84,33 @@ absl::Status GenerateViaGateway(const Common& c, const GenerateArgs& a) {
   return absl::OkStatus();
 }
 
-absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs) {
+absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs,
+                             int top_logprobs) {
   auto stub = GatewayStub(c.gateway);
   grpc::ClientContext ctx;
   SetDeadline(c, &ctx);
   v1::ScoreRequest req;
   req.mutable_tokens()->Add(tokens.begin(), tokens.end());
   req.set_log_probs(logprobs);
+  if (top_logprobs > 0) {
+    req.set_top_log_probs(top_logprobs);
+    req.set_token_log_probs(true);
+    req.set_omit_logits(true);
+  }
   v1::ScoreResponse resp;
   RETURN_IF_ERROR(FromGrpcStatus(stub->Score(&ctx, req, &resp)));
+  if (top_logprobs > 0) {
+    std::vector<std::vector<int32_t>> ids;
+    std::vector<std::vector<float>> lps;
+    for (const auto& t : resp.top()) {
+      ids.emplace_back(t.ids().begin(), t.ids().end());
+      lps.emplace_back(t.log_probs().begin(), t.log_probs().end());
+    }
+    PrintTopLogProbs(
+        tokens, ids, lps,
+        std::vector<float>(resp.token_log_probs().begin(), resp.token_log_probs().end()));
+    return absl::OkStatus();
+  }
   ASSIGN_OR_RETURN(Tensor logits, TensorFromProto(resp.logits(), "logits", 2));
   nlohmann::json j;
   j["tokens"] = tokens;
