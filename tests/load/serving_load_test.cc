@@ -123,6 +123,7 @@ TEST(ServingLoadTest, SmallKvCacheUnderMixedLoadKeepsEveryStreamExact) {
   absl::Mutex mu;
   std::vector<double> ttft, itl;
   std::map<std::string, int> errors;
+  std::map<std::string, std::string> first_error;
   int completed = 0, mismatched = 0;
   std::map<std::string, int64_t> rss_warm;
   std::atomic<int> warm_streams{0};
@@ -136,7 +137,8 @@ TEST(ServingLoadTest, SmallKvCacheUnderMixedLoadKeepsEveryStreamExact) {
         Timed t = TimedGenerate(gw.get(), prompts[i]);
         absl::MutexLock lock(&mu);
         if (!t.status.ok()) {
-          ++errors[absl::StatusCodeToString(t.status.code())];
+          const std::string code = absl::StatusCodeToString(t.status.code());
+          if (errors[code]++ == 0) first_error[code] = std::string(t.status.message());
           continue;
         }
         ++completed;
@@ -162,7 +164,9 @@ TEST(ServingLoadTest, SmallKvCacheUnderMixedLoadKeepsEveryStreamExact) {
 
   std::cerr << "completed " << completed << ", mismatched " << mismatched << ", errors "
             << errors.size() << "\n";
-  for (const auto& [code, n] : errors) std::cerr << "  " << code << ": " << n << "\n";
+  for (const auto& [code, n] : errors) {
+    std::cerr << "  " << code << ": " << n << ", first: " << first_error[code] << "\n";
+  }
   std::cerr << "ttft p50 " << Percentile(ttft, 0.5) << " s, p99 " << Percentile(ttft, 0.99)
             << " s; inter-token p50 " << Percentile(itl, 0.5) << " s, p99 " << Percentile(itl, 0.99)
             << " s\n";
