@@ -60,6 +60,9 @@ Timed TimedGenerate(v1::Gateway::Stub* stub, const std::vector<int32_t>& prompt)
   Timed t;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(120)));
+  // A client channel still connecting (64 of them start at once on a loaded machine) waits
+  // instead of failing at once with UNAVAILABLE.
+  ctx.set_wait_for_ready(true);
   v1::GenerateRequest req;
   req.mutable_prompt_tokens()->mutable_ids()->Add(prompt.begin(), prompt.end());
   req.set_max_tokens(kMaxTokens);
