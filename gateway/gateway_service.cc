@@ -8,6 +8,7 @@
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
 #include "services/common/status_macros.h"
+#include "services/engine/score_outputs.h"
 #include "services/rpc/service_main.h"
 #include "services/rpc/tensor_proto.h"
 
@@ -182,7 +183,10 @@ GatewayService::GatewayService(Scheduler* scheduler, const ModelConfig& config,
       config_(config),
       generator_(generator),
       metrics_(metrics),
-      keys_(keys) {}
+      keys_(keys),
+      score_pool_(std::make_shared<ThreadPool>(2, 256)) {}
+
+GatewayService::~GatewayService() = default;
 
 bool GatewayService::Authorized(grpc::CallbackServerContext* ctx) const {
   if (keys_ == nullptr || !keys_->enabled()) return true;
@@ -237,40 +241,59 @@ grpc::ServerUnaryReactor* GatewayService::Score(grpc::CallbackServerContext* ctx
     reactor->Finish(Unauthenticated());
     return reactor;
   }
+  ScoreOptions so;
+  so.log_probs = req->log_probs();
+  so.top_k = req->top_log_probs();
+  so.token_log_probs = req->token_log_probs();
+  so.omit_logits = req->omit_logits();
+  if (absl::Status s = ValidateScoreOptions(so, config_.vocab_size); !s.ok()) {
+    metrics_->CountRequest("Score", s.code());
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  }
   GenerationRequest g;
   g.prompt.assign(req->tokens().begin(), req->tokens().end());
   g.score_only = true;
   g.deadline = absl::FromChrono(ctx->deadline());
   g.cancel = reactor->cancel();
-  const bool log_probs = req->log_probs();
+  auto tokens = std::make_shared<std::vector<int32_t>>(g.prompt);
   const absl::Time received = absl::Now();
-  absl::Status s = scheduler_->Submit(std::move(g), [reactor, resp, log_probs, metrics = metrics_,
+  // The callback runs on the scheduler thread: it only hands the logits to the score pool,
+  // where the per-position work (log-softmax, top-k) and the response are built.
+  absl::Status s = scheduler_->Submit(std::move(g), [reactor, resp, so, tokens, pool = score_pool_,
+                                                     metrics = metrics_,
                                                      received](const GenerationEvent& ev) {
     if (!ev.done) return;
-    metrics->CountRequest("Score", ev.status.code());
-    metrics->ObserveLatency("Score", absl::ToDoubleSeconds(absl::Now() - received));
+    auto finish = [reactor, metrics, received](const absl::Status& st) {
+      metrics->CountRequest("Score", st.code());
+      metrics->ObserveLatency("Score", absl::ToDoubleSeconds(absl::Now() - received));
+      reactor->Finish(ToGrpcStatus(st));
+    };
     if (!ev.status.ok()) {
-      reactor->Finish(ToGrpcStatus(ev.status));
+      finish(ev.status);
       return;
     }
     metrics->AddTokens(ev.prompt_tokens, 0);
-    Tensor logits = ev.logits;
-    if (log_probs) {
-      logits = logits.Clone();
-      const int64_t v = logits.dim(1);
-      for (int64_t r = 0; r < logits.dim(0); ++r) {
-        float* row = logits.mutable_row(r);
-        float mx = row[0];
-        for (int64_t i = 1; i < v; ++i) mx = std::max(mx, row[i]);
-        double sum = 0;
-        for (int64_t i = 0; i < v; ++i) sum += std::exp(static_cast<double>(row[i] - mx));
-        const float lse = mx + static_cast<float>(std::log(sum));
-        for (int64_t i = 0; i < v; ++i) row[i] -= lse;
+    auto work = [resp, so, tokens, logits = ev.logits, finish]() mutable {
+      absl::StatusOr<ScoreOutputs> out = ComputeScoreOutputs(std::move(logits), *tokens, so);
+      if (!out.ok()) {
+        finish(out.status());
+        return;
       }
+      if (!so.omit_logits) TensorToProto(out->logits, DType::kF32, resp->mutable_logits());
+      resp->set_log_probs(so.log_probs);
+      for (size_t i = 0; i < out->top_ids.size(); ++i) {
+        auto* t = resp->add_top();
+        t->mutable_ids()->Assign(out->top_ids[i].begin(), out->top_ids[i].end());
+        t->mutable_log_probs()->Assign(out->top_log_probs[i].begin(), out->top_log_probs[i].end());
+      }
+      resp->mutable_token_log_probs()->Assign(out->token_log_probs.begin(),
+                                              out->token_log_probs.end());
+      finish(absl::OkStatus());
+    };
+    if (!pool->TrySchedule(std::move(work))) {
+      finish(absl::ResourceExhaustedError("too many scores being finished"));
     }
-    TensorToProto(logits, DType::kF32, resp->mutable_logits());
-    resp->set_log_probs(log_probs);
-    reactor->Finish(grpc::Status::OK);
   });
   if (!s.ok()) {
     metrics_->CountRequest("Score", s.code());

@@ -9,7 +9,9 @@
 // Requests go into the scheduler's continuous batch; its loop thread delivers tokens through
 // callbacks that queue messages on the call's reactor, which writes them one at a time. A
 // client that cancels or whose deadline passes leaves the batch at the next step (and a step
-// whose every request is cancelled is cancelled at the router). Thread-safe.
+// whose every request is cancelled is cancelled at the router). Score's per-position work
+// (log-softmax, top-k, the log-probability of each given next token) runs on a small pool of
+// its own, never on the scheduler's thread. Thread-safe.
 #pragma once
 
 #include <memory>
@@ -20,6 +22,7 @@
 #include "gateway/api_keys.h"
 #include "gateway/text_generator.h"
 #include "moemesh/v1/gateway.grpc.pb.h"
+#include "services/common/thread_pool.h"
 #include "services/engine/scheduler.h"
 #include "services/metrics/metrics.h"
 
@@ -29,6 +32,8 @@ class GatewayService final : public v1::Gateway::CallbackService {
  public:
   GatewayService(Scheduler* scheduler, const ModelConfig& config, TextGenerator* generator,
                  Metrics* metrics, const ApiKeys* keys = nullptr);
+  // Waits for the scores being finished on the score pool. Stop the scheduler first.
+  ~GatewayService();
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* ctx,
                                                            const v1::GenerateRequest* req) override;
@@ -53,6 +58,8 @@ class GatewayService final : public v1::Gateway::CallbackService {
   TextGenerator* generator_;
   Metrics* metrics_;
   const ApiKeys* keys_;
+  // Turns Score logits into responses (log-softmax, top-k) off the scheduler's thread.
+  std::shared_ptr<ThreadPool> score_pool_;  // shared with callbacks that may outlive us
 };
 
 }  // namespace moemesh::gateway

@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <optional>
@@ -47,7 +48,17 @@ ABSL_FLAG(std::string, port_file, "", "write the bound port here once serving");
 ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (-1: off, 0: pick one)");
 ABSL_FLAG(int, max_step_tokens, 256, "prefill chunk budget per engine step");
 ABSL_FLAG(int, max_running, 64, "sequences batched together");
-ABSL_FLAG(int, max_queued, 1024, "waiting requests before RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_waiting, 1024, "waiting requests before RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_queued, -1, "deprecated name of --max_waiting");
+ABSL_FLAG(int64_t, max_prompt_tokens, 0,
+          "longest prompt accepted, else RESOURCE_EXHAUSTED (0: max_position_embeddings)");
+ABSL_FLAG(int64_t, max_score_tokens, 4096,
+          "longest Score accepted (it holds tokens x vocab F32 logits), else RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, kv_cache_bytes, -1,
+          "KV cache pool bound in bytes (-1: half the memory available at start)");
+ABSL_FLAG(std::string, kv_cache_dtype, "f32", "KV cache dtype: f32 | bf16 (half the bytes)");
+ABSL_FLAG(int, kv_block_tokens, 16, "tokens per KV cache block");
+ABSL_FLAG(bool, prefix_caching, true, "share the KV blocks of common prompt prefixes");
 ABSL_FLAG(double, router_wait, 60, "seconds to wait for the router at start");
 ABSL_FLAG(double, drain_seconds, 30, "grace period for in-flight requests on SIGTERM");
 ABSL_FLAG(std::string, chat_template, "",
@@ -86,6 +97,34 @@ ABSL_FLAG(int, max_receive_message_bytes, 4 << 20,
 namespace moemesh::gateway {
 namespace {
 
+// The KV cache takes this fraction of the memory available when the gateway starts, unless
+// --kv_cache_bytes says otherwise. The pool is backed lazily, so an idle gateway holds little.
+constexpr double kDefaultKvCacheFraction = 0.5;
+
+// Memory this process may still take: MemAvailable from /proc/meminfo, lowered to what the
+// cgroup v2 limit leaves (memory.max - memory.current, as in a container with a memory
+// limit); 4 GiB when neither can be read.
+int64_t AvailableMemoryBytes() {
+  int64_t available = -1;
+  {
+    std::ifstream in("/proc/meminfo");
+    std::string key, unit;
+    int64_t kib = 0;
+    while (in >> key >> kib >> unit) {
+      if (key == "MemAvailable:") {
+        available = kib * 1024;
+        break;
+      }
+    }
+  }
+  std::ifstream max_in("/sys/fs/cgroup/memory.max"), cur_in("/sys/fs/cgroup/memory.current");
+  int64_t max = 0, current = 0;
+  if ((max_in >> max) && (cur_in >> current) && max > current) {  // "max" fails to parse
+    available = available < 0 ? max - current : std::min(available, max - current);
+  }
+  return available > 0 ? available : int64_t{4} << 30;
+}
+
 struct Options {
   std::string model, router, host, port_file;
   bool inproc = false;
@@ -102,6 +141,7 @@ struct Options {
   double router_wait = 60, drain_seconds = 30, not_serving_grace = 0;
   RemoteMoeLayerOptions remote;
   int max_receive_message_bytes = 4 << 20;
+  KvCacheOptions kv;
 };
 
 absl::StatusOr<Options> GetOptions() {
@@ -118,7 +158,17 @@ absl::StatusOr<Options> GetOptions() {
   o.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   o.sched.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
   o.sched.max_running = absl::GetFlag(FLAGS_max_running);
-  o.sched.max_queued = absl::GetFlag(FLAGS_max_queued);
+  o.sched.max_waiting = absl::GetFlag(FLAGS_max_queued) >= 0 ? absl::GetFlag(FLAGS_max_queued)
+                                                             : absl::GetFlag(FLAGS_max_waiting);
+  o.sched.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
+  o.sched.max_score_tokens = absl::GetFlag(FLAGS_max_score_tokens);
+  o.kv.bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+  if (o.kv.bytes < 0) {
+    o.kv.bytes = static_cast<int64_t>(kDefaultKvCacheFraction * AvailableMemoryBytes());
+  }
+  ASSIGN_OR_RETURN(o.kv.dtype, ParseKvCacheDType(absl::GetFlag(FLAGS_kv_cache_dtype)));
+  o.kv.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
+  o.kv.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   o.router_wait = absl::GetFlag(FLAGS_router_wait);
   o.drain_seconds = absl::GetFlag(FLAGS_drain_seconds);
   o.not_serving_grace = absl::GetFlag(FLAGS_not_serving_grace);
@@ -172,9 +222,19 @@ absl::StatusOr<Options> GetOptions() {
                    ParseSharedExpertsInGateway(absl::GetFlag(FLAGS_shared_experts)));
   o.shared_in_gateway = shared;
   ASSIGN_OR_RETURN(o.wire, ParseWireDType(absl::GetFlag(FLAGS_wire_dtype)));
-  if (o.sched.max_step_tokens < 1 || o.sched.max_running < 1 || o.sched.max_queued < 1) {
+  if (o.sched.max_step_tokens < 1 || o.sched.max_running < 1 || o.sched.max_waiting < 1 ||
+      o.sched.max_score_tokens < 1) {
     return absl::InvalidArgumentError(
-        "--max_step_tokens, --max_running and --max_queued must be >= 1");
+        "--max_step_tokens, --max_running, --max_waiting and --max_score_tokens must be >= 1");
+  }
+  if (o.sched.max_prompt_tokens < 0) {
+    return absl::InvalidArgumentError("--max_prompt_tokens must be >= 0");
+  }
+  if (o.kv.bytes < 1) {
+    return absl::InvalidArgumentError("--kv_cache_bytes must be positive");
+  }
+  if (o.kv.block_tokens < 1 || o.kv.block_tokens > 4096) {
+    return absl::InvalidArgumentError("--kv_block_tokens must be in 1..4096");
   }
   return o;
 }
@@ -250,6 +310,11 @@ absl::Status Run(const Options& o) {
     ASSIGN_OR_RETURN(engine_owned, Engine::Load(*ckpt, cfg, backend.get(), moe));
     engine = engine_owned.get();
   }
+  RETURN_IF_ERROR(engine->ConfigureKvCache(o.kv));
+  std::fprintf(stderr, "gateway: KV cache of %lld bytes (%lld blocks of %d tokens, %s)\n",
+               static_cast<long long>(o.kv.bytes),
+               static_cast<long long>(engine->kv_cache().total_blocks()), o.kv.block_tokens,
+               o.kv.dtype == DType::kBF16 ? "bf16" : "f32");
   ASSIGN_OR_RETURN(std::shared_ptr<const TextModel> text, TextModel::LoadDir(o.model, o.text));
   ApiKeys keys;
   if (!o.api_key_file.empty()) RETURN_IF_ERROR(keys.Load(o.api_key_file));
@@ -263,6 +328,8 @@ absl::Status Run(const Options& o) {
     metrics.ObserveStep(s.seconds, s.tokens);
     metrics.SetRunning(s.running);
     metrics.SetQueueDepth(s.queued);
+    metrics.ObserveKvCache(s.kv.used_blocks, s.kv.cached_blocks, s.kv.total_blocks, s.preempted,
+                           s.prefix_query_tokens, s.prefix_hit_tokens);
   };
   Scheduler scheduler(engine, sched);
   TextGenerator generator(&scheduler, std::move(text), &metrics, o.text_threads);

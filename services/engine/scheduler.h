@@ -1,12 +1,26 @@
 // Scheduler: continuous batching of generation and scoring requests over one Engine.
 //
 // A single loop thread owns the engine. Each step carries one token of every decoding
-// sequence plus prefill chunks of new prompts up to `max_step_tokens`, so concurrent
-// requests share each MoE call, and a long prompt is prefilled over several steps without
-// stalling the others. Requests leave the batch when they finish, are cancelled, or pass
-// their deadline. Callbacks run on the loop thread and must not block.
+// sequence plus prefill chunks of prompts up to `max_step_tokens`, so concurrent requests
+// share each MoE call. The prefill budget is shared fairly among the prompts being prefilled
+// (each gets an equal share in turn, short ones are served whole, the rest goes to the long
+// ones, round robin), so a 100K-token prompt cannot hold back the first token of a short one.
 //
-// Thread-safety: Submit and Stop may be called from any thread.
+// Memory and limits. Every running request holds KV cache blocks (services/engine/
+// kv_cache.h). A request is admitted (first come, first served) only when the blocks its
+// whole prompt needs, less what the prefix cache already holds, are free; the blocks for its
+// prompt are taken at admission, so prefill never runs short. When a decoding sequence needs
+// a block and none is free, the newest running request is preempted: its blocks are freed
+// and it goes back to the head of the waiting queue, to be recomputed from its tokens (prompt
+// and everything generated so far) when memory allows. It is neither failed nor killed, and
+// since recomputation feeds the same tokens, greedy output is unchanged. RESOURCE_EXHAUSTED
+// at Submit, never a longer queue: for a prompt longer than `max_prompt_tokens`, a score of
+// more than `max_score_tokens`, a request whose prompt plus max_tokens can never fit in the
+// whole cache, or when `max_waiting` requests already wait. Requests leave the batch when they
+// finish, are cancelled, or pass their deadline, and their blocks are freed at the next step.
+// Callbacks run on the loop thread and must not block.
+//
+// Thread-safety: Submit, Stop and stats may be called from any thread.
 #pragma once
 
 #include <cstdint>
@@ -62,12 +76,20 @@ struct StepInfo {
   int queued = 0;         // requests waiting to join
   double seconds = 0;     // wall time of Engine::Step
   bool ok = true;
+  int64_t preempted = 0;            // requests preempted before this step
+  int64_t prefix_query_tokens = 0;  // prompt tokens looked up in the prefix cache since the last
+  int64_t prefix_hit_tokens = 0;    // step, and of those, found cached
+  KvCacheStats kv;                  // the pool after the step
 };
 
 struct SchedulerOptions {
   int64_t max_step_tokens = 256;  // prefill chunk budget per step (decode tokens always fit)
   int max_running = 64;           // sequences in the batch at once
-  int max_queued = 1024;          // waiting requests before RESOURCE_EXHAUSTED
+  int max_waiting = 1024;         // waiting requests before RESOURCE_EXHAUSTED
+  // Longest prompt accepted (0: the model's max_position_embeddings).
+  int64_t max_prompt_tokens = 0;
+  // Longest Score accepted: it holds [tokens, vocab] F32 logits until it ends.
+  int64_t max_score_tokens = 4096;
   // Called on the loop thread after every step; must not block. May be empty.
   std::function<void(const StepInfo&)> on_step = nullptr;
 };
@@ -76,6 +98,7 @@ struct SchedulerStats {
   int64_t steps = 0;
   int64_t step_tokens = 0;
   int64_t max_batch_sequences = 0;  // most sequences seen in one step
+  int64_t preemptions = 0;          // running requests sent back to wait for memory
   int running = 0;
   int queued = 0;
 };
@@ -96,6 +119,13 @@ class Scheduler {
   struct Active;
   void Loop();
   void Finish(Active& a, std::string reason, absl::Status status);
+  // Moves running requests from the queue into the batch while memory and max_running allow;
+  // the ones that can never run are returned to be finished outside the lock.
+  void AdmitLocked(std::vector<std::unique_ptr<Active>>* failed) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives every decoding sequence room for its next token, preempting the newest running
+  // requests as needed. Returns how many were preempted.
+  int64_t MakeRoomForDecode();
+  void Preempt(Active* a);
 
   Engine* const engine_;
   const SchedulerOptions options_;
@@ -105,6 +135,9 @@ class Scheduler {
   bool drain_ ABSL_GUARDED_BY(mu_) = false;
   SchedulerStats stats_ ABSL_GUARDED_BY(mu_);
   std::vector<std::unique_ptr<Active>> running_;  // loop thread only
+  int64_t next_arrival_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t round_robin_ = 0;  // loop thread only
+  KvCacheStats last_kv_;    // loop thread only
   std::thread thread_;
 };
 

@@ -94,6 +94,30 @@ Metrics::Metrics(std::string service)
                        .Name("moemesh_http_request_duration_seconds")
                        .Help("HTTP API request receive to response end (the whole stream)")
                        .Register(*registry_);
+  kv_blocks_ = &BuildGauge()
+                    .Name("moemesh_kv_cache_blocks")
+                    .Help("KV cache blocks: used by sequences, cached for prefix reuse, total")
+                    .Register(*registry_);
+  kv_usage_ = &BuildGauge()
+                   .Name("moemesh_kv_cache_usage_ratio")
+                   .Help("Fraction of the KV cache's blocks used by sequences")
+                   .Register(*registry_);
+  preemptions_ = &BuildCounter()
+                      .Name("moemesh_preemptions_total")
+                      .Help("Running requests preempted for KV memory, to be recomputed")
+                      .Register(*registry_);
+  prefix_query_ = &BuildCounter()
+                       .Name("moemesh_prefix_cache_query_tokens_total")
+                       .Help("Prompt tokens looked up in the prefix cache")
+                       .Register(*registry_);
+  prefix_hit_ = &BuildCounter()
+                     .Name("moemesh_prefix_cache_hit_tokens_total")
+                     .Help("Prompt tokens found in the prefix cache")
+                     .Register(*registry_);
+  prefix_hit_ratio_ = &BuildGauge()
+                           .Name("moemesh_prefix_cache_hit_ratio")
+                           .Help("Prefix cache hit tokens / query tokens since start")
+                           .Register(*registry_);
   window_start_ = absl::Now();
 }
 
@@ -232,6 +256,24 @@ void Metrics::ObserveStep(double seconds, int64_t tokens) {
 
 void Metrics::ObserveTimeToFirstToken(double seconds) {
   ttft_->Add({}, LatencyBuckets()).Observe(seconds);
+}
+
+void Metrics::ObserveKvCache(int64_t used_blocks, int64_t cached_blocks, int64_t total_blocks,
+                             int64_t preempted, int64_t prefix_query_tokens,
+                             int64_t prefix_hit_tokens) {
+  kv_blocks_->Add({{"state", "used"}}).Set(static_cast<double>(used_blocks));
+  kv_blocks_->Add({{"state", "cached"}}).Set(static_cast<double>(cached_blocks));
+  kv_blocks_->Add({{"state", "total"}}).Set(static_cast<double>(total_blocks));
+  if (total_blocks > 0) {
+    kv_usage_->Add({}).Set(static_cast<double>(used_blocks) / static_cast<double>(total_blocks));
+  }
+  auto& preemptions = preemptions_->Add({});
+  auto& query = prefix_query_->Add({});
+  auto& hit = prefix_hit_->Add({});
+  preemptions.Increment(static_cast<double>(preempted));
+  query.Increment(static_cast<double>(prefix_query_tokens));
+  hit.Increment(static_cast<double>(prefix_hit_tokens));
+  if (query.Value() > 0) prefix_hit_ratio_->Add({}).Set(hit.Value() / query.Value());
 }
 
 }  // namespace moemesh

@@ -21,6 +21,15 @@
 //   moemesh_time_to_first_token_seconds                gateway
 //   moemesh_http_requests_total{path,code}             gateway HTTP API, when the response ends
 //   moemesh_http_request_duration_seconds{path}        gateway HTTP API: receive → response end
+//   moemesh_kv_cache_blocks{state=used|cached|total}   gateway: KV cache pool after each step
+//                                                      (cached: unreferenced prefix blocks,
+//                                                      free to take)
+//   moemesh_kv_cache_usage_ratio                       gateway: used / total blocks
+//   moemesh_preemptions_total                          gateway: requests sent back to wait for
+//                                                      KV memory (recomputed later)
+//   moemesh_prefix_cache_query_tokens_total            gateway: prompt tokens looked up in the
+//   moemesh_prefix_cache_hit_tokens_total              prefix cache at admission, and found;
+//   moemesh_prefix_cache_hit_ratio                     hits / queries since start
 //
 // Thread-safe. Serve() starts an HTTP /metrics endpoint.
 #pragma once
@@ -77,6 +86,9 @@ class Metrics {
   // Gateway HTTP API. `path` is one of the API's routes or "other".
   void CountHttpRequest(const std::string& path, int status);
   void ObserveHttpLatency(const std::string& path, double seconds);
+  // After each step: the pool's blocks, requests preempted and prefix lookups since the last.
+  void ObserveKvCache(int64_t used_blocks, int64_t cached_blocks, int64_t total_blocks,
+                      int64_t preempted, int64_t prefix_query_tokens, int64_t prefix_hit_tokens);
 
  private:
   prometheus::Counter& Counter(prometheus::Family<prometheus::Counter>* f,
@@ -102,6 +114,12 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* ttft_;
   prometheus::Family<prometheus::Counter>* http_requests_;
   prometheus::Family<prometheus::Histogram>* http_latency_;
+  prometheus::Family<prometheus::Gauge>* kv_blocks_;
+  prometheus::Family<prometheus::Gauge>* kv_usage_;
+  prometheus::Family<prometheus::Counter>* preemptions_;
+  prometheus::Family<prometheus::Counter>* prefix_query_;
+  prometheus::Family<prometheus::Counter>* prefix_hit_;
+  prometheus::Family<prometheus::Gauge>* prefix_hit_ratio_;
 
   absl::Mutex mu_;  // guards the busy-ratio window
   absl::Time window_start_ ABSL_GUARDED_BY(mu_);

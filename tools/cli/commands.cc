@@ -16,6 +16,7 @@
 #include "services/common/status_macros.h"
 #include "services/engine/inproc.h"
 #include "services/engine/scheduler.h"
+#include "services/engine/score_outputs.h"
 #include "services/model/generator.h"
 #include "services/text/text_model.h"
 
@@ -346,14 +347,38 @@ absl::Status Detokenize(const Common& c, const std::vector<int32_t>& ids,
   return absl::OkStatus();
 }
 
-absl::Status Score(const Common& c, const std::vector<int32_t>& tokens, bool logprobs) {
+absl::Status Score(const Common& c, const std::vector<int32_t>& tokens, bool logprobs,
+                   int top_logprobs) {
   if (tokens.empty()) return absl::InvalidArgumentError("--tokens is required");
-  if (!c.gateway.empty()) return ScoreViaGateway(c, tokens, logprobs);
+  if (!c.gateway.empty()) return ScoreViaGateway(c, tokens, logprobs, top_logprobs);
   if (c.model.empty()) return absl::InvalidArgumentError("give --model DIR or --gateway ADDR");
   ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, InprocOptions{c.groups, c.top_k}));
   ASSIGN_OR_RETURN(Tensor logits, m->engine->Score(tokens));
-  PrintScore(tokens, logits, logprobs);
+  if (top_logprobs <= 0) {
+    PrintScore(tokens, logits, logprobs);
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(
+      ScoreOutputs out,
+      ComputeScoreOutputs(std::move(logits), tokens,
+                          {.top_k = top_logprobs, .token_log_probs = true, .omit_logits = true}));
+  PrintTopLogProbs(tokens, out.top_ids, out.top_log_probs, out.token_log_probs);
   return absl::OkStatus();
+}
+
+void PrintTopLogProbs(const std::vector<int32_t>& tokens,
+                      const std::vector<std::vector<int32_t>>& top_ids,
+                      const std::vector<std::vector<float>>& top_log_probs,
+                      const std::vector<float>& token_log_probs) {
+  nlohmann::json j;
+  j["tokens"] = tokens;
+  j["token_logprobs"] = token_log_probs;
+  nlohmann::json top = nlohmann::json::array();
+  for (size_t i = 0; i < top_ids.size(); ++i) {
+    top.push_back({{"ids", top_ids[i]}, {"logprobs", top_log_probs[i]}});
+  }
+  j["top"] = top;
+  std::cout << j.dump() << "\n";
 }
 
 }  // namespace moemesh::cli

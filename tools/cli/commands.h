@@ -72,11 +72,17 @@ struct UpArgs {
   int http_port = -1;             // the gateway's OpenAI-compatible HTTP API (-1: off, 0: any)
   std::string api_key_file;       // passed to the gateway
   std::string chat_template;      // passed to the gateway
+  int64_t kv_cache_bytes = -1;    // the gateway's KV cache bound (-1: its default)
+  std::string kv_cache_dtype;     // f32 | bf16 (empty: the gateway's default)
 };
 
 absl::Status MakeModel(const MakeModelArgs& a);
 absl::Status Generate(const Common& c, const GenerateArgs& a);
-absl::Status Score(const Common& c, const std::vector<int32_t>& tokens, bool logprobs);
+// Prints the logits (or log-probabilities) of every position as JSON; with top_logprobs > 0,
+// instead the top_logprobs most likely next tokens per position and the log-probability of
+// each given next token.
+absl::Status Score(const Common& c, const std::vector<int32_t>& tokens, bool logprobs,
+                   int top_logprobs = 0);
 // Prints {"ids":[…]} for a text or for a chat (template applied with the generation prompt).
 absl::Status Tokenize(const Common& c, const TokenizeArgs& a);
 // Prints {"text":…}.
@@ -87,11 +93,17 @@ absl::Status Chat(const Common& c, const GenerateArgs& a);
 // Reads a chat file: a JSON array of {"role","content"} messages.
 absl::StatusOr<nlohmann::ordered_json> ReadChatFile(const std::string& path);
 absl::Status Up(const Common& c, const UpArgs& a);
+// The JSON of a top-k score: {"tokens", "token_logprobs", "top": [{"ids", "logprobs"}]}.
+void PrintTopLogProbs(const std::vector<int32_t>& tokens,
+                      const std::vector<std::vector<int32_t>>& top_ids,
+                      const std::vector<std::vector<float>>& top_log_probs,
+                      const std::vector<float>& token_log_probs);
 
 // Through a gateway (remote.cc). Generation prints the text (or ids) as it streams and returns
 // the generated text.
 absl::StatusOr<std::string> GenerateViaGateway(const Common& c, const GenerateArgs& a);
-absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs);
+absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs,
+                             int top_logprobs);
 absl::Status TokenizeViaGateway(const Common& c, const TokenizeArgs& a);
 absl::Status DetokenizeViaGateway(const Common& c, const std::vector<int32_t>& ids,
                                   bool skip_special_tokens);

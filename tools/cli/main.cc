@@ -99,12 +99,19 @@ ABSL_FLAG(std::string, tokenizer_from, "",
           "make-model: copy tokenizer.json, tokenizer_config.json (and generation_config.json) "
           "from this directory; the vocabulary grows to the tokenizer's size");
 ABSL_FLAG(bool, logprobs, false, "score: print log-probabilities instead of logits");
+ABSL_FLAG(int, top_logprobs, 0,
+          "score: print the N most likely next tokens per position and the log-probability of "
+          "each given next token, instead of the full distribution");
 ABSL_FLAG(int, groups, 1, "generate/score in process: local expert groups; up: expert groups");
 ABSL_FLAG(int, replicas, 1, "up: replicas per expert group");
 ABSL_FLAG(std::string, wire_dtype, "f32", "up: activation dtype on the wire (f32 | bf16)");
 ABSL_FLAG(bool, shared_in_gateway, true,
           "up: run DeepSeek shared experts in the gateway, overlapped with the router call "
           "(--noshared_in_gateway: in expert group 0)");
+ABSL_FLAG(int64_t, kv_cache_bytes, -1,
+          "up: the gateway's KV cache bound in bytes (-1: the gateway's default, half the free "
+          "memory)");
+ABSL_FLAG(std::string, kv_cache_dtype, "", "up: the gateway's KV cache dtype, f32 | bf16");
 ABSL_FLAG(std::string, address_file, "", "up: write the gateway address to this file once serving");
 ABSL_FLAG(int, http_port, -1,
           "up: serve the OpenAI-compatible HTTP API on this gateway port (0: any; -1: off)");
@@ -289,7 +296,8 @@ int main(int argc, char** argv) {
       }
       status = cmd == "chat" ? moemesh::cli::Chat(c, g) : moemesh::cli::Generate(c, g);
     } else {
-      status = moemesh::cli::Score(c, tokens, absl::GetFlag(FLAGS_logprobs));
+      status = moemesh::cli::Score(c, tokens, absl::GetFlag(FLAGS_logprobs),
+                                   absl::GetFlag(FLAGS_top_logprobs));
     }
   } else if (cmd == "up") {
     moemesh::cli::UpArgs u;
@@ -310,6 +318,8 @@ int main(int argc, char** argv) {
     u.http_port = absl::GetFlag(FLAGS_http_port);
     u.api_key_file = absl::GetFlag(FLAGS_api_key_file);
     u.chat_template = absl::GetFlag(FLAGS_chat_template);
+    u.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+    u.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
     const char* tmp = std::getenv("TMPDIR");
     u.run_dir = tmp ? tmp : "/tmp";
     status = moemesh::cli::Up(c, u);

@@ -137,15 +137,33 @@ absl::Status DetokenizeViaGateway(const Common& c, const std::vector<int32_t>& i
   return absl::OkStatus();
 }
 
-absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs) {
+absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs,
+                             int top_logprobs) {
   auto stub = GatewayStub(c.gateway);
   grpc::ClientContext ctx;
   SetDeadline(c, &ctx);
   v1::ScoreRequest req;
   req.mutable_tokens()->Add(tokens.begin(), tokens.end());
   req.set_log_probs(logprobs);
+  if (top_logprobs > 0) {
+    req.set_top_log_probs(top_logprobs);
+    req.set_token_log_probs(true);
+    req.set_omit_logits(true);
+  }
   v1::ScoreResponse resp;
   RETURN_IF_ERROR(FromGrpcStatus(stub->Score(&ctx, req, &resp)));
+  if (top_logprobs > 0) {
+    std::vector<std::vector<int32_t>> ids;
+    std::vector<std::vector<float>> lps;
+    for (const auto& t : resp.top()) {
+      ids.emplace_back(t.ids().begin(), t.ids().end());
+      lps.emplace_back(t.log_probs().begin(), t.log_probs().end());
+    }
+    PrintTopLogProbs(
+        tokens, ids, lps,
+        std::vector<float>(resp.token_log_probs().begin(), resp.token_log_probs().end()));
+    return absl::OkStatus();
+  }
   ASSIGN_OR_RETURN(Tensor logits, TensorFromProto(resp.logits(), "logits", 2));
   nlohmann::json j;
   j["tokens"] = tokens;
@@ -185,6 +203,12 @@ absl::Status Up(const Common& c, const UpArgs& a) {
   o.wire_dtype = a.wire_dtype;
   o.shared_experts_in_gateway = a.shared_in_gateway;
   o.metrics = true;
+  if (a.kv_cache_bytes >= 0) {
+    o.gateway_args.push_back(absl::StrCat("--kv_cache_bytes=", a.kv_cache_bytes));
+  }
+  if (!a.kv_cache_dtype.empty()) {
+    o.gateway_args.push_back(absl::StrCat("--kv_cache_dtype=", a.kv_cache_dtype));
+  }
   o.work_dir = absl::StrCat(a.run_dir, "/moemesh-up-", ::getpid());
   const std::string http_port_file = o.work_dir + "/gateway.http_port";
   if (a.http_port >= 0) {
