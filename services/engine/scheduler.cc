@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 
 namespace moemesh {
 
@@ -20,6 +21,7 @@ struct Scheduler::Active {
   int64_t arrival = 0;  // submission order: preemption takes the largest
   int64_t generated = 0;
   std::vector<float> score_rows;  // score_only: logits gathered over prefill chunks
+  int failed_steps = 0;           // failed steps in a row that this request was in
   bool finished = false;
 
   int64_t fed() const { return seq ? seq->length() : 0; }
@@ -215,6 +217,7 @@ int64_t Scheduler::MakeRoomForDecode() {
 
 void Scheduler::Loop() {
   const ModelConfig& cfg = engine_->config();
+  int consecutive_failures = 0;  // failed steps in a row, for the retry backoff
   while (true) {
     std::vector<std::unique_ptr<Active>> dropped, failed;  // finished outside the lock
     // Admit new requests; wait when there is nothing to do.
@@ -317,13 +320,16 @@ void Scheduler::Loop() {
       }
     }
     int64_t step_tokens = 0;
-    absl::Time deadline = absl::InfinitePast();
+    // The step ends at the earliest deadline among its requests: a later one would let a
+    // request run past its own. (A request whose deadline ends the step fails; the others
+    // retry in the next step.)
+    absl::Time deadline = absl::InfiniteFuture();
     for (size_t i = 0; i < owners.size(); ++i) {
       Active* a = owners[i];
       inputs.push_back({a->seq.get(),
                         absl::Span<const int32_t>(a->tokens.data() + a->fed(), chunk[i]),
                         a->req.score_only});
-      deadline = std::max(deadline, a->req.deadline);
+      deadline = std::min(deadline, a->req.deadline);
       step_tokens += chunk[i];
     }
     CallOptions opts;
@@ -360,11 +366,37 @@ void Scheduler::Loop() {
       info.queued = static_cast<int>(queue_.size());
     }
     if (!out.ok()) {
-      const bool expired = out.status().code() == absl::StatusCode::kDeadlineExceeded;
-      const bool cancelled = out.status().code() == absl::StatusCode::kCancelled;
-      for (Active* a : owners)
-        Finish(*a, expired ? "deadline" : cancelled ? "cancelled" : "error", out.status());
+      // Only what must fail fails: requests past their deadline, cancelled ones, and all of
+      // them for an error that retrying cannot fix or after too many failed steps. The rest
+      // stay in the batch and the step is retried after a backoff.
+      const absl::StatusCode code = out.status().code();
+      const bool transient =
+          code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kResourceExhausted ||
+          code == absl::StatusCode::kAborted || code == absl::StatusCode::kDeadlineExceeded ||
+          code == absl::StatusCode::kCancelled;
+      const absl::Time now = absl::Now();
+      bool kept = false;
+      for (Active* a : owners) {
+        if (a->req.cancel && a->req.cancel->cancelled()) {
+          Finish(*a, "cancelled", absl::CancelledError("cancelled"));
+        } else if (now >= a->req.deadline) {
+          Finish(*a, "deadline",
+                 absl::DeadlineExceededError(
+                     absl::StrCat("deadline exceeded (last step: ", out.status().message(), ")")));
+        } else if (!transient || ++a->failed_steps >= options_.max_failed_steps) {
+          Finish(*a, "error", out.status());
+        } else {
+          kept = true;
+        }
+      }
+      if (kept) {
+        consecutive_failures = std::min(consecutive_failures + 1, 6);
+        absl::SleepFor(
+            std::min(absl::Milliseconds(20) * (1 << (consecutive_failures - 1)), absl::Seconds(1)));
+      }
     } else {
+      consecutive_failures = 0;
+      for (Active* a : owners) a->failed_steps = 0;
       for (size_t i = 0; i < owners.size(); ++i) {
         Active* a = owners[i];
         const Tensor& logits = (*out)[i];

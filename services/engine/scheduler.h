@@ -90,6 +90,11 @@ struct SchedulerOptions {
   int64_t max_prompt_tokens = 0;
   // Longest Score accepted: it holds [tokens, vocab] F32 logits until it ends.
   int64_t max_score_tokens = 4096;
+  // A failed step is retried (it is idempotent: sequences advance only when a step succeeds).
+  // A request fails only when its own deadline passes, it is cancelled, the error is not
+  // transient (UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED, DEADLINE_EXCEEDED, CANCELLED), or it
+  // has been in this many failed steps in a row. Retries back off from 20 ms to 1 s.
+  int max_failed_steps = 4;
   // Called on the loop thread after every step; must not block. May be empty.
   std::function<void(const StepInfo&)> on_step = nullptr;
 };
