@@ -5,6 +5,7 @@
 //   moemesh-expert-worker --model DIR --experts 0-3 --backend cuda --device 1
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -21,6 +22,7 @@
 #include "services/model/safetensors.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/service_main.h"
+#include "services/rpc/tls.h"
 
 ABSL_FLAG(std::string, model, "", "checkpoint directory");
 ABSL_FLAG(std::string, experts, "",
@@ -43,20 +45,33 @@ ABSL_FLAG(std::string, backend, "cpu",
 ABSL_FLAG(int, device, 0, "CUDA device for --backend cuda");
 ABSL_FLAG(std::string, weights_dtype, "checkpoint",
           "expert weights in memory: checkpoint (as stored) | f32 | bf16 | f16");
+ABSL_FLAG(int, top_k, 0,
+          "routed experts per token the router may assign (0: the config's "
+          "num_experts_per_tok); more per token is rejected as INVALID_ARGUMENT");
+ABSL_FLAG(double, not_serving_grace, 0,
+          "seconds between health turning NOT_SERVING on SIGTERM and refusing new calls");
+
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate: serve TLS (and present it to peers)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA: require client certificates it signed (mTLS) and verify peers against it");
 
 namespace moemesh::expert_worker {
 namespace {
 
 struct Options {
   std::string model, experts, placement, host, port_file, name, backend = "cpu";
-  int port = 0, metrics_port = -1, threads = 1, max_queue = 256, device = 0;
-  double drain_seconds = 10;
+  int port = 0, metrics_port = -1, threads = 1, max_queue = 256, device = 0, top_k = 0;
+  double drain_seconds = 10, not_serving_grace = 0;
   double max_connection_age = 60;
   std::optional<DType> weights_dtype;
+  std::optional<TlsConfig> tls;
 };
 
 absl::StatusOr<Options> GetOptions() {
   Options o;
+  ASSIGN_OR_RETURN(o.tls, LoadTls({absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+                                   absl::GetFlag(FLAGS_tls_ca)}));
   o.model = absl::GetFlag(FLAGS_model);
   o.experts = absl::GetFlag(FLAGS_experts);
   o.placement = absl::GetFlag(FLAGS_placement);
@@ -74,6 +89,10 @@ absl::StatusOr<Options> GetOptions() {
   o.backend = absl::GetFlag(FLAGS_backend);
   o.device = absl::GetFlag(FLAGS_device);
   ASSIGN_OR_RETURN(o.weights_dtype, ParseWeightsDType(absl::GetFlag(FLAGS_weights_dtype)));
+  o.top_k = absl::GetFlag(FLAGS_top_k);
+  o.not_serving_grace = absl::GetFlag(FLAGS_not_serving_grace);
+  if (o.top_k < 0 || o.not_serving_grace < 0 || o.drain_seconds < 0)
+    return absl::InvalidArgumentError("--top_k, --not_serving_grace, --drain_seconds must be >= 0");
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.experts.empty() == o.placement.empty()) {
     return absl::InvalidArgumentError("give exactly one of --experts and --placement");
@@ -98,7 +117,9 @@ absl::StatusOr<Options> GetOptions() {
 }
 
 absl::Status Run(const Options& o) {
+  SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
+  RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
   ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg, o.weights_dtype));
   std::vector<ExpertKey> keys;
   if (!o.experts.empty()) {
@@ -131,6 +152,8 @@ absl::Status Run(const Options& o) {
   }
   info.backend = backend->name();
   info.device = device;
+  info.num_experts = cfg.num_experts;
+  info.max_assignments_per_token = cfg.top_k + (cfg.n_shared_experts > 0 ? 1 : 0);
   Metrics metrics("expert_worker");
   if (o.metrics_port >= 0) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
@@ -142,6 +165,7 @@ absl::Status Run(const Options& o) {
   WorkerService service(std::move(group), info, o.threads, o.max_queue, &metrics);
   ServerHostOptions so;
   so.address = absl::StrCat(o.host, ":", o.port);
+  so.credentials = ServerCredentials(o.tls);
   so.port_file = o.port_file;
   so.max_connection_age = absl::Seconds(o.max_connection_age);
   ASSIGN_OR_RETURN(auto host, ServerHost::Start(so, {&service}));
@@ -149,7 +173,7 @@ absl::Status Run(const Options& o) {
                o.name.c_str(), held, bytes / 1048576.0, host->address().c_str(), device.c_str());
   const int sig = WaitForShutdownSignal();
   std::fprintf(stderr, "expert_worker %s: signal %d, draining\n", o.name.c_str(), sig);
-  host->Drain(absl::Seconds(o.drain_seconds));
+  host->Drain(absl::Seconds(o.drain_seconds), absl::Seconds(o.not_serving_grace));
   return absl::OkStatus();
 }
 

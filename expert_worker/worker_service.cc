@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "services/rpc/request_validation.h"
 #include "services/rpc/tensor_proto.h"
 
 namespace moemesh::expert_worker {
@@ -23,6 +24,12 @@ grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext*
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   };
+  // Validate before allocating anything the request's sizes decide.
+  if (absl::Status v = ValidateRunExpertsRequest(*req, group_->hidden(), info_.num_experts,
+                                                 info_.max_assignments_per_token);
+      !v.ok()) {
+    return fail(v);
+  }
   auto batch = std::make_shared<ExpertBatch>();
   batch->layer = req->layer();
   auto tokens = TensorFromProto(req->tokens(), "tokens", 2);

@@ -1,7 +1,9 @@
 // The ExpertWorker gRPC service: RunExperts and Describe over a LocalExpertGroup.
 //
 // Handlers parse on the gRPC thread and hand the compute to a ThreadPool, so no gRPC thread
-// blocks; a full queue answers RESOURCE_EXHAUSTED. Calls whose deadline has passed or whose
+// blocks; a full queue answers RESOURCE_EXHAUSTED. Requests are validated before anything is
+// allocated for them (ValidateRunExpertsRequest): the work a request can cause is bounded by
+// its token count times the experts a token may visit. Calls whose deadline has passed or whose
 // client cancelled are dropped before compute. Thread-safe.
 #pragma once
 
@@ -22,6 +24,10 @@ struct WorkerInfo {
   DType weight_dtype = DType::kF32;
   std::string backend = "cpu";
   std::string device = "cpu";
+  // Experts one token may be assigned: the model's routed top-k plus its shared experts
+  // entry (at most one, id -1). More, or the same expert twice, is INVALID_ARGUMENT.
+  int max_assignments_per_token = 8;
+  int num_experts = 0;  // routed experts per layer (ids 0 .. num_experts-1)
 };
 
 class WorkerService final : public v1::ExpertWorker::CallbackService {

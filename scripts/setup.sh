@@ -5,7 +5,13 @@ set -euo pipefail
 pkgs=(build-essential cmake ninja-build ccache pkg-config
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
       libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev libopenblas-dev
-      nlohmann-json3-dev)
+      nlohmann-json3-dev libonig-dev libicu-dev libcpp-httplib-dev libssl-dev openssl curl
+      python3-grpcio python3-protobuf clang libclang-rt-14-dev)
+# Node and npm run the tests against published tokenizers and the OpenAI SDK. A machine that
+# already has Node (e.g. from NodeSource, whose nodejs conflicts with Debian's npm) keeps it.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  pkgs+=(nodejs npm)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -65,6 +65,7 @@ absl::StatusOr<std::vector<int32_t>> GenerateViaGateway(v1::Gateway::Stub* stub,
   v1::GenerateRequest req;
   req.mutable_prompt_tokens()->mutable_ids()->Add(prompt.begin(), prompt.end());
   req.set_max_tokens(max_tokens);
+  req.set_ignore_eos(true);  // the reference runs to max_tokens
   auto reader = stub->Generate(&ctx, req);
   v1::GenerateResponse resp;
   std::vector<int32_t> out;

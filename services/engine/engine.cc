@@ -97,12 +97,11 @@ int64_t Engine::weight_bytes() const {
   return b;
 }
 
-int64_t Sequence::cache_floats() const {
-  int64_t n = 0;
-  for (const auto& k : k_) n += static_cast<int64_t>(k.size());
-  for (const auto& v : v_) n += static_cast<int64_t>(v.size());
-  return n;
-}
+Sequence::~Sequence() { cache_->Release(blocks_); }
+
+int64_t Sequence::capacity() const { return blocks() * cache_->block_tokens(); }
+
+int64_t Sequence::cache_floats() const { return capacity() * cache_->layers() * cache_->row(); }
 
 absl::Status Engine::LoadMla(const Checkpoint& ckpt, int l, Layer* layer) const {
   const ModelConfig& c = cfg_;
@@ -200,6 +199,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
     e->attn_scale_ = static_cast<float>(scale);
     e->k_row_ = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
     e->v_row_ = 0;
+    RETURN_IF_ERROR(e->ConfigureKvCache(KvCacheOptions{}));
     return e;
   }
   // HF: inv_freq[i] = theta^(-2i / head_dim), computed in float32 as HF does.
@@ -210,26 +210,65 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const Checkpoint& ckpt, con
   e->attn_scale_ = 1.0f / std::sqrt(static_cast<float>(hd));
   e->k_row_ = nkv * hd;
   e->v_row_ = nkv * hd;
+  RETURN_IF_ERROR(e->ConfigureKvCache(KvCacheOptions{}));
   return e;
 }
 
-std::unique_ptr<Sequence> Engine::NewSequence() const {
-  auto s = std::make_unique<Sequence>();
-  s->k_.resize(cfg_.num_layers);
-  s->v_.resize(cfg_.num_layers);
-  return s;
+absl::Status Engine::ConfigureKvCache(const KvCacheOptions& options) {
+  ASSIGN_OR_RETURN(std::unique_ptr<KvCache> kv,
+                   KvCache::Create(options, cfg_.num_layers, k_row_ + v_row_));
+  kv_ = std::move(kv);
+  return absl::OkStatus();
 }
 
-void Engine::Reserve(Sequence* seq, int64_t needed) const {
-  if (needed <= seq->capacity_) return;
-  int64_t cap = std::max<int64_t>(64, seq->capacity_);
-  while (cap < needed) cap *= 2;
-  cap = std::min<int64_t>(cap, std::max<int64_t>(needed, cfg_.max_position_embeddings));
-  for (int l = 0; l < cfg_.num_layers; ++l) {
-    seq->k_[l].resize(cap * k_row_);
-    seq->v_[l].resize(cap * v_row_);
+std::unique_ptr<Sequence> Engine::NewSequence() const {
+  return std::unique_ptr<Sequence>(new Sequence(kv_));
+}
+
+bool Engine::Reserve(Sequence* seq, int64_t tokens) const {
+  const int64_t need = seq->cache_->BlocksFor(tokens) - seq->blocks();
+  return need <= 0 || seq->cache_->Allocate(need, &seq->blocks_);
+}
+
+int64_t Engine::AttachCachedPrefix(Sequence* seq, absl::Span<const int32_t> tokens) const {
+  KvCache& kv = *seq->cache_;
+  if (seq->length_ != 0 || !seq->blocks_.empty() || tokens.size() < 2) return 0;
+  const int64_t bt = kv.block_tokens();
+  // The last token is always computed: its logits are what the caller wants next.
+  const int64_t full = (static_cast<int64_t>(tokens.size()) - 1) / bt;
+  uint64_t parent = 0;
+  for (int64_t i = 0; i < full && kv.options().prefix_caching; ++i) {
+    const auto block_tokens = tokens.subspan(i * bt, bt);
+    const int32_t b = kv.Lookup(parent, block_tokens);
+    if (b < 0) break;
+    seq->blocks_.push_back(b);
+    parent = KvCache::ChainHash(parent, block_tokens);
+    seq->hashes_.push_back(parent);
   }
-  seq->capacity_ = cap;
+  const int64_t hit = seq->blocks() * bt;
+  seq->length_ = hit;
+  seq->prefix_hit_tokens_ = hit;
+  seq->tokens_.assign(tokens.begin(), tokens.begin() + hit);
+  return hit;
+}
+
+const float* Engine::StoreAndGather(int layer, const StepInput& in, const float* rows) {
+  Sequence& s = *in.seq;
+  KvCache& kv = *s.cache_;
+  const int64_t bt = kv.block_tokens(), row = kv.row();
+  const int64_t n = static_cast<int64_t>(in.tokens.size());
+  for (int64_t p = s.length_, done = 0; done < n;) {
+    const int64_t slot = p % bt, take = std::min(bt - slot, n - done);
+    kv.Write(s.blocks_[p / bt], layer, slot, rows + done * row, take);
+    p += take;
+    done += take;
+  }
+  const int64_t ctx = s.length_ + n;
+  if (static_cast<int64_t>(ctx_.size()) < ctx * row) ctx_.resize(ctx * row);
+  for (int64_t b = 0; b * bt < ctx; ++b) {
+    kv.Read(s.blocks_[b], layer, std::min(bt, ctx - b * bt), ctx_.data() + b * bt * row);
+  }
+  return ctx_.data();
 }
 
 absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, const float* xn,
@@ -290,13 +329,11 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
   std::vector<float> attn(t * nh * kvl);
   int64_t r0 = 0;
   for (const StepInput& in : inputs) {
-    Sequence* s = in.seq;
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    float* cache = s->k_[l].data();
-    std::memcpy(cache + s->length_ * row, kv.data() + r0 * row, n * row * sizeof(float));
+    const float* cache = StoreAndGather(l, in, kv.data() + r0 * row);
     AttentionShape as;
     as.num_new = n;
-    as.ctx = s->length_ + n;
+    as.ctx = in.seq->length_ + n;
     as.heads = nh;
     as.kv_heads = 1;
     as.qk_dim = row;
@@ -339,14 +376,18 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const 
                  false);
   backend_->Rope(k.data(), t, nkv, hd, nkv * hd, hd, positions.data(), inv_freq_.data(),
                  rope_mscale_, false);
+  // Cache rows: [K of every KV head | V of every KV head] per token.
+  const int64_t cache_row = k_row_ + v_row_;
+  std::vector<float> kv(t * cache_row);
+  for (int64_t i = 0; i < t; ++i) {
+    std::memcpy(kv.data() + i * cache_row, k.data() + i * k_row_, k_row_ * sizeof(float));
+    std::memcpy(kv.data() + i * cache_row + k_row_, v.data() + i * v_row_, v_row_ * sizeof(float));
+  }
   int64_t row = 0;
   for (const StepInput& in : inputs) {
     Sequence* s = in.seq;
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    std::memcpy(s->k_[l].data() + s->length_ * k_row_, k.data() + row * k_row_,
-                n * k_row_ * sizeof(float));
-    std::memcpy(s->v_[l].data() + s->length_ * v_row_, v.data() + row * v_row_,
-                n * v_row_ * sizeof(float));
+    const float* cache = StoreAndGather(l, in, kv.data() + row * cache_row);
     AttentionShape as;
     as.num_new = n;
     as.ctx = s->length_ + n;
@@ -355,10 +396,10 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const 
     as.qk_dim = hd;
     as.v_dim = hd;
     as.q_stride = nh * hd;
-    as.k_stride = k_row_;
-    as.v_stride = v_row_;
+    as.k_stride = cache_row;
+    as.v_stride = cache_row;
     as.scale = attn_scale_;
-    backend_->CausalAttention(as, q.data() + row * nh * hd, s->k_[l].data(), s->v_[l].data(),
+    backend_->CausalAttention(as, q.data() + row * nh * hd, cache, cache + k_row_,
                               attn.data() + row * nh * hd);
     row += n;
   }
@@ -368,6 +409,21 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const 
 
 absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inputs,
                                                  const CallOptions& opts) {
+  // Memory the system refuses fails the step, not the process.
+  absl::StatusOr<std::vector<Tensor>> out;
+  try {
+    out = StepImpl(inputs, opts);
+  } catch (const std::bad_alloc&) {
+    out = absl::ResourceExhaustedError("out of memory in an engine step");
+  }
+  // The gather scratch is as large as the longest context of one layer; past 64 MiB it is
+  // given back rather than kept for the next step.
+  if (ctx_.capacity() > (size_t{16} << 20)) std::vector<float>().swap(ctx_);
+  return out;
+}
+
+absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput> inputs,
+                                                     const CallOptions& opts) {
   const int64_t h = cfg_.hidden_size;
   int64_t t = 0;
   for (const StepInput& in : inputs) {
@@ -389,13 +445,19 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
   }
   if (t == 0) return std::vector<Tensor>{};
 
+  for (const StepInput& in : inputs) {
+    if (!Reserve(in.seq, in.seq->length_ + static_cast<int64_t>(in.tokens.size()))) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the KV cache has no free blocks for ", in.tokens.size(), " more tokens (",
+                       kv_->free_blocks(), " of ", kv_->total_blocks(), " blocks free)"));
+    }
+  }
   std::vector<int32_t> positions;
   positions.reserve(t);
   Tensor x = Tensor::Zeros({t, h});
   {
     int64_t r = 0;
     for (const StepInput& in : inputs) {
-      Reserve(in.seq, in.seq->length_ + static_cast<int64_t>(in.tokens.size()));
       for (size_t i = 0; i < in.tokens.size(); ++i, ++r) {
         DequantizeRows(embed_, in.tokens[i], in.tokens[i] + 1, x.mutable_row(r));
         positions.push_back(static_cast<int32_t>(in.seq->length_ + i));
@@ -465,7 +527,19 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
       std::memcpy(part.mutable_data(), logits.row(first), count * cfg_.vocab_size * sizeof(float));
       out.push_back(std::move(part));
     }
-    inputs[i].seq->length_ += static_cast<int64_t>(inputs[i].tokens.size());
+    Sequence& seq = *inputs[i].seq;
+    seq.length_ += static_cast<int64_t>(inputs[i].tokens.size());
+    seq.tokens_.insert(seq.tokens_.end(), inputs[i].tokens.begin(), inputs[i].tokens.end());
+    // Blocks filled by this step become findable by sequences with the same prefix.
+    KvCache& kv = *seq.cache_;
+    const int64_t bt = kv.block_tokens();
+    while (static_cast<int64_t>(seq.hashes_.size()) < seq.length_ / bt) {
+      const int64_t b = static_cast<int64_t>(seq.hashes_.size());
+      const uint64_t parent = b == 0 ? 0 : seq.hashes_.back();
+      const auto block_tokens = absl::MakeConstSpan(seq.tokens_).subspan(b * bt, bt);
+      kv.Register(seq.blocks_[b], parent, block_tokens);
+      seq.hashes_.push_back(KvCache::ChainHash(parent, block_tokens));
+    }
   }
   return out;
 }

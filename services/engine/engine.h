@@ -12,8 +12,14 @@
 // MLA attends in the latent space with kv_b_proj absorbed into the query and the output (as
 // DeepSeek's inference/model.py does with attn_impl="absorb"), so the cache is never expanded.
 //
+// The KV cache is paged (services/engine/kv_cache.h): each sequence holds a table of
+// fixed-size blocks from one pool whose size bounds the memory of all sequences together, and
+// sequences whose tokens start alike share the blocks of that prefix. Attention gathers a
+// sequence's blocks into F32 before the backend's kernel runs.
+//
 // Threading: Step may be called by one thread at a time; the Sequence objects passed to it
-// must not be touched by others meanwhile. Loading is thread-compatible.
+// must not be touched by others meanwhile. Sequences may be made and destroyed on any thread.
+// Loading is thread-compatible.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "services/compute/backend.h"
+#include "services/engine/kv_cache.h"
 #include "services/model/config.h"
 #include "services/model/safetensors.h"
 #include "services/moe/moe_layer.h"
@@ -31,22 +38,35 @@
 
 namespace moemesh {
 
-// The KV cache and length of one sequence. Rows past length() are scratch: a failed step
-// leaves length() unchanged, so the sequence can continue or be retried.
+// The KV cache and length of one sequence: a table of blocks from the engine's KvCache
+// (released when the sequence is destroyed) and the tokens whose rows they hold. Rows past
+// length() are scratch: a failed step leaves length() unchanged, so the sequence can
+// continue or be retried.
 class Sequence {
  public:
+  ~Sequence();
+  Sequence(const Sequence&) = delete;
+  Sequence& operator=(const Sequence&) = delete;
+
   int64_t length() const { return length_; }
-  // Token rows allocated in the cache of each layer (>= length()).
-  int64_t capacity() const { return capacity_; }
-  // Floats allocated for this sequence's cache, over all layers.
+  // Token rows the sequence's blocks hold (>= length()).
+  int64_t capacity() const;
+  int64_t blocks() const { return static_cast<int64_t>(blocks_.size()); }
+  // Floats' worth of cache this sequence's blocks hold, over all layers (F32 floats; a BF16
+  // cache takes half the bytes).
   int64_t cache_floats() const;
+  // Tokens taken from the prefix cache instead of being computed.
+  int64_t prefix_hit_tokens() const { return prefix_hit_tokens_; }
 
  private:
   friend class Engine;
+  explicit Sequence(std::shared_ptr<KvCache> cache) : cache_(std::move(cache)) {}
+  std::shared_ptr<KvCache> cache_;
   int64_t length_ = 0;
-  int64_t capacity_ = 0;
-  std::vector<std::vector<float>> k_;  // per layer: [capacity, k_row] (MLA: compressed latent)
-  std::vector<std::vector<float>> v_;  // per layer: [capacity, v_row] (MLA: unused)
+  int64_t prefix_hit_tokens_ = 0;
+  std::vector<int32_t> blocks_;   // block table: position p lives in blocks_[p / block_tokens]
+  std::vector<int32_t> tokens_;   // the length_ tokens whose rows are cached
+  std::vector<uint64_t> hashes_;  // prefix-chain hash of each full block, in order
 };
 
 struct StepInput {
@@ -66,7 +86,22 @@ class Engine {
   ~Engine();
 
   const ModelConfig& config() const { return cfg_; }
+
+  // Replaces the KV cache pool (by default unbounded, F32, 16-token blocks). Sequences made
+  // before keep the old pool. Not to be called while a Step runs.
+  [[nodiscard]] absl::Status ConfigureKvCache(const KvCacheOptions& options);
+  KvCache& kv_cache() const { return *kv_; }
+
+  // An empty sequence with no blocks.
   std::unique_ptr<Sequence> NewSequence() const;
+  // Gives `seq` blocks for `tokens` positions in all; false (nothing allocated) when the pool
+  // has too few free blocks.
+  [[nodiscard]] bool Reserve(Sequence* seq, int64_t tokens) const;
+  // For an empty sequence about to take `tokens`: attaches the cached blocks of its longest
+  // cached prefix of full blocks, leaving at least the last token to compute, and returns
+  // the tokens attached (the sequence's new length). The caller counts the lookup
+  // (KvCache::CountPrefixLookup) once it uses the sequence.
+  int64_t AttachCachedPrefix(Sequence* seq, absl::Span<const int32_t> tokens) const;
   // Floats the KV cache holds per token per layer: 2 * kv_heads * head_dim for GQA,
   // kv_lora_rank + qk_rope_head_dim for MLA.
   int64_t cache_floats_per_token_per_layer() const { return k_row_ + v_row_; }
@@ -77,7 +112,9 @@ class Engine {
   float attention_scale() const { return attn_scale_; }
 
   // One forward pass. Returns per input its logits, [n or 1, vocab]. On error no sequence
-  // advances. INVALID_ARGUMENT for out-of-range tokens or a sequence past max positions.
+  // advances. INVALID_ARGUMENT for out-of-range tokens or a sequence past max positions;
+  // RESOURCE_EXHAUSTED when the KV cache has no blocks for the new tokens (callers that
+  // bound memory Reserve first) or memory runs out.
   [[nodiscard]] absl::StatusOr<std::vector<Tensor>> Step(absl::Span<const StepInput> inputs,
                                                          const CallOptions& opts = {});
 
@@ -93,7 +130,11 @@ class Engine {
   absl::Status MlaAttention(int layer, absl::Span<const StepInput> inputs, const float* xn,
                             int64_t t, const std::vector<int32_t>& positions, float* out);
   [[nodiscard]] absl::Status LoadMla(const Checkpoint& ckpt, int layer, Layer* out) const;
-  void Reserve(Sequence* seq, int64_t needed) const;
+  absl::StatusOr<std::vector<Tensor>> StepImpl(absl::Span<const StepInput> inputs,
+                                               const CallOptions& opts);
+  // Writes the new rows of `in` into its blocks and gathers its whole context of `layer`
+  // as F32 into ctx_: [length + n, row]. rows: [n, row] f32
+  const float* StoreAndGather(int layer, const StepInput& in, const float* rows);
 
   ModelConfig cfg_;
   ComputeBackend* backend_ = nullptr;
@@ -105,6 +146,8 @@ class Engine {
   float rope_mscale_ = 1.0f;
   float attn_scale_ = 1.0f;
   int64_t k_row_ = 0, v_row_ = 0;  // floats per cached token per layer
+  std::shared_ptr<KvCache> kv_;
+  std::vector<float> ctx_;  // Step scratch: one sequence's gathered context of one layer
   std::vector<std::unique_ptr<Layer>> layers_;
 };
 

@@ -2,22 +2,30 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 
 namespace moemesh {
 
 struct Scheduler::Active {
   GenerationRequest req;
   GenerationCallback cb;
-  std::unique_ptr<Sequence> seq;
+  std::unique_ptr<Sequence> seq;  // null while waiting (before admission or after preemption)
   std::unique_ptr<Sampler> sampler;
-  int64_t prefilled = 0;    // prompt tokens already in the cache
-  int32_t next_token = -1;  // sampled, not yet fed
+  // The prompt, then every generated token. The cache holds the first seq->length() of them;
+  // the rest are fed next (all but one only after a preemption).
+  std::vector<int32_t> tokens;
+  int64_t arrival = 0;  // submission order: preemption takes the largest
   int64_t generated = 0;
   std::vector<float> score_rows;  // score_only: logits gathered over prefill chunks
+  int failed_steps = 0;           // failed steps in a row that this request was in
   bool finished = false;
+
+  int64_t fed() const { return seq ? seq->length() : 0; }
+  int64_t pending() const { return static_cast<int64_t>(tokens.size()) - fed(); }
 };
 
 Scheduler::Scheduler(Engine* engine, SchedulerOptions options)
@@ -37,27 +45,71 @@ absl::Status Scheduler::Submit(GenerationRequest request, GenerationCallback on_
           absl::StrCat("token id ", t, " is outside the vocabulary [0, ", cfg.vocab_size, ")"));
     }
   }
-  if (static_cast<int64_t>(request.prompt.size()) > cfg.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("the prompt has ", request.prompt.size(),
-                                                   " tokens; the model allows ",
-                                                   cfg.max_position_embeddings));
+  const int64_t prompt = static_cast<int64_t>(request.prompt.size());
+  if (prompt > cfg.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the prompt has ", prompt, " tokens; the model allows ", cfg.max_position_embeddings));
   }
   if (!request.score_only && request.max_tokens < 1) {
     return absl::InvalidArgumentError("max_tokens must be at least 1");
   }
   if (auto s = ValidateSampling(request.sampling); !s.ok()) return s;
+  if (request.logprobs > 20)
+    return absl::InvalidArgumentError("at most 20 top log-probabilities per token");
+  if (options_.max_prompt_tokens > 0 && prompt > options_.max_prompt_tokens) {
+    return absl::ResourceExhaustedError(absl::StrCat("the prompt has ", prompt,
+                                                     " tokens; this server takes at most ",
+                                                     options_.max_prompt_tokens));
+  }
+  if (request.score_only && prompt > options_.max_score_tokens) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "scoring ", prompt, " tokens; this server scores at most ", options_.max_score_tokens));
+  }
+  // The most tokens the request ever holds in the cache: the prompt and every generated token
+  // but the last (never fed), within the model's positions.
+  const KvCache& kv = engine_->kv_cache();
+  const int64_t most = request.score_only ? prompt
+                                          : std::min<int64_t>(prompt + request.max_tokens - 1,
+                                                              cfg.max_position_embeddings);
+  if (kv.bounded() && kv.BlocksFor(most) > kv.total_blocks()) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the request needs up to ", most, " tokens of KV cache (", kv.BlocksFor(most),
+                     " blocks); the whole cache holds ", kv.total_blocks() * kv.block_tokens()));
+  }
   auto a = std::make_unique<Active>();
   a->sampler = std::make_unique<Sampler>(request.sampling);
   a->req = std::move(request);
+  a->tokens = a->req.prompt;
   a->cb = std::move(on_event);
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("the server is shutting down");
-  if (static_cast<int>(queue_.size()) >= options_.max_queued) {
+  if (static_cast<int>(queue_.size()) >= options_.max_waiting) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("queue full (", options_.max_queued, " waiting)"));
+        absl::StrCat("too many requests waiting (", options_.max_waiting, ")"));
   }
+  a->arrival = next_arrival_++;
   queue_.push_back(std::move(a));
+  stats_.queued = static_cast<int>(queue_.size());
   return absl::OkStatus();
+}
+
+// The log-probability of `token` and the `top` most likely (lowest id first on ties).
+static void TokenLogprobs(absl::Span<const float> row, int32_t token, int top,
+                          GenerationEvent* ev) {
+  float mx = row[0];
+  for (float x : row) mx = std::max(mx, x);
+  double sum = 0;
+  for (float x : row) sum += std::exp(static_cast<double>(x - mx));
+  const float lse = mx + static_cast<float>(std::log(sum));
+  ev->logprob = row[token] - lse;
+  const int k = std::min<int>(top, static_cast<int>(row.size()));
+  if (k <= 0) return;
+  std::vector<int32_t> idx(row.size());
+  for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int32_t>(i);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+    return row[a] > row[b] || (row[a] == row[b] && a < b);
+  });
+  for (int i = 0; i < k; ++i) ev->top_logprobs.emplace_back(idx[i], row[idx[i]] - lse);
 }
 
 void Scheduler::Stop(bool drain) {
@@ -75,6 +127,7 @@ SchedulerStats Scheduler::stats() const {
 void Scheduler::Finish(Active& a, std::string reason, absl::Status status) {
   if (a.finished) return;
   a.finished = true;
+  a.seq.reset();  // the blocks go back to the pool before anything else runs
   GenerationEvent ev;
   ev.done = true;
   ev.finish_reason = std::move(reason);
@@ -88,9 +141,85 @@ void Scheduler::Finish(Active& a, std::string reason, absl::Status status) {
   a.cb(ev);
 }
 
+void Scheduler::AdmitLocked(std::vector<std::unique_ptr<Active>>* failed) {
+  KvCache& kv = engine_->kv_cache();
+  // A little headroom keeps a fresh admission from being preempted by the next decode step.
+  const int64_t watermark = kv.bounded() ? kv.total_blocks() / 100 : 0;
+  while (!queue_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
+    Active* a = queue_.front().get();
+    auto seq = engine_->NewSequence();
+    // Scores need the logits of every position, so they compute every position.
+    const int64_t hit = a->req.score_only ? 0 : engine_->AttachCachedPrefix(seq.get(), a->tokens);
+    const int64_t need = kv.BlocksFor(static_cast<int64_t>(a->tokens.size())) - seq->blocks();
+    const bool alone = running_.empty();
+    if (!alone && kv.free_blocks() - need < watermark) break;  // first come, first served
+    if (!engine_->Reserve(seq.get(), static_cast<int64_t>(a->tokens.size()))) {
+      if (!alone) break;
+      // Nothing else holds memory and it still does not fit: the pool could not grow.
+      failed->push_back(std::move(queue_.front()));
+      queue_.pop_front();
+      continue;
+    }
+    if (!a->req.score_only) kv.CountPrefixLookup(static_cast<int64_t>(a->tokens.size()), hit);
+    a->seq = std::move(seq);
+    running_.push_back(std::move(queue_.front()));
+    queue_.pop_front();
+  }
+}
+
+void Scheduler::Preempt(Active* a) {
+  a->seq.reset();
+  a->score_rows.clear();
+  std::unique_ptr<Active> owned;
+  for (auto& up : running_) {
+    if (up.get() == a) owned = std::move(up);
+  }
+  std::erase_if(running_, [](const auto& up) { return up == nullptr; });
+  absl::MutexLock lock(&mu_);
+  ++stats_.preemptions;
+  // Back to the queue in arrival order, ahead of everything that came later.
+  auto pos = std::find_if(queue_.begin(), queue_.end(),
+                          [a](const auto& q) { return q->arrival > a->arrival; });
+  queue_.insert(pos, std::move(owned));
+}
+
+int64_t Scheduler::MakeRoomForDecode() {
+  int64_t preempted = 0;
+  // Oldest first: they are the last to be preempted, so they are served first.
+  std::vector<Active*> order;
+  for (auto& up : running_) order.push_back(up.get());
+  std::sort(order.begin(), order.end(),
+            [](const Active* x, const Active* y) { return x->arrival < y->arrival; });
+  for (Active* a : order) {
+    if (a->seq == nullptr || a->finished) continue;  // preempted already
+    const int64_t want = a->fed() + std::min<int64_t>(a->pending(), 1);
+    while (!engine_->Reserve(a->seq.get(), std::max(want, a->seq->capacity()))) {
+      Active* victim = nullptr;
+      for (auto& up : running_) {
+        if (up->seq != nullptr && (victim == nullptr || up->arrival > victim->arrival)) {
+          victim = up.get();
+        }
+      }
+      if (victim == a && running_.size() == 1) {
+        // Alone and still no room: the pool could not grow (memory refused).
+        Finish(*a, "error",
+               absl::ResourceExhaustedError("the KV cache has no room left for this request"));
+        break;
+      }
+      Preempt(victim);
+      ++preempted;
+      if (victim == a) break;
+    }
+  }
+  std::erase_if(running_, [](const auto& up) { return up->finished; });
+  return preempted;
+}
+
 void Scheduler::Loop() {
   const ModelConfig& cfg = engine_->config();
+  int consecutive_failures = 0;  // failed steps in a row, for the retry backoff
   while (true) {
+    std::vector<std::unique_ptr<Active>> dropped, failed;  // finished outside the lock
     // Admit new requests; wait when there is nothing to do.
     {
       absl::MutexLock lock(&mu_);
@@ -113,17 +242,30 @@ void Scheduler::Loop() {
         return;
       }
       if (stopping_ && queue_.empty() && running_.empty()) return;
-      while (!queue_.empty() && static_cast<int>(running_.size()) < options_.max_running) {
-        auto a = std::move(queue_.front());
-        queue_.pop_front();
-        a->seq = engine_->NewSequence();
-        running_.push_back(std::move(a));
+      // Waiting requests that were cancelled or expired leave now, not when admitted.
+      const absl::Time now = absl::Now();
+      for (auto& a : queue_) {
+        if ((a->req.cancel && a->req.cancel->cancelled()) || now > a->req.deadline) {
+          dropped.push_back(std::move(a));
+        }
       }
+      std::erase_if(queue_, [](const auto& a) { return a == nullptr; });
+      AdmitLocked(&failed);
       stats_.queued = static_cast<int>(queue_.size());
       stats_.running = static_cast<int>(running_.size());
     }
+    for (auto& a : failed) {
+      Finish(*a, "error", absl::ResourceExhaustedError("the KV cache cannot hold this request"));
+    }
+    for (auto& a : dropped) {
+      if (a->req.cancel && a->req.cancel->cancelled()) {
+        Finish(*a, "cancelled", absl::CancelledError("cancelled by the client"));
+      } else {
+        Finish(*a, "deadline", absl::DeadlineExceededError("deadline exceeded"));
+      }
+    }
 
-    // Drop cancelled and expired requests before they cost a step.
+    // Drop cancelled and expired requests before they cost a step; their blocks are freed.
     const absl::Time now = absl::Now();
     for (auto& a : running_) {
       if (a->req.cancel && a->req.cancel->cancelled()) {
@@ -133,38 +275,62 @@ void Scheduler::Loop() {
       }
     }
     std::erase_if(running_, [](const auto& a) { return a->finished; });
+    const int64_t preempted = MakeRoomForDecode();
     if (running_.empty()) continue;
 
-    // Build the step: decode tokens first, then prefill chunks within the budget.
+    // Build the step: one token of every decoding sequence first, then prefill chunks, the
+    // budget split fairly among the prefilling requests starting at a rotating position.
     std::vector<StepInput> inputs;
     std::vector<Active*> owners;
-    std::vector<int32_t> decode_tokens(running_.size());
+    std::vector<int64_t> chunk;
     int64_t budget = options_.max_step_tokens;
-    absl::Time deadline = absl::InfinitePast();
-    for (size_t i = 0; i < running_.size(); ++i) {
-      Active* a = running_[i].get();
-      if (a->prefilled < static_cast<int64_t>(a->req.prompt.size())) continue;
-      decode_tokens[i] = a->next_token;
-      inputs.push_back({a->seq.get(), absl::Span<const int32_t>(&decode_tokens[i], 1), false});
-      owners.push_back(a);
-      --budget;
-    }
+    std::vector<Active*> prefilling;
     for (auto& up : running_) {
       Active* a = up.get();
-      const int64_t remaining = static_cast<int64_t>(a->req.prompt.size()) - a->prefilled;
-      if (remaining <= 0) continue;
-      if (budget <= 0 && !inputs.empty()) break;
-      const int64_t n = std::min(remaining, std::max<int64_t>(budget, 1));
-      inputs.push_back({a->seq.get(),
-                        absl::Span<const int32_t>(a->req.prompt.data() + a->prefilled, n),
-                        a->req.score_only});
-      owners.push_back(a);
-      budget -= n;
+      if (a->pending() == 1) {
+        owners.push_back(a);
+        chunk.push_back(1);
+        --budget;
+      } else if (a->pending() > 1) {
+        prefilling.push_back(a);
+      }
+    }
+    if (!prefilling.empty()) {
+      if (owners.empty()) budget = std::max<int64_t>(budget, 1);
+      const size_t n = prefilling.size();
+      std::rotate(prefilling.begin(), prefilling.begin() + (round_robin_++ % n), prefilling.end());
+      std::vector<int64_t> give(n, 0);
+      // Water-filling: an equal share each round; requests that need less take what they
+      // need and the rest is shared again among the others.
+      while (budget > 0) {
+        size_t hungry = 0;
+        for (size_t i = 0; i < n; ++i) hungry += give[i] < prefilling[i]->pending();
+        if (hungry == 0) break;
+        const int64_t share = std::max<int64_t>(1, budget / static_cast<int64_t>(hungry));
+        for (size_t i = 0; i < n && budget > 0; ++i) {
+          const int64_t take = std::min({share, prefilling[i]->pending() - give[i], budget});
+          give[i] += take;
+          budget -= take;
+        }
+      }
+      for (size_t i = 0; i < n; ++i) {
+        if (give[i] == 0) continue;
+        owners.push_back(prefilling[i]);
+        chunk.push_back(give[i]);
+      }
     }
     int64_t step_tokens = 0;
+    // The step ends at the earliest deadline among its requests: a later one would let a
+    // request run past its own. (A request whose deadline ends the step fails; the others
+    // retry in the next step.)
+    absl::Time deadline = absl::InfiniteFuture();
     for (size_t i = 0; i < owners.size(); ++i) {
-      deadline = std::max(deadline, owners[i]->req.deadline);
-      step_tokens += static_cast<int64_t>(inputs[i].tokens.size());
+      Active* a = owners[i];
+      inputs.push_back({a->seq.get(),
+                        absl::Span<const int32_t>(a->tokens.data() + a->fed(), chunk[i]),
+                        a->req.score_only});
+      deadline = std::min(deadline, a->req.deadline);
+      step_tokens += chunk[i];
     }
     CallOptions opts;
     opts.deadline = deadline;
@@ -190,6 +356,7 @@ void Scheduler::Loop() {
     info.sequences = static_cast<int64_t>(owners.size());
     info.seconds = absl::ToDoubleSeconds(absl::Now() - step_start);
     info.ok = out.ok();
+    info.preempted = preempted;
     for (auto& [flag, id] : watches) flag->RemoveCallback(id);
     {
       absl::MutexLock lock(&mu_);
@@ -199,45 +366,66 @@ void Scheduler::Loop() {
       info.queued = static_cast<int>(queue_.size());
     }
     if (!out.ok()) {
-      const bool expired = out.status().code() == absl::StatusCode::kDeadlineExceeded;
-      const bool cancelled = out.status().code() == absl::StatusCode::kCancelled;
-      for (Active* a : owners)
-        Finish(*a, expired ? "deadline" : cancelled ? "cancelled" : "error", out.status());
-      std::erase_if(running_, [](const auto& a) { return a->finished; });
-      info.running = static_cast<int>(running_.size());
-      if (options_.on_step) options_.on_step(info);
-      continue;
-    }
-    for (size_t i = 0; i < owners.size(); ++i) {
-      Active* a = owners[i];
-      const Tensor& logits = (*out)[i];
-      const int64_t prompt_len = static_cast<int64_t>(a->req.prompt.size());
-      const bool was_prefill = a->prefilled < prompt_len;
-      if (was_prefill) {
-        a->prefilled += static_cast<int64_t>(inputs[i].tokens.size());
+      // Only what must fail fails: requests past their deadline, cancelled ones, and all of
+      // them for an error that retrying cannot fix or after too many failed steps. The rest
+      // stay in the batch and the step is retried after a backoff.
+      const absl::StatusCode code = out.status().code();
+      const bool transient =
+          code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kResourceExhausted ||
+          code == absl::StatusCode::kAborted || code == absl::StatusCode::kDeadlineExceeded ||
+          code == absl::StatusCode::kCancelled;
+      const absl::Time now = absl::Now();
+      bool kept = false;
+      for (Active* a : owners) {
+        if (a->req.cancel && a->req.cancel->cancelled()) {
+          Finish(*a, "cancelled", absl::CancelledError("cancelled"));
+        } else if (now >= a->req.deadline) {
+          Finish(*a, "deadline",
+                 absl::DeadlineExceededError(
+                     absl::StrCat("deadline exceeded (last step: ", out.status().message(), ")")));
+        } else if (!transient || ++a->failed_steps >= options_.max_failed_steps) {
+          Finish(*a, "error", out.status());
+        } else {
+          kept = true;
+        }
+      }
+      if (kept) {
+        consecutive_failures = std::min(consecutive_failures + 1, 6);
+        absl::SleepFor(
+            std::min(absl::Milliseconds(20) * (1 << (consecutive_failures - 1)), absl::Seconds(1)));
+      }
+    } else {
+      consecutive_failures = 0;
+      for (Active* a : owners) a->failed_steps = 0;
+      for (size_t i = 0; i < owners.size(); ++i) {
+        Active* a = owners[i];
+        const Tensor& logits = (*out)[i];
+        const int64_t prompt_len = static_cast<int64_t>(a->req.prompt.size());
         if (a->req.score_only) {
           a->score_rows.insert(a->score_rows.end(), logits.data(), logits.data() + logits.numel());
-          if (a->prefilled == prompt_len) Finish(*a, "stop", absl::OkStatus());
+          if (a->pending() == 0) Finish(*a, "stop", absl::OkStatus());
           continue;
         }
-        if (a->prefilled < prompt_len) continue;
-      }
-      const int32_t tok = a->sampler->Sample(
-          logits.span().subspan((logits.dim(0) - 1) * cfg.vocab_size, cfg.vocab_size));
-      ++a->generated;
-      a->next_token = tok;
-      GenerationEvent ev;
-      ev.token = tok;
-      ev.prompt_tokens = prompt_len;
-      ev.completion_tokens = a->generated;
-      a->cb(ev);
-      if (std::find(a->req.stop_tokens.begin(), a->req.stop_tokens.end(), tok) !=
-          a->req.stop_tokens.end()) {
-        Finish(*a, "stop", absl::OkStatus());
-      } else if (a->generated >= a->req.max_tokens) {
-        Finish(*a, "length", absl::OkStatus());
-      } else if (a->seq->length() + 1 > cfg.max_position_embeddings) {
-        Finish(*a, "max_position", absl::OkStatus());
+        if (a->pending() > 0) continue;  // prefill (or recomputation) not done yet
+        const absl::Span<const float> row =
+            logits.span().subspan((logits.dim(0) - 1) * cfg.vocab_size, cfg.vocab_size);
+        const int32_t tok = a->sampler->Sample(row);
+        ++a->generated;
+        a->tokens.push_back(tok);
+        GenerationEvent ev;
+        ev.token = tok;
+        if (a->req.logprobs >= 0) TokenLogprobs(row, tok, a->req.logprobs, &ev);
+        ev.prompt_tokens = prompt_len;
+        ev.completion_tokens = a->generated;
+        a->cb(ev);
+        if (std::find(a->req.stop_tokens.begin(), a->req.stop_tokens.end(), tok) !=
+            a->req.stop_tokens.end()) {
+          Finish(*a, "stop", absl::OkStatus());
+        } else if (a->generated >= a->req.max_tokens) {
+          Finish(*a, "length", absl::OkStatus());
+        } else if (a->seq->length() + 1 > cfg.max_position_embeddings) {
+          Finish(*a, "max_position", absl::OkStatus());
+        }
       }
     }
     std::erase_if(running_, [](const auto& a) { return a->finished; });
@@ -246,6 +434,10 @@ void Scheduler::Loop() {
       stats_.running = static_cast<int>(running_.size());
     }
     info.running = static_cast<int>(running_.size());
+    info.kv = engine_->kv_cache().stats();
+    info.prefix_query_tokens = info.kv.prefix_query_tokens - last_kv_.prefix_query_tokens;
+    info.prefix_hit_tokens = info.kv.prefix_hit_tokens - last_kv_.prefix_hit_tokens;
+    last_kv_ = info.kv;
     if (options_.on_step) options_.on_step(info);
   }
 }

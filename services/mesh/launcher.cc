@@ -18,11 +18,12 @@
 #include "grpcpp/grpcpp.h"
 #include "services/common/status_macros.h"
 #include "services/model/config.h"
+#include "services/rpc/tls.h"
 
 namespace moemesh {
 
 absl::Status WaitForServing(const std::string& address, absl::Time deadline) {
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  auto channel = grpc::CreateChannel(address, ClientChannelCredentials());
   auto stub = grpc::health::v1::Health::NewStub(channel);
   std::string last = "no answer";
   while (absl::Now() < deadline) {
@@ -135,7 +136,7 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
     for (int r = 0; r < o.replicas; ++r) {
       const std::string name = absl::StrCat("worker-g", g, "-r", r);
       std::vector<std::string> args = {"--model=" + o.model, "--experts=" + spec, "--name=" + name,
-                                       metrics_flag};
+                                       absl::StrCat("--top_k=", o.top_k), metrics_flag};
       args.insert(args.end(), o.worker_args.begin(), o.worker_args.end());
       ASSIGN_OR_RETURN(Process p, m->Spawn(name, o.bin_dir + "/moemesh-expert-worker", args));
       p.group = g;
@@ -153,14 +154,16 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
                                                   p.address.substr(p.address.rfind(':') + 1))
                                    : p.address);
     }
-    groups.push_back(absl::StrJoin(reps, "|"));
+    groups.push_back(o.multi_address_groups ? absl::StrCat("ipv4:", absl::StrJoin(reps, ","))
+                                            : absl::StrJoin(reps, "|"));
   }
-  std::vector<std::string> rargs = {"--model=" + o.model,
-                                    "--groups=" + absl::StrJoin(groups, ","),
-                                    "--wire_dtype=" + o.wire_dtype,
-                                    absl::StrCat("--top_k=", o.top_k),
-                                    metrics_flag,
-                                    shared_flag};
+  std::vector<std::string> rargs = {
+      "--model=" + o.model,
+      "--groups=" + absl::StrJoin(groups, o.multi_address_groups ? ";" : ","),
+      "--wire_dtype=" + o.wire_dtype,
+      absl::StrCat("--top_k=", o.top_k),
+      metrics_flag,
+      shared_flag};
   rargs.insert(rargs.end(), o.router_args.begin(), o.router_args.end());
   ASSIGN_OR_RETURN(m->router_, m->Spawn("router", o.bin_dir + "/moemesh-router", rargs));
   RETURN_IF_ERROR(m->WaitServing(&m->router_, deadline));

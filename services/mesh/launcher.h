@@ -37,6 +37,10 @@ struct MeshOptions {
   // Name single-replica groups to the router as dns:///localhost:PORT (gRPC's DNS resolver
   // and round_robin, as with a headless Kubernetes Service) instead of host:port.
   bool dns_targets = false;
+  // Name each group to the router as one multi-address target, ipv4:HOST:P1,HOST:P2 (gRPC
+  // balances it round-robin, like a DNS name with several A records); groups are then
+  // separated by ';'. Needs host:port worker addresses (not dns_targets).
+  bool multi_address_groups = false;
   absl::Duration startup_timeout = absl::Seconds(120);
   // Extra flags per service.
   std::vector<std::string> worker_args, router_args, gateway_args;

@@ -62,6 +62,10 @@ Metrics::Metrics(std::string service)
                   .Name("moemesh_replica_retries_total")
                   .Help("Calls retried on another replica")
                   .Register(*registry_);
+  group_replicas_ = &BuildGauge()
+                         .Name("moemesh_group_replicas")
+                         .Help("Replicas of each expert group, ready or down")
+                         .Register(*registry_);
   tokens_ = &BuildCounter()
                  .Name("moemesh_tokens_total")
                  .Help("Prompt and completion tokens")
@@ -82,6 +86,38 @@ Metrics::Metrics(std::string service)
                .Name("moemesh_time_to_first_token_seconds")
                .Help("Request arrival to first token")
                .Register(*registry_);
+  http_requests_ = &BuildCounter()
+                        .Name("moemesh_http_requests_total")
+                        .Help("HTTP API requests by path and status code")
+                        .Register(*registry_);
+  http_latency_ = &BuildHistogram()
+                       .Name("moemesh_http_request_duration_seconds")
+                       .Help("HTTP API request receive to response end (the whole stream)")
+                       .Register(*registry_);
+  kv_blocks_ = &BuildGauge()
+                    .Name("moemesh_kv_cache_blocks")
+                    .Help("KV cache blocks: used by sequences, cached for prefix reuse, total")
+                    .Register(*registry_);
+  kv_usage_ = &BuildGauge()
+                   .Name("moemesh_kv_cache_usage_ratio")
+                   .Help("Fraction of the KV cache's blocks used by sequences")
+                   .Register(*registry_);
+  preemptions_ = &BuildCounter()
+                      .Name("moemesh_preemptions_total")
+                      .Help("Running requests preempted for KV memory, to be recomputed")
+                      .Register(*registry_);
+  prefix_query_ = &BuildCounter()
+                       .Name("moemesh_prefix_cache_query_tokens_total")
+                       .Help("Prompt tokens looked up in the prefix cache")
+                       .Register(*registry_);
+  prefix_hit_ = &BuildCounter()
+                     .Name("moemesh_prefix_cache_hit_tokens_total")
+                     .Help("Prompt tokens found in the prefix cache")
+                     .Register(*registry_);
+  prefix_hit_ratio_ = &BuildGauge()
+                           .Name("moemesh_prefix_cache_hit_ratio")
+                           .Help("Prefix cache hit tokens / query tokens since start")
+                           .Register(*registry_);
   window_start_ = absl::Now();
 }
 
@@ -162,6 +198,14 @@ void Metrics::ObserveLatency(const std::string& method, double seconds) {
   latency_->Add({{"service", service_}, {"method", method}}, LatencyBuckets()).Observe(seconds);
 }
 
+void Metrics::CountHttpRequest(const std::string& path, int status) {
+  Counter(http_requests_, {{"path", path}, {"code", std::to_string(status)}}).Increment();
+}
+
+void Metrics::ObserveHttpLatency(const std::string& path, double seconds) {
+  http_latency_->Add({{"path", path}}, LatencyBuckets()).Observe(seconds);
+}
+
 void Metrics::SetQueueDepth(double depth) { queue_depth_->Add({{"service", service_}}).Set(depth); }
 
 void Metrics::ObserveCompute(double seconds, int64_t tokens, int64_t assignments) {
@@ -191,6 +235,11 @@ void Metrics::AddTokenSends(int64_t sends) {
 
 void Metrics::CountRetry(int group) { retries_->Add({{"group", absl::StrCat(group)}}).Increment(); }
 
+void Metrics::SetGroupReplicas(int group, int ready, int total) {
+  group_replicas_->Add({{"group", absl::StrCat(group)}, {"state", "ready"}}).Set(ready);
+  group_replicas_->Add({{"group", absl::StrCat(group)}, {"state", "down"}}).Set(total - ready);
+}
+
 void Metrics::AddTokens(int64_t prompt, int64_t completion) {
   if (prompt) tokens_->Add({{"kind", "prompt"}}).Increment(static_cast<double>(prompt));
   if (completion) tokens_->Add({{"kind", "completion"}}).Increment(static_cast<double>(completion));
@@ -207,6 +256,24 @@ void Metrics::ObserveStep(double seconds, int64_t tokens) {
 
 void Metrics::ObserveTimeToFirstToken(double seconds) {
   ttft_->Add({}, LatencyBuckets()).Observe(seconds);
+}
+
+void Metrics::ObserveKvCache(int64_t used_blocks, int64_t cached_blocks, int64_t total_blocks,
+                             int64_t preempted, int64_t prefix_query_tokens,
+                             int64_t prefix_hit_tokens) {
+  kv_blocks_->Add({{"state", "used"}}).Set(static_cast<double>(used_blocks));
+  kv_blocks_->Add({{"state", "cached"}}).Set(static_cast<double>(cached_blocks));
+  kv_blocks_->Add({{"state", "total"}}).Set(static_cast<double>(total_blocks));
+  if (total_blocks > 0) {
+    kv_usage_->Add({}).Set(static_cast<double>(used_blocks) / static_cast<double>(total_blocks));
+  }
+  auto& preemptions = preemptions_->Add({});
+  auto& query = prefix_query_->Add({});
+  auto& hit = prefix_hit_->Add({});
+  preemptions.Increment(static_cast<double>(preempted));
+  query.Increment(static_cast<double>(prefix_query_tokens));
+  hit.Increment(static_cast<double>(prefix_hit_tokens));
+  if (query.Value() > 0) prefix_hit_ratio_->Add({}).Set(hit.Value() / query.Value());
 }
 
 }  // namespace moemesh

@@ -13,10 +13,23 @@
 //   moemesh_worker_tokens_total{service}               worker: token rows computed
 //   moemesh_dispatch_token_sends_total                 router: (token, group) sends
 //   moemesh_replica_retries_total{group}               router: retries on another replica
+//   moemesh_group_replicas{group,state=ready|down}     router: replicas per group (degraded
+//                                                      while any is down)
 //   moemesh_tokens_total{kind=prompt|completion}       gateway: tokens in and out
 //   moemesh_running_sequences                          gateway: sequences in the batch
 //   moemesh_step_tokens / moemesh_step_duration_seconds gateway: batch size and step time
 //   moemesh_time_to_first_token_seconds                gateway
+//   moemesh_http_requests_total{path,code}             gateway HTTP API, when the response ends
+//   moemesh_http_request_duration_seconds{path}        gateway HTTP API: receive → response end
+//   moemesh_kv_cache_blocks{state=used|cached|total}   gateway: KV cache pool after each step
+//                                                      (cached: unreferenced prefix blocks,
+//                                                      free to take)
+//   moemesh_kv_cache_usage_ratio                       gateway: used / total blocks
+//   moemesh_preemptions_total                          gateway: requests sent back to wait for
+//                                                      KV memory (recomputed later)
+//   moemesh_prefix_cache_query_tokens_total            gateway: prompt tokens looked up in the
+//   moemesh_prefix_cache_hit_tokens_total              prefix cache at admission, and found;
+//   moemesh_prefix_cache_hit_ratio                     hits / queries since start
 //
 // Thread-safe. Serve() starts an HTTP /metrics endpoint.
 #pragma once
@@ -63,12 +76,19 @@ class Metrics {
   void AddExpertTokens(int layer, const std::vector<int64_t>& per_expert);
   void AddTokenSends(int64_t sends);
   void CountRetry(int group);
+  void SetGroupReplicas(int group, int ready, int total);
 
   // Gateway.
   void AddTokens(int64_t prompt, int64_t completion);
   void SetRunning(double running);
   void ObserveStep(double seconds, int64_t tokens);
   void ObserveTimeToFirstToken(double seconds);
+  // Gateway HTTP API. `path` is one of the API's routes or "other".
+  void CountHttpRequest(const std::string& path, int status);
+  void ObserveHttpLatency(const std::string& path, double seconds);
+  // After each step: the pool's blocks, requests preempted and prefix lookups since the last.
+  void ObserveKvCache(int64_t used_blocks, int64_t cached_blocks, int64_t total_blocks,
+                      int64_t preempted, int64_t prefix_query_tokens, int64_t prefix_hit_tokens);
 
  private:
   prometheus::Counter& Counter(prometheus::Family<prometheus::Counter>* f,
@@ -86,11 +106,20 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* worker_tokens_;
   prometheus::Family<prometheus::Counter>* token_sends_;
   prometheus::Family<prometheus::Counter>* retries_;
+  prometheus::Family<prometheus::Gauge>* group_replicas_;
   prometheus::Family<prometheus::Counter>* tokens_;
   prometheus::Family<prometheus::Gauge>* running_;
   prometheus::Family<prometheus::Histogram>* step_tokens_;
   prometheus::Family<prometheus::Histogram>* step_seconds_;
   prometheus::Family<prometheus::Histogram>* ttft_;
+  prometheus::Family<prometheus::Counter>* http_requests_;
+  prometheus::Family<prometheus::Histogram>* http_latency_;
+  prometheus::Family<prometheus::Gauge>* kv_blocks_;
+  prometheus::Family<prometheus::Gauge>* kv_usage_;
+  prometheus::Family<prometheus::Counter>* preemptions_;
+  prometheus::Family<prometheus::Counter>* prefix_query_;
+  prometheus::Family<prometheus::Counter>* prefix_hit_;
+  prometheus::Family<prometheus::Gauge>* prefix_hit_ratio_;
 
   absl::Mutex mu_;  // guards the busy-ratio window
   absl::Time window_start_ ABSL_GUARDED_BY(mu_);

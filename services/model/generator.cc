@@ -11,7 +11,7 @@
 #include "services/common/status_macros.h"
 #include "services/model/fp8.h"
 #include "services/model/safetensors.h"
-#include "services/model/tokenizer.h"
+#include "services/text/tokenizer.h"
 
 namespace moemesh {
 namespace {

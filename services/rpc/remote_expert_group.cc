@@ -1,5 +1,7 @@
 #include "services/rpc/remote_expert_group.h"
 
+#include <algorithm>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -12,8 +14,13 @@ namespace moemesh {
 
 GrpcExpertGroup::GrpcExpertGroup(std::string target, DType wire)
     : target_(std::move(target)),
+      multi_address_(IsMultiAddressTarget(target_)),
       wire_(wire),
-      channel_(MakeChannel(target_, absl::StartsWith(target_, "dns:"))),
+      channel_(MakeChannel(
+          target_, ChannelOptions{.round_robin = multi_address_,
+                                  .retry_service = multi_address_ ? "moemesh.v1.ExpertWorker" : "",
+                                  .max_attempts = 3,
+                                  .wait_for_ready = false})),
       stub_(v1::ExpertWorker::NewStub(channel_)) {}
 
 namespace {
@@ -82,7 +89,7 @@ struct ReplicaSet::Attempt {
   std::shared_ptr<const ExpertBatch> batch;
   CallOptions opts;
   ExpertDone done;
-  std::vector<bool> tried;
+  std::vector<int> tries;
   absl::Status last;
 };
 
@@ -91,7 +98,18 @@ ReplicaSet::ReplicaSet(std::vector<std::shared_ptr<GrpcExpertGroup>> replicas,
     : replicas_(std::move(replicas)),
       options_(options),
       metrics_(metrics),
-      unhealthy_until_(replicas_.size(), absl::InfinitePast()) {}
+      unhealthy_until_(replicas_.size(), absl::InfinitePast()),
+      ready_(replicas_.size(), true) {}
+
+void ReplicaSet::SetReady(size_t i, bool ready) {
+  absl::MutexLock lock(&mu_);
+  if (i < ready_.size()) ready_[i] = ready;
+}
+
+int ReplicaSet::ready_count() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(std::count(ready_.begin(), ready_.end(), true));
+}
 
 std::string ReplicaSet::name() const {
   std::vector<std::string> names;
@@ -104,18 +122,20 @@ std::vector<ReplicaSet::ReplicaState> ReplicaSet::State() const {
   absl::MutexLock lock(&mu_);
   const absl::Time now = absl::Now();
   for (size_t i = 0; i < replicas_.size(); ++i) {
-    out.push_back({replicas_[i]->name(), replicas_[i]->outstanding(), unhealthy_until_[i] <= now});
+    out.push_back({replicas_[i]->name(), replicas_[i]->outstanding(),
+                   ready_[i] && unhealthy_until_[i] <= now, ready_[i]});
   }
   return out;
 }
 
-int ReplicaSet::Pick(const std::vector<bool>& tried) const {
+int ReplicaSet::Pick(const std::vector<int>& tries) const {
   absl::MutexLock lock(&mu_);
   const absl::Time now = absl::Now();
   int best = -1;
   bool best_healthy = false;
   for (size_t i = 0; i < replicas_.size(); ++i) {
-    if (tried[i]) continue;
+    const int limit = replicas_[i]->multi_address() ? options_.multi_address_attempts : 1;
+    if (tries[i] >= limit || !ready_[i]) continue;
     const bool healthy = unhealthy_until_[i] <= now;
     if (best < 0 || (healthy && !best_healthy) ||
         (healthy == best_healthy && replicas_[i]->outstanding() < replicas_[best]->outstanding())) {
@@ -132,18 +152,25 @@ void ReplicaSet::RunExpertsAsync(std::shared_ptr<const ExpertBatch> batch, const
   a->batch = std::move(batch);
   a->opts = opts;
   a->done = std::move(done);
-  a->tried.assign(replicas_.size(), false);
+  a->tries.assign(replicas_.size(), 0);
   Try(std::move(a));
 }
 
 void ReplicaSet::Try(std::shared_ptr<Attempt> a) {
-  const int r = Pick(a->tried);
+  const int r = Pick(a->tries);
   if (r < 0) {
-    a->done(absl::UnavailableError(absl::StrCat(
-        "no replica of ", name(), " could serve the call; last error: ", a->last.message())));
+    // Overload stays overload: the caller may back off and retry.
+    if (a->last.code() == absl::StatusCode::kResourceExhausted) {
+      a->done(absl::ResourceExhaustedError(
+          absl::StrCat("every replica of ", name(), " is overloaded: ", a->last.message())));
+      return;
+    }
+    a->done(absl::UnavailableError(
+        absl::StrCat("no ready replica of ", name(), " could serve the call",
+                     a->last.ok() ? "" : "; last error: ", a->last.message())));
     return;
   }
-  a->tried[r] = true;
+  ++a->tries[r];
   CallOptions attempt = a->opts;
   const absl::Time attempt_deadline = absl::Now() + options_.attempt_timeout;
   if (attempt_deadline < attempt.deadline) attempt.deadline = attempt_deadline;
@@ -158,14 +185,18 @@ void ReplicaSet::Try(std::shared_ptr<Attempt> a) {
     // RunExperts has no side effects, so any transport-level failure is safe to retry. A
     // worker that is shutting down answers a call racing its drain with a bare CANCELLED;
     // that is the worker's cancellation, not ours, when our own flag is not set.
+    // RESOURCE_EXHAUSTED: that replica's queue is full; another may have room.
     const bool retriable = code == absl::StatusCode::kUnavailable ||
+                           code == absl::StatusCode::kResourceExhausted ||
                            (code == absl::StatusCode::kDeadlineExceeded && time_left) ||
                            (code == absl::StatusCode::kCancelled && !cancelled && time_left);
     if (result.ok() || !retriable || cancelled) {
       a->done(std::move(result));
       return;
     }
-    {
+    // An overloaded replica is alive, and one address of a multi-address replica failing
+    // says nothing of the others: neither is set aside.
+    if (code != absl::StatusCode::kResourceExhausted && !replicas_[r]->multi_address()) {
       absl::MutexLock lock(&mu_);
       unhealthy_until_[r] = absl::Now() + options_.unhealthy_for;
     }

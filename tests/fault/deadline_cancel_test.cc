@@ -50,6 +50,7 @@ Stream RunStream(const std::string& address, const std::vector<int32_t>& prompt,
   v1::GenerateRequest req;
   req.mutable_prompt_tokens()->mutable_ids()->Add(prompt.begin(), prompt.end());
   req.set_max_tokens(o.max_tokens);
+  req.set_ignore_eos(true);
   auto reader = gw->Generate(&ctx, req);
   v1::GenerateResponse resp;
   Stream s;

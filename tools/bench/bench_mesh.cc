@@ -328,6 +328,7 @@ StreamResult RunStream(v1::Gateway::Stub* stub, const std::vector<int32_t>& prom
   v1::GenerateRequest req;
   req.mutable_prompt_tokens()->mutable_ids()->Add(prompt.begin(), prompt.end());
   req.set_max_tokens(max_tokens);
+  req.set_ignore_eos(true);  // every stream generates exactly max_tokens
   auto reader = stub->Generate(&ctx, req);
   v1::GenerateResponse resp;
   absl::Time last = start;

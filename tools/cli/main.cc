@@ -1,9 +1,14 @@
 // moemesh: the command-line tool.
 //
 //   moemesh make-model --arch mixtral|deepseek_v3 --out DIR [--vocab --hidden ... --dtype --seed]
-//   moemesh generate  (--model DIR | --gateway ADDR) (--prompt TEXT | --tokens 1,2,3) --max-tokens
-//   N moemesh score     (--model DIR | --gateway ADDR) --tokens 1,2,3 moemesh up        [--model
-//   DIR] --groups G [--replicas R]
+//                      [--tokenizer_from DIR]
+//   moemesh generate   (--model DIR | --gateway ADDR) (--prompt TEXT | --chat FILE |
+//                      --tokens 1,2,3) [--max_tokens N --stop STR --ignore_eos]
+//   moemesh chat       (--model DIR | --gateway ADDR) [--chat FILE] [--stop STR]
+//   moemesh score      (--model DIR | --gateway ADDR) --tokens 1,2,3
+//   moemesh tokenize   (--model DIR | --gateway ADDR) (--prompt TEXT | --chat FILE)
+//   moemesh detokenize (--model DIR | --gateway ADDR) --ids 1,2,3
+//   moemesh up         [--model DIR] --groups G [--replicas R]
 #include <unistd.h>
 
 #include <cstdio>
@@ -16,6 +21,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -23,7 +29,8 @@
 
 ABSL_FLAG(std::string, arch, "mixtral", "make-model: mixtral | deepseek_v3");
 ABSL_FLAG(std::string, out, "", "make-model: output directory");
-ABSL_FLAG(int, vocab, 512, "make-model: vocabulary size");
+ABSL_FLAG(int, vocab, 0,
+          "make-model: vocabulary size (0: the --tokenizer_from tokenizer's size, else 512)");
 ABSL_FLAG(int, hidden, 256, "make-model: hidden size");
 ABSL_FLAG(int, intermediate, 512,
           "make-model: expert FFN width (mixtral); dense-layer FFN width (deepseek_v3)");
@@ -70,20 +77,74 @@ ABSL_FLAG(std::string, gateway, "", "generate/score through a running gateway at
 ABSL_FLAG(std::string, prompt, "", "generate: prompt text");
 ABSL_FLAG(std::string, tokens, "", "generate/score: comma-separated token ids");
 ABSL_FLAG(int, max_tokens, 16, "generate: tokens to generate");
-ABSL_FLAG(double, temperature, 0.0, "generate: 0 is greedy");
-ABSL_FLAG(int, sample_top_k, 0, "generate: sample among the k most likely (0: all)");
-ABSL_FLAG(double, top_p, 1.0, "generate: nucleus sampling mass");
+ABSL_FLAG(double, temperature, -1,
+          "generate/chat: 0 is greedy (-1: the model's generation_config.json default, else 0)");
+ABSL_FLAG(int, sample_top_k, -1,
+          "generate/chat: sample among the k most likely (0: all; -1: the model's default, else "
+          "all)");
+ABSL_FLAG(double, top_p, -1,
+          "generate/chat: nucleus sampling mass (-1: the model's default, else 1)");
+ABSL_FLAG(std::string, chat, "",
+          "generate/chat/tokenize: a JSON file holding an array of {\"role\",\"content\"} "
+          "messages, rendered with the model's chat template and the generation prompt");
+ABSL_FLAG(std::vector<std::string>, stop, {},
+          "generate/chat: stop strings, comma-separated; C escapes such as \\n and \\, are "
+          "understood");
+ABSL_FLAG(bool, ignore_eos, false, "generate/chat: keep generating past the model's EOS ids");
+ABSL_FLAG(bool, add_special_tokens, true,
+          "tokenize: add the tokenizer's special tokens (BOS, ...) as Hugging Face does");
+ABSL_FLAG(std::string, ids, "", "detokenize: comma-separated token ids");
+ABSL_FLAG(bool, skip_special_tokens, false, "detokenize: leave special tokens out");
+ABSL_FLAG(std::string, tokenizer_from, "",
+          "make-model: copy tokenizer.json, tokenizer_config.json (and generation_config.json) "
+          "from this directory; the vocabulary grows to the tokenizer's size");
 ABSL_FLAG(bool, logprobs, false, "score: print log-probabilities instead of logits");
+ABSL_FLAG(int, top_logprobs, 0,
+          "score: print the N most likely next tokens per position and the log-probability of "
+          "each given next token, instead of the full distribution");
 ABSL_FLAG(int, groups, 1, "generate/score in process: local expert groups; up: expert groups");
 ABSL_FLAG(int, replicas, 1, "up: replicas per expert group");
 ABSL_FLAG(std::string, wire_dtype, "bf16", "up: activation dtype on the wire (f32 | bf16)");
 ABSL_FLAG(bool, shared_in_gateway, true,
           "up: run DeepSeek shared experts in the gateway, overlapped with the router call "
           "(--noshared_in_gateway: in expert group 0)");
+ABSL_FLAG(int64_t, kv_cache_bytes, -1,
+          "up: the gateway's KV cache bound in bytes (-1: the gateway's default, half the free "
+          "memory)");
+ABSL_FLAG(std::string, kv_cache_dtype, "", "up: the gateway's KV cache dtype, f32 | bf16");
 ABSL_FLAG(std::string, address_file, "", "up: write the gateway address to this file once serving");
+ABSL_FLAG(int, http_port, -1,
+          "up: serve the OpenAI-compatible HTTP API on this gateway port (0: any; -1: off)");
+ABSL_FLAG(std::string, api_key_file, "", "up: the gateway's API keys (one per line)");
+ABSL_FLAG(std::string, chat_template, "",
+          "up: a Jinja chat template file that replaces the model's");
 ABSL_FLAG(double, timeout, 0, "generate/score via gateway: deadline in seconds (0: none)");
 
 namespace {
+
+// --stop: comma-separated, where "\\," is a literal comma and C escapes are understood.
+absl::StatusOr<std::vector<std::string>> ParseStops(const std::vector<std::string>& parts) {
+  // absl split the flag at every comma; a part ending in a backslash was an escaped comma.
+  std::vector<std::string> joined;
+  bool glue = false;
+  for (const std::string& p : parts) {
+    if (glue) {
+      joined.back().pop_back();
+      joined.back() += "," + p;
+    } else {
+      joined.push_back(p);
+    }
+    glue = !joined.back().empty() && joined.back().back() == '\\';
+  }
+  std::vector<std::string> out;
+  for (const std::string& p : joined) {
+    std::string u, err;
+    if (!absl::CUnescape(p, &u, &err))
+      return absl::InvalidArgumentError(absl::StrCat("bad --stop '", p, "': ", err));
+    if (!u.empty()) out.push_back(u);
+  }
+  return out;
+}
 
 absl::StatusOr<std::vector<int32_t>> ParseTokens(const std::string& s) {
   std::vector<int32_t> out;
@@ -103,7 +164,10 @@ int main(int argc, char** argv) {
       "moemesh <command> [flags]\n\ncommands:\n"
       "  make-model  write a random checkpoint\n"
       "  generate    generate text or tokens (in process with --model, or via --gateway)\n"
+      "  chat        answer a chat (--chat FILE), or converse line by line on stdin\n"
       "  score       print the logits of every position as JSON\n"
+      "  tokenize    print the token ids of --prompt TEXT or --chat FILE as JSON\n"
+      "  detokenize  print the text of --ids 1,2,3 as JSON\n"
       "  up          start the whole mesh on loopback");
   // Accept --kv-heads as well as --kv_heads: absl flag names use underscores.
   std::vector<std::string> storage(argv, argv + argc);
@@ -132,7 +196,7 @@ int main(int argc, char** argv) {
     moemesh::cli::MakeModelArgs m;
     m.arch = absl::GetFlag(FLAGS_arch);
     m.out = absl::GetFlag(FLAGS_out);
-    m.vocab = absl::GetFlag(FLAGS_vocab);
+    m.vocab = absl::GetFlag(FLAGS_vocab) > 0 ? absl::GetFlag(FLAGS_vocab) : 512;
     m.hidden = absl::GetFlag(FLAGS_hidden);
     m.intermediate = absl::GetFlag(FLAGS_intermediate);
     m.layers = absl::GetFlag(FLAGS_layers);
@@ -167,8 +231,30 @@ int main(int argc, char** argv) {
     m.rope_mscale = absl::GetFlag(FLAGS_rope_mscale);
     m.rope_mscale_all_dim = absl::GetFlag(FLAGS_rope_mscale_all_dim);
     m.mtp_layers = absl::GetFlag(FLAGS_mtp_layers);
+    m.tokenizer_from = absl::GetFlag(FLAGS_tokenizer_from);
+    m.vocab_given = absl::GetFlag(FLAGS_vocab) > 0;
     status = moemesh::cli::MakeModel(m);
-  } else if (cmd == "generate" || cmd == "score") {
+  } else if (cmd == "tokenize") {
+    moemesh::cli::TokenizeArgs t;
+    t.prompt = absl::GetFlag(FLAGS_prompt);
+    t.add_special_tokens = absl::GetFlag(FLAGS_add_special_tokens);
+    if (!absl::GetFlag(FLAGS_chat).empty()) {
+      auto m = moemesh::cli::ReadChatFile(absl::GetFlag(FLAGS_chat));
+      if (!m.ok()) {
+        std::cerr << "moemesh: " << m.status().message() << "\n";
+        return 2;
+      }
+      t.messages = *std::move(m);
+    }
+    status = moemesh::cli::Tokenize(c, t);
+  } else if (cmd == "detokenize") {
+    auto ids = ParseTokens(absl::GetFlag(FLAGS_ids));
+    if (!ids.ok()) {
+      std::cerr << "moemesh: " << ids.status().message() << "\n";
+      return 2;
+    }
+    status = moemesh::cli::Detokenize(c, *ids, absl::GetFlag(FLAGS_skip_special_tokens));
+  } else if (cmd == "generate" || cmd == "score" || cmd == "chat") {
     std::vector<int32_t> tokens;
     if (!absl::GetFlag(FLAGS_tokens).empty()) {
       auto t = ParseTokens(absl::GetFlag(FLAGS_tokens));
@@ -178,7 +264,7 @@ int main(int argc, char** argv) {
       }
       tokens = *t;
     }
-    if (cmd == "generate") {
+    if (cmd == "generate" || cmd == "chat") {
       moemesh::cli::GenerateArgs g;
       g.prompt = absl::GetFlag(FLAGS_prompt);
       g.tokens = tokens;
@@ -187,9 +273,31 @@ int main(int argc, char** argv) {
       g.sampling.top_k = absl::GetFlag(FLAGS_sample_top_k);
       g.sampling.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
       g.sampling.seed = absl::GetFlag(FLAGS_seed);
-      status = moemesh::cli::Generate(c, g);
+      g.temperature_set = g.sampling.temperature >= 0;
+      g.top_k_set = g.sampling.top_k >= 0;
+      g.top_p_set = g.sampling.top_p >= 0;
+      if (!g.temperature_set) g.sampling.temperature = 0;
+      if (!g.top_k_set) g.sampling.top_k = 0;
+      if (!g.top_p_set) g.sampling.top_p = 1;
+      g.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
+      auto stops = ParseStops(absl::GetFlag(FLAGS_stop));
+      if (!stops.ok()) {
+        std::cerr << "moemesh: " << stops.status().message() << "\n";
+        return 2;
+      }
+      g.stop = *std::move(stops);
+      if (!absl::GetFlag(FLAGS_chat).empty()) {
+        auto m = moemesh::cli::ReadChatFile(absl::GetFlag(FLAGS_chat));
+        if (!m.ok()) {
+          std::cerr << "moemesh: " << m.status().message() << "\n";
+          return 2;
+        }
+        g.messages = *std::move(m);
+      }
+      status = cmd == "chat" ? moemesh::cli::Chat(c, g) : moemesh::cli::Generate(c, g);
     } else {
-      status = moemesh::cli::Score(c, tokens, absl::GetFlag(FLAGS_logprobs));
+      status = moemesh::cli::Score(c, tokens, absl::GetFlag(FLAGS_logprobs),
+                                   absl::GetFlag(FLAGS_top_logprobs));
     }
   } else if (cmd == "up") {
     moemesh::cli::UpArgs u;
@@ -207,6 +315,11 @@ int main(int argc, char** argv) {
                               : absl::StrCat(home ? home : "/tmp", "/.cache/moemesh/default-model");
     u.address_file = absl::GetFlag(FLAGS_address_file);
     u.shared_in_gateway = absl::GetFlag(FLAGS_shared_in_gateway);
+    u.http_port = absl::GetFlag(FLAGS_http_port);
+    u.api_key_file = absl::GetFlag(FLAGS_api_key_file);
+    u.chat_template = absl::GetFlag(FLAGS_chat_template);
+    u.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+    u.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
     const char* tmp = std::getenv("TMPDIR");
     u.run_dir = tmp ? tmp : "/tmp";
     status = moemesh::cli::Up(c, u);

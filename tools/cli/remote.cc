@@ -35,33 +35,52 @@ void SetDeadline(const Common& c, grpc::ClientContext* ctx) {
 
 }  // namespace
 
-absl::Status GenerateViaGateway(const Common& c, const GenerateArgs& a) {
+namespace {
+
+void ToProtoChat(const nlohmann::ordered_json& messages, v1::Chat* chat) {
+  for (const nlohmann::ordered_json& m : messages) {
+    v1::ChatMessage* pm = chat->add_messages();
+    pm->set_role(m.value("role", ""));
+    if (m.contains("content") && m["content"].is_string())
+      pm->set_content(m["content"].get<std::string>());
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> GenerateViaGateway(const Common& c, const GenerateArgs& a) {
   auto stub = GatewayStub(c.gateway);
   grpc::ClientContext ctx;
   SetDeadline(c, &ctx);
   v1::GenerateRequest req;
   const bool text_mode = a.tokens.empty();
-  if (text_mode) {
-    if (a.prompt.empty()) return absl::InvalidArgumentError("give --prompt TEXT or --tokens 1,2,3");
-    req.set_prompt(a.prompt);
-  } else {
+  if (!a.tokens.empty()) {
     req.mutable_prompt_tokens()->mutable_ids()->Add(a.tokens.begin(), a.tokens.end());
+  } else if (!a.messages.is_null()) {
+    ToProtoChat(a.messages, req.mutable_chat());
+  } else {
+    if (a.prompt.empty())
+      return absl::InvalidArgumentError("give --prompt TEXT, --chat FILE or --tokens 1,2,3");
+    req.set_prompt(a.prompt);
   }
   req.set_max_tokens(a.max_tokens);
-  req.mutable_sampling()->set_temperature(a.sampling.temperature);
-  req.mutable_sampling()->set_top_k(a.sampling.top_k);
-  req.mutable_sampling()->set_top_p(a.sampling.top_p);
+  if (a.temperature_set) req.mutable_sampling()->set_temperature(a.sampling.temperature);
+  if (a.top_k_set) req.mutable_sampling()->set_top_k(a.sampling.top_k);
+  if (a.top_p_set) req.mutable_sampling()->set_top_p(a.sampling.top_p);
   req.mutable_sampling()->set_seed(a.sampling.seed);
+  for (const std::string& s : a.stop) req.add_stop(s);
+  req.set_ignore_eos(a.ignore_eos);
   const absl::Time start = absl::Now();
   absl::Time first = start;
   auto reader = stub->Generate(&ctx, req);
   v1::GenerateResponse resp;
   int64_t n = 0, received = 0;
   v1::Usage usage;
-  std::string finish;
+  std::string finish, text;
   while (reader->Read(&resp)) {
     if (received == 0 && resp.token_ids_size() > 0) first = absl::Now();
     received += resp.token_ids_size();
+    text += resp.text();
     if (text_mode) {
       std::cout << resp.text();
     } else {
@@ -81,18 +100,70 @@ absl::Status GenerateViaGateway(const Common& c, const GenerateArgs& a) {
                static_cast<long long>(usage.completion_tokens()), finish.c_str(),
                absl::ToDoubleSeconds(first - start),
                received > 1 ? (received - 1) / std::max(1e-9, decode_s) : 0.0);
+  return text;
+}
+
+absl::Status TokenizeViaGateway(const Common& c, const TokenizeArgs& a) {
+  auto stub = GatewayStub(c.gateway);
+  grpc::ClientContext ctx;
+  SetDeadline(c, &ctx);
+  v1::TokenizeRequest req;
+  if (!a.messages.is_null()) {
+    ToProtoChat(a.messages, req.mutable_chat());
+  } else {
+    req.set_text(a.prompt);
+    req.set_add_special_tokens(a.add_special_tokens);
+  }
+  v1::TokenizeResponse resp;
+  RETURN_IF_ERROR(FromGrpcStatus(stub->Tokenize(&ctx, req, &resp)));
+  std::vector<int32_t> ids(resp.ids().begin(), resp.ids().end());
+  std::cout << nlohmann::json{{"ids", ids}}.dump() << "\n";
   return absl::OkStatus();
 }
 
-absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs) {
+absl::Status DetokenizeViaGateway(const Common& c, const std::vector<int32_t>& ids,
+                                  bool skip_special_tokens) {
+  auto stub = GatewayStub(c.gateway);
+  grpc::ClientContext ctx;
+  SetDeadline(c, &ctx);
+  v1::DetokenizeRequest req;
+  req.mutable_ids()->Add(ids.begin(), ids.end());
+  req.set_skip_special_tokens(skip_special_tokens);
+  v1::DetokenizeResponse resp;
+  RETURN_IF_ERROR(FromGrpcStatus(stub->Detokenize(&ctx, req, &resp)));
+  std::cout << nlohmann::json{{"text", resp.text()}}.dump(-1, ' ', false,
+                                                          nlohmann::json::error_handler_t::replace)
+            << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status ScoreViaGateway(const Common& c, const std::vector<int32_t>& tokens, bool logprobs,
+                             int top_logprobs) {
   auto stub = GatewayStub(c.gateway);
   grpc::ClientContext ctx;
   SetDeadline(c, &ctx);
   v1::ScoreRequest req;
   req.mutable_tokens()->Add(tokens.begin(), tokens.end());
   req.set_log_probs(logprobs);
+  if (top_logprobs > 0) {
+    req.set_top_log_probs(top_logprobs);
+    req.set_token_log_probs(true);
+    req.set_omit_logits(true);
+  }
   v1::ScoreResponse resp;
   RETURN_IF_ERROR(FromGrpcStatus(stub->Score(&ctx, req, &resp)));
+  if (top_logprobs > 0) {
+    std::vector<std::vector<int32_t>> ids;
+    std::vector<std::vector<float>> lps;
+    for (const auto& t : resp.top()) {
+      ids.emplace_back(t.ids().begin(), t.ids().end());
+      lps.emplace_back(t.log_probs().begin(), t.log_probs().end());
+    }
+    PrintTopLogProbs(
+        tokens, ids, lps,
+        std::vector<float>(resp.token_log_probs().begin(), resp.token_log_probs().end()));
+    return absl::OkStatus();
+  }
   ASSIGN_OR_RETURN(Tensor logits, TensorFromProto(resp.logits(), "logits", 2));
   nlohmann::json j;
   j["tokens"] = tokens;
@@ -132,13 +203,37 @@ absl::Status Up(const Common& c, const UpArgs& a) {
   o.wire_dtype = a.wire_dtype;
   o.shared_experts_in_gateway = a.shared_in_gateway;
   o.metrics = true;
+  if (a.kv_cache_bytes >= 0) {
+    o.gateway_args.push_back(absl::StrCat("--kv_cache_bytes=", a.kv_cache_bytes));
+  }
+  if (!a.kv_cache_dtype.empty()) {
+    o.gateway_args.push_back(absl::StrCat("--kv_cache_dtype=", a.kv_cache_dtype));
+  }
   o.work_dir = absl::StrCat(a.run_dir, "/moemesh-up-", ::getpid());
+  const std::string http_port_file = o.work_dir + "/gateway.http_port";
+  if (a.http_port >= 0) {
+    o.gateway_args.push_back(absl::StrCat("--http_port=", a.http_port));
+    o.gateway_args.push_back(absl::StrCat("--http_port_file=", http_port_file));
+  }
+  if (!a.api_key_file.empty()) o.gateway_args.push_back("--api_key_file=" + a.api_key_file);
+  if (!a.chat_template.empty()) o.gateway_args.push_back("--chat_template=" + a.chat_template);
   std::fprintf(
       stderr,
       "moemesh up: starting %d expert group(s) x %d replica(s), router and gateway (logs in %s)\n",
       a.groups, a.replicas, o.work_dir.c_str());
   ASSIGN_OR_RETURN(auto mesh, Mesh::Start(o));
   std::printf("gateway listening on %s\n", mesh->gateway_address().c_str());
+  if (a.http_port >= 0) {
+    std::string port;
+    for (int i = 0; i < 200 && port.empty(); ++i) {
+      std::ifstream in(http_port_file);
+      if (!(in >> port)) {
+        port.clear();
+        absl::SleepFor(absl::Milliseconds(50));
+      }
+    }
+    std::printf("OpenAI-compatible API on http://127.0.0.1:%s/v1\n", port.c_str());
+  }
   std::fflush(stdout);
   if (!a.address_file.empty()) {
     std::ofstream(a.address_file + ".tmp") << mesh->gateway_address() << "\n";

@@ -1,0 +1,133 @@
+// The gateway under memory pressure and past its limits, through real gRPC on a real mesh:
+// a KV cache far smaller than the load survives it with every greedy token equal to the
+// single-process engine (preemptions counted), requests that can never fit or pass a limit
+// get RESOURCE_EXHAUSTED at once, shared prompt prefixes hit the prefix cache, and Score
+// returns top-k and next-token log-probabilities equal to the engine's.
+#include <cmath>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "services/engine/inproc.h"
+#include "services/engine/score_outputs.h"
+#include "tests/mesh_util.h"
+#include "tests/metrics_scrape.h"
+#include "tests/test_util.h"
+
+namespace moemesh::testing {
+namespace {
+
+constexpr int kVocab = 128;
+
+std::vector<int32_t> Tokens(int n, int salt) {
+  std::vector<int32_t> t;
+  for (int i = 0; i < n; ++i) t.push_back((i * 37 + salt * 11 + 5) % kVocab);
+  return t;
+}
+
+TEST(ServingLimitsTest, SmallKvCacheSurvivesLoadAndLimitsAreRefused) {
+  TempDir dir;
+  GeneratorOptions g;
+  g.config = SmallMixtralConfig(kVocab, 64, 96, 3, 4, 2, 8, 2);
+  g.seed = 11;
+  const std::string model = MakeModel(dir, "model", g);
+  // A block: 16 tokens × 3 layers × (K + V of 2 heads of 16) floats × 4 bytes = 12 KiB.
+  const int64_t block_bytes = 16 * 3 * 64 * 4;
+  const int64_t blocks = 14;  // 224 tokens, against about 1,000 wanted at once below
+
+  // 16 requests: 8 distinct prompts of 40..75 tokens, each sent twice (the second shares
+  // its whole prompt with the first), 24 tokens each.
+  const int kMax = 24;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 16; ++i) prompts.push_back(Tokens(40 + 5 * (i % 8), 100 + i % 8));
+  const auto want = GenerateInproc(model, prompts, kMax);
+  ASSERT_EQ(want.size(), prompts.size());
+
+  MeshOptions o = TestMeshOptions(model, dir.Join("work"), 2, 1);
+  o.metrics = true;
+  o.gateway_args = {absl::StrCat("--kv_cache_bytes=", blocks * block_bytes),
+                    "--max_prompt_tokens=150", "--max_score_tokens=100", "--max_step_tokens=64"};
+  auto mesh = Mesh::Start(o);
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  const std::string address = (*mesh)->gateway_address();
+
+  std::vector<absl::StatusOr<std::vector<int32_t>>> got(prompts.size(),
+                                                        absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto gw = GatewayClient(address);
+      got[i] = GenerateViaGateway(gw.get(), prompts[i], kMax, absl::Seconds(120));
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(got[i].ok()) << "request " << i << ": " << got[i].status();
+    EXPECT_EQ(*got[i], want[i]) << "request " << i;
+  }
+
+  auto gw = GatewayClient(address);
+  // Never fits: 140 + 100 - 1 tokens > 224. Past --max_prompt_tokens. Past --max_score_tokens.
+  EXPECT_EQ(GenerateViaGateway(gw.get(), Tokens(140, 1), 100).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(GenerateViaGateway(gw.get(), Tokens(151, 1), 1).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(ScoreViaGateway(gw.get(), Tokens(101, 1)).status().code(),
+            absl::StatusCode::kResourceExhausted);
+
+  // Score's top-k and next-token log-probabilities equal the engine's, without the logits.
+  const std::vector<int32_t> scored = Tokens(30, 7);
+  auto inproc = InprocModel::Load(model);
+  ASSERT_TRUE(inproc.ok());
+  auto logits = (*inproc)->engine->Score(scored);
+  ASSERT_TRUE(logits.ok());
+  auto ref = ComputeScoreOutputs(*logits, scored, {.top_k = 5, .token_log_probs = true});
+  ASSERT_TRUE(ref.ok());
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+    v1::ScoreRequest req;
+    req.mutable_tokens()->Add(scored.begin(), scored.end());
+    req.set_top_log_probs(5);
+    req.set_token_log_probs(true);
+    req.set_omit_logits(true);
+    v1::ScoreResponse resp;
+    ASSERT_TRUE(gw->Score(&ctx, req, &resp).ok());
+    EXPECT_FALSE(resp.has_logits());
+    ASSERT_EQ(resp.top_size(), 30);
+    ASSERT_EQ(resp.token_log_probs_size(), 29);
+    for (int i = 0; i < 30; ++i) {
+      ASSERT_EQ(resp.top(i).ids_size(), 5);
+      for (int k = 0; k < 5; ++k) {
+        EXPECT_EQ(resp.top(i).ids(k), ref->top_ids[i][k]) << i << "," << k;
+        EXPECT_NEAR(resp.top(i).log_probs(k), ref->top_log_probs[i][k], 1e-4);
+      }
+      if (i < 29) EXPECT_NEAR(resp.token_log_probs(i), ref->token_log_probs[i], 1e-4);
+    }
+  }
+  // The gateway is still there and still right.
+  auto again = GenerateViaGateway(gw.get(), prompts[3], kMax);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(*again, want[3]);
+
+  auto address_m = MetricsAddressFromLog((*mesh)->gateway().log);
+  ASSERT_TRUE(address_m.ok()) << address_m.status();
+  auto text = ScrapeMetrics(*address_m);
+  ASSERT_TRUE(text.ok()) << text.status();
+  const double preemptions = SumSamples(*text, "moemesh_preemptions_total");
+  const double query = SumSamples(*text, "moemesh_prefix_cache_query_tokens_total");
+  const double hit = SumSamples(*text, "moemesh_prefix_cache_hit_tokens_total");
+  std::cerr << "preemptions " << preemptions << ", prefix cache hit rate " << hit / query << " ("
+            << hit << " of " << query << " tokens)\n";
+  EXPECT_GT(preemptions, 0) << "the cache was meant to run out";
+  EXPECT_GT(hit, 0) << "repeated prompts should have hit the prefix cache";
+  EXPECT_EQ(SumSamples(*text, "moemesh_kv_cache_blocks", {{"state", "total"}}),
+            static_cast<double>(blocks));
+  EXPECT_EQ(SumSamples(*text, "moemesh_kv_cache_blocks", {{"state", "used"}}), 0.0)
+      << "every block came back";
+  auto stopped = (*mesh)->Stop();
+  EXPECT_TRUE(stopped.ok()) << stopped;
+}
+
+}  // namespace
+}  // namespace moemesh::testing
