@@ -49,6 +49,9 @@ absl::StatusOr<Tensor> ScoreViaGateway(v1::Gateway::Stub* stub, const std::vecto
                                        absl::Duration timeout) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  // A connection attempt that fails on a loaded machine ("tcp handshaker shutdown") is retried
+  // within the deadline instead of failing the call.
+  ctx.set_wait_for_ready(true);
   v1::ScoreRequest req;
   req.mutable_tokens()->Add(tokens.begin(), tokens.end());
   v1::ScoreResponse resp;
@@ -62,6 +65,9 @@ absl::StatusOr<std::vector<int32_t>> GenerateViaGateway(v1::Gateway::Stub* stub,
                                                         int max_tokens, absl::Duration timeout) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  // A connection attempt that fails on a loaded machine ("tcp handshaker shutdown") is retried
+  // within the deadline instead of failing the call.
+  ctx.set_wait_for_ready(true);
   v1::GenerateRequest req;
   req.mutable_prompt_tokens()->mutable_ids()->Add(prompt.begin(), prompt.end());
   req.set_max_tokens(max_tokens);
