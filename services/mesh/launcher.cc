@@ -48,6 +48,11 @@ absl::StatusOr<Mesh::Process> Mesh::Spawn(const std::string& name, const std::st
   const std::string port_file = absl::StrCat(options_.work_dir, "/", name, ".port");
   ::unlink(port_file.c_str());
   args.push_back("--port_file=" + port_file);
+  if (const TlsFiles& tls = options_.tls; !tls.cert.empty()) {
+    args.push_back("--tls_cert=" + tls.cert);
+    args.push_back("--tls_key=" + tls.key);
+    if (!tls.ca.empty()) args.push_back("--tls_ca=" + tls.ca);
+  }
   std::vector<std::string> argv_s = {binary};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
   std::vector<char*> argv;
@@ -110,6 +115,10 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
   m->options_ = o;
   if (o.groups < 1 || o.replicas < 1)
     return absl::InvalidArgumentError("groups and replicas must be >= 1");
+  if (!o.tls.cert.empty()) {
+    ASSIGN_OR_RETURN(std::optional<TlsConfig> tls, LoadTls(o.tls));
+    SetClientTls(std::move(tls));
+  }
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
   if (o.groups > cfg.num_experts) {
     return absl::InvalidArgumentError(absl::StrCat("--groups ", o.groups, " exceeds the ",

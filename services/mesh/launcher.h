@@ -17,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "services/rpc/tls.h"
 
 namespace moemesh {
 
@@ -42,6 +43,9 @@ struct MeshOptions {
   // separated by ';'. Needs host:port worker addresses (not dns_targets).
   bool multi_address_groups = false;
   absl::Duration startup_timeout = absl::Seconds(120);
+  // mTLS everywhere when set: every service gets --tls_cert/--tls_key/--tls_ca, and this process
+  // (which health-checks them) becomes their TLS client (SetClientTls).
+  TlsFiles tls;
   // Extra flags per service.
   std::vector<std::string> worker_args, router_args, gateway_args;
   // Overrides the default even split: experts spec per group ("0-3"), one per group.

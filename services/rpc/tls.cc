@@ -1,5 +1,7 @@
 #include "services/rpc/tls.h"
 
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -71,6 +73,30 @@ std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(const std::optional
   o.pem_private_key = tls->key_pem;
   o.pem_cert_chain = tls->cert_pem;
   return grpc::SslCredentials(o);
+}
+
+absl::Status MakeLocalCertificates(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
+  {
+    std::ofstream ext(dir + "/node.ext");
+    ext << "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+           "extendedKeyUsage=serverAuth,clientAuth\n"
+           "basicConstraints=CA:FALSE\n";
+    if (!ext) return absl::InternalError(absl::StrCat("cannot write ", dir, "/node.ext"));
+  }
+  const std::string key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+  const std::string cmd = absl::StrCat(
+      "cd '", dir, "' && (openssl req -x509 ", key,
+      " -keyout ca.key -out ca.crt -days 7 -subj '/CN=moemesh local CA' && openssl req ", key,
+      " -keyout node.key -out node.csr -subj '/CN=moemesh' && openssl x509 -req -in node.csr "
+      "-CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 7 -extfile node.ext",
+      ") >openssl.log 2>&1");
+  if (std::system(cmd.c_str()) != 0)
+    return absl::InternalError(absl::StrCat("openssl could not make certificates in ", dir,
+                                            " (see ", dir, "/openssl.log)"));
+  return absl::OkStatus();
 }
 
 void SetClientTls(std::optional<TlsConfig> tls) {

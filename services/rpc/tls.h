@@ -46,6 +46,12 @@ std::shared_ptr<grpc::ServerCredentials> ServerCredentials(const std::optional<T
 // system roots without one) and present the certificate when there is one.
 std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(const std::optional<TlsConfig>& tls);
 
+// Writes a throwaway PKI into `dir` with the openssl command line tool: ca.crt/ca.key (a new
+// CA) and node.crt/node.key (signed by it, for 127.0.0.1 and localhost, usable as server and
+// as client), valid for 7 days. For `moemesh up --tls` and tests; production certificates
+// come from the platform (cert-manager, deploy/).
+[[nodiscard]] absl::Status MakeLocalCertificates(const std::string& dir);
+
 // The process's client side (see above).
 void SetClientTls(std::optional<TlsConfig> tls);
 std::shared_ptr<grpc::ChannelCredentials> ClientChannelCredentials();

@@ -72,6 +72,7 @@ struct UpArgs {
   int http_port = -1;             // the gateway's OpenAI-compatible HTTP API (-1: off, 0: any)
   std::string api_key_file;       // passed to the gateway
   std::string chat_template;      // passed to the gateway
+  bool tls = false;               // a throwaway CA and mTLS between every service
   int64_t kv_cache_bytes = -1;    // the gateway's KV cache bound (-1: its default)
   std::string kv_cache_dtype;     // f32 | bf16 (empty: the gateway's default)
 };

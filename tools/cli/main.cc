@@ -25,6 +25,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "services/rpc/tls.h"
 #include "tools/cli/commands.h"
 
 ABSL_FLAG(std::string, arch, "mixtral", "make-model: mixtral | deepseek_v3");
@@ -118,6 +119,11 @@ ABSL_FLAG(int, http_port, -1,
 ABSL_FLAG(std::string, api_key_file, "", "up: the gateway's API keys (one per line)");
 ABSL_FLAG(std::string, chat_template, "",
           "up: a Jinja chat template file that replaces the model's");
+ABSL_FLAG(bool, tls, false,
+          "up: make a throwaway CA with openssl and run every service with mutual TLS");
+ABSL_FLAG(std::string, tls_cert, "", "--gateway clients: PEM client certificate (mTLS)");
+ABSL_FLAG(std::string, tls_key, "", "--gateway clients: PEM key of --tls_cert");
+ABSL_FLAG(std::string, tls_ca, "", "--gateway clients: PEM CA to verify the gateway against");
 ABSL_FLAG(double, timeout, 0, "generate/score via gateway: deadline in seconds (0: none)");
 
 namespace {
@@ -185,6 +191,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string cmd = args[1];
+  if (!absl::GetFlag(FLAGS_tls_cert).empty() || !absl::GetFlag(FLAGS_tls_ca).empty() ||
+      !absl::GetFlag(FLAGS_tls_key).empty()) {
+    auto tls = moemesh::LoadTls(
+        {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)});
+    if (!tls.ok()) {
+      std::cerr << "moemesh: " << tls.status().message() << "\n";
+      return 2;
+    }
+    moemesh::SetClientTls(*std::move(tls));
+  }
   moemesh::cli::Common c;
   c.model = absl::GetFlag(FLAGS_model);
   c.gateway = absl::GetFlag(FLAGS_gateway);
@@ -318,6 +334,7 @@ int main(int argc, char** argv) {
     u.http_port = absl::GetFlag(FLAGS_http_port);
     u.api_key_file = absl::GetFlag(FLAGS_api_key_file);
     u.chat_template = absl::GetFlag(FLAGS_chat_template);
+    u.tls = absl::GetFlag(FLAGS_tls);
     u.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
     u.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
     const char* tmp = std::getenv("TMPDIR");

@@ -19,6 +19,7 @@
 #include "services/model/generator.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/tensor_proto.h"
+#include "services/rpc/tls.h"
 #include "tools/cli/commands.h"
 
 namespace moemesh::cli {
@@ -217,6 +218,16 @@ absl::Status Up(const Common& c, const UpArgs& a) {
   }
   if (!a.api_key_file.empty()) o.gateway_args.push_back("--api_key_file=" + a.api_key_file);
   if (!a.chat_template.empty()) o.gateway_args.push_back("--chat_template=" + a.chat_template);
+  if (a.tls) {
+    const std::string dir = o.work_dir + "/tls";
+    RETURN_IF_ERROR(MakeLocalCertificates(dir));
+    o.tls = {dir + "/node.crt", dir + "/node.key", dir + "/ca.crt"};
+    std::fprintf(stderr,
+                 "moemesh up: mTLS with a throwaway CA in %s; clients need --tls_cert %s "
+                 "--tls_key %s --tls_ca %s (HTTPS: curl --cacert %s)\n",
+                 dir.c_str(), o.tls.cert.c_str(), o.tls.key.c_str(), o.tls.ca.c_str(),
+                 o.tls.ca.c_str());
+  }
   std::fprintf(
       stderr,
       "moemesh up: starting %d expert group(s) x %d replica(s), router and gateway (logs in %s)\n",
@@ -232,7 +243,8 @@ absl::Status Up(const Common& c, const UpArgs& a) {
         absl::SleepFor(absl::Milliseconds(50));
       }
     }
-    std::printf("OpenAI-compatible API on http://127.0.0.1:%s/v1\n", port.c_str());
+    std::printf("OpenAI-compatible API on %s://127.0.0.1:%s/v1\n", a.tls ? "https" : "http",
+                port.c_str());
   }
   std::fflush(stdout);
   if (!a.address_file.empty()) {
