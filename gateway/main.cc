@@ -23,6 +23,7 @@
 #include "gateway/gateway_service.h"
 #include "gateway/http_api.h"
 #include "services/common/status_macros.h"
+#include "services/compute/cpu/matmul.h"
 #include "services/engine/engine.h"
 #include "services/engine/inproc.h"
 #include "services/engine/scheduler.h"
@@ -42,6 +43,10 @@ ABSL_FLAG(std::string, shared_experts, "gateway",
           "where DeepSeek shared experts run: gateway (overlapped with the router call) | mesh "
           "(a worker group holds them); must match the router's (checked at start)");
 ABSL_FLAG(std::string, wire_dtype, "bf16", "activation dtype to and from the router: f32 | bf16");
+ABSL_FLAG(int64_t, blas_min_rows, 0,
+          "products of at least this many rows go to OpenBLAS (faster prefill, but a request's "
+          "logits then depend on what it is batched with); 0: never, every kernel is "
+          "batch-invariant");
 ABSL_FLAG(std::string, weights_dtype, "checkpoint",
           "dense weights in memory: checkpoint (as stored) | f32 | bf16 | f16");
 ABSL_FLAG(std::string, host, "127.0.0.1", "address to listen on");
@@ -145,6 +150,7 @@ struct Options {
   RemoteMoeLayerOptions remote;
   int max_receive_message_bytes = 4 << 20;
   KvCacheOptions kv;
+  int64_t blas_min_rows = 0;
 };
 
 absl::StatusOr<Options> GetOptions() {
@@ -226,6 +232,8 @@ absl::StatusOr<Options> GetOptions() {
   o.shared_in_gateway = shared;
   ASSIGN_OR_RETURN(o.wire, ParseWireDType(absl::GetFlag(FLAGS_wire_dtype)));
   ASSIGN_OR_RETURN(o.weights_dtype, ParseWeightsDType(absl::GetFlag(FLAGS_weights_dtype)));
+  o.blas_min_rows = absl::GetFlag(FLAGS_blas_min_rows);
+  if (o.blas_min_rows < 0) return absl::InvalidArgumentError("--blas_min_rows must be >= 0");
   if (o.sched.max_step_tokens < 1 || o.sched.max_running < 1 || o.sched.max_waiting < 1 ||
       o.sched.max_score_tokens < 1) {
     return absl::InvalidArgumentError(
@@ -272,7 +280,8 @@ void ReloadOnSighup(ApiKeys* keys) {
 }
 
 absl::Status Run(const Options& o) {
-  SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
+  cpu::set_blas_min_rows(o.blas_min_rows);  // before any kernel runs
+  SetClientTls(o.tls);                      // before any channel: every outgoing connection uses it
   std::unique_ptr<InprocModel> inproc;
   std::unique_ptr<Checkpoint> ckpt;
   std::unique_ptr<ComputeBackend> backend;
