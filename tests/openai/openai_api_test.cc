@@ -17,6 +17,7 @@
 #include "nlohmann/json.hpp"
 #include "services/rpc/tensor_proto.h"
 #include "tests/mesh_util.h"
+#include "tests/metrics_scrape.h"
 #include "tests/test_util.h"
 
 namespace moemesh::testing {
@@ -58,6 +59,7 @@ class OpenAiApiTest : public ::testing::Test {
     WriteFileOrDie(dir_->Join("keys"), absl::StrCat("# test keys\n", kKey, "\nsecond-key\n"));
     const std::string port_file = dir_->Join("http.port");
     MeshOptions o = TestMeshOptions(*model_, dir_->Join("mesh"), /*groups=*/2);
+    o.metrics = true;
     o.gateway_args = {"--http_port=0", absl::StrCat("--http_port_file=", port_file),
                       absl::StrCat("--api_key_file=", dir_->Join("keys")),
                       absl::StrCat("--chat_template=", dir_->Join("chatml.jinja"))};
@@ -79,7 +81,7 @@ class OpenAiApiTest : public ::testing::Test {
   // curl with the key; returns {http code, body}.
   static std::pair<int, std::string> Curl(const std::string& method, const std::string& path,
                                           const std::string& body, const std::string& key = kKey,
-                                          const std::string& extra = "") {
+                                          const std::string& extra = "", bool expect_ok = true) {
     const std::string body_file = dir_->Join("body.json");
     WriteFileOrDie(body_file, body);
     std::string cmd = absl::StrCat("curl -sS -N -X ", method, " -w '\\n%{http_code}' ", extra,
@@ -88,7 +90,7 @@ class OpenAiApiTest : public ::testing::Test {
     if (!body.empty()) absl::StrAppend(&cmd, " --data-binary @", body_file);
     absl::StrAppend(&cmd, " ", *base_, path);
     auto [rc, out] = Shell(cmd);
-    EXPECT_EQ(rc, 0) << cmd;
+    if (expect_ok) EXPECT_EQ(rc, 0) << cmd;
     const size_t nl = out.rfind('\n');
     return {std::atoi(out.c_str() + nl + 1), out.substr(0, nl)};
   }
@@ -262,6 +264,39 @@ TEST_F(OpenAiApiTest, Curl) {
   v1::ModelInfoResponse info;
   EXPECT_EQ(stub->ModelInfo(&ctx, v1::ModelInfoRequest(), &info).error_code(),
             grpc::StatusCode::UNAUTHENTICATED);
+}
+
+TEST_F(OpenAiApiTest, ClientThatDisconnectsMidStreamIsCancelled) {
+  auto addr = MetricsAddressFromLog(mesh_->gateway().log);
+  ASSERT_TRUE(addr.ok()) << addr.status();
+  const std::string port = *addr;
+  auto completion_tokens = [&]() {
+    auto text = ScrapeMetrics(port);
+    return text.ok() ? SumSamples(*text, "moemesh_tokens_total", {{"kind", "completion"}}) : -1.0;
+  };
+  const double before = completion_tokens();
+  // A stream of up to 4000 tokens whose client hangs up after half a second.
+  json req = {{"model", "tiny-moe"}, {"messages", Messages()}, {"max_tokens", 4000},
+              {"temperature", 0},    {"ignore_eos", true},     {"stream", true}};
+  const absl::Time start = absl::Now();
+  Curl("POST", "/v1/chat/completions", req.dump(), kKey, "--max-time 0.5", /*expect_ok=*/false);
+  // The request ends (its completion tokens are counted when it ends) long before its 4000
+  // tokens: the count appears and then stops growing.
+  double generated = 0, last = -1;
+  for (int i = 0; i < 100 && !(generated > 0 && generated == last); ++i) {
+    last = generated;
+    absl::SleepFor(absl::Milliseconds(100));
+    generated = completion_tokens() - before;
+  }
+  EXPECT_GT(generated, 0);
+  EXPECT_LT(generated, 4000) << "the stream ran to its end although its client left";
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  // The HTTP API counts requests by path and status.
+  auto text = ScrapeMetrics(port);
+  ASSERT_TRUE(text.ok());
+  EXPECT_GE(SumSamples(*text, "moemesh_http_requests_total",
+                       {{"path", "/v1/chat/completions"}, {"code", "200"}}),
+            1);
 }
 
 }  // namespace
