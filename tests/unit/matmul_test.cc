@@ -11,6 +11,7 @@
 
 #include "gtest/gtest.h"
 #include "services/compute/cpu/kernel_threads.h"
+#include "services/compute/cpu/matmul_internal.h"
 #include "services/model/fp8.h"
 #include "services/tensor/tensor.h"
 
@@ -90,6 +91,37 @@ TEST(MatMulTest, EveryIsaMatchesTheScalarReferenceBitwise) {
                   << IsaName(isa) << " " << DTypeName(dt) << " m=" << m << " k=" << k << " n=" << n
                   << " acc=" << acc;
             }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The AVX-512 kernel's tile shapes (4 × 3 tiles, 8 weight rows per single-row tile) run with AVX2
+// instructions, so that a machine without AVX-512 still checks that kernel's tiling: remainders
+// of rows and columns, panels, the next-panel prefetch and every dtype's decode-then-tile path.
+TEST(MatMulTest, Avx512TilingMatchesTheScalarReferenceBitwise) {
+  if (DetectedIsa() < Isa::kAvx2) GTEST_SKIP() << "needs AVX2";
+  for (DType dt : kDTypes) {
+    for (int64_t k : {1, 15, 16, 17, 100, 256}) {
+      for (int64_t n : {1, 3, 7, 8, 9, 40, 70}) {
+        const int block = (dt == DType::kF8E4M3 && k >= 32) ? 32 : 16;
+        const Weight w = MakeWeight(dt, n, k, static_cast<uint32_t>(k * 17 + n), block);
+        std::vector<float> scratch(internal::kPanelRows * k + internal::kLanes);
+        for (int64_t m : {1, 2, 3, 4, 5, 7, 8, 9, 13, 33}) {
+          const std::vector<float> x = RandomX(m * k, static_cast<uint32_t>(m + 100));
+          for (bool acc : {false, true}) {
+            std::vector<float> y(m * n, 0.5f), ref(m * n, 0.5f);
+            // In two column ranges, as the thread pool splits them.
+            const int64_t half = n / 2;
+            internal::RowsAvx2WithAvx512Tiles(x.data(), m, w, 0, half, y.data(), n, acc,
+                                              scratch.data());
+            internal::RowsAvx2WithAvx512Tiles(x.data(), m, w, half, n, y.data(), n, acc,
+                                              scratch.data());
+            MatMulReference(x.data(), m, w, ref.data(), acc);
+            ASSERT_TRUE(BitwiseEqual(y, ref)) << DTypeName(dt) << " m=" << m << " k=" << k
+                                              << " n=" << n << " acc=" << acc;
           }
         }
       }

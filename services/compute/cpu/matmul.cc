@@ -48,10 +48,11 @@ internal::RowsFn RowsFor(const Weight& w) {
 }
 
 // Output columns per chunk of a parallel region: enough chunks for every thread to get
-// several, each at least a few weight rows.
+// several, each a whole number of weight panels (the kernels tile within a chunk).
 int64_t Grain(int64_t n) {
   const int64_t threads = KernelThreads::Get().threads();
-  return std::max<int64_t>(4, n / (threads * 4));
+  const int64_t g = n / (threads * 4);
+  return std::max<int64_t>(internal::kPanelRows, g / internal::kPanelRows * internal::kPanelRows);
 }
 
 // The scratch a chunk needs for a panel of dequantised weight rows.

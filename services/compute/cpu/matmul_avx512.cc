@@ -6,35 +6,6 @@
 namespace moemesh::cpu::internal {
 namespace {
 
-// 16 lanes reduced in the canonical order of ReduceLanes.
-inline float Reduce(__m512 a) {
-  const __m256 lo = _mm512_castps512_ps256(a);
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
-  const __m256 t = _mm256_add_ps(lo, hi);
-  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-  const __m128 v = _mm_add_ps(u, _mm_movehl_ps(u, u));
-  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-}
-
-template <int R>
-inline void DotTile(const float* x, int64_t ldx, int64_t k, const float* w, float* out) {
-  __m512 a[R];
-  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
-  int64_t c = 0;
-  for (; c + 16 <= k; c += 16) {
-    const __m512 wv = _mm512_loadu_ps(w + c);
-    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + c), wv, a[r]);
-  }
-  if (c < k) {  // zero-padded last chunk
-    const __mmask16 m = static_cast<__mmask16>((1u << (k - c)) - 1);
-    const __m512 wv = _mm512_maskz_loadu_ps(m, w + c);
-    for (int r = 0; r < R; ++r) {
-      a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + r * ldx + c), wv, a[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = Reduce(a[r]);
-}
-
 // 16 elements starting at p as F32 (p may be a zero-padded copy).
 inline __m512 Decode16(DType dtype, const uint8_t* p, float scale256) {
   switch (dtype) {
@@ -80,71 +51,19 @@ void DecodeRow(const Weight& w, int64_t j, float* out) {
   }
 }
 
+// The tile shape of matmul_internal.h. The arithmetic is the AVX2 kernel's (256-bit vectors,
+// see matmul_tile.inc), so the two levels agree bitwise.
+constexpr int kTileRows = kAvx512TileRows;
+constexpr int kTileCols = kAvx512TileCols;
+constexpr int kDecodeCols = kAvx512DecodeCols;
+
+#include "services/compute/cpu/matmul_tile.inc"
+
 }  // namespace
 
 void RowsAvx512(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1, float* y,
                 int64_t ldy, bool accumulate, float* scratch) {
-  const int64_t k = w.cols;
-  constexpr int kR = 8;
-  // Few rows: one weight row at a time (dequantised into L1). More rows: panels of kPanelRows
-  // weight rows, so that a tile of x rows is reused over the whole panel while in cache.
-  // Either way each output is one DotTile in the canonical order.
-  const int64_t panel = m > kR ? kPanelRows : 1;
-  float out[kR];
-  auto store = [&](int64_t i, int64_t j, int64_t rows) {
-    for (int64_t r = 0; r < rows; ++r) {
-      float& d = y[(i + r) * ldy + j];
-      d = accumulate ? d + out[r] : out[r];
-    }
-  };
-  for (int64_t j0 = n0; j0 < n1; j0 += panel) {
-    const int64_t j1 = j0 + panel < n1 ? j0 + panel : n1;
-    const float* wp;
-    if (w.dtype == DType::kF32) {
-      wp = static_cast<const float*>(w.data) + j0 * k;
-    } else {
-      for (int64_t j = j0; j < j1; ++j) DecodeRow(w, j, scratch + (j - j0) * k);
-      wp = scratch;
-    }
-    int64_t i = 0;
-    for (; i + kR <= m; i += kR) {
-      for (int64_t j = j0; j < j1; ++j) {
-        DotTile<kR>(x + i * k, k, k, wp + (j - j0) * k, out);
-        store(i, j, kR);
-      }
-    }
-    if (i == m) continue;
-    const float* xi = x + i * k;
-    for (int64_t j = j0; j < j1; ++j) {
-      const float* wr = wp + (j - j0) * k;
-      switch (m - i) {
-        case 7:
-          DotTile<7>(xi, k, k, wr, out);
-          break;
-        case 6:
-          DotTile<6>(xi, k, k, wr, out);
-          break;
-        case 5:
-          DotTile<5>(xi, k, k, wr, out);
-          break;
-        case 4:
-          DotTile<4>(xi, k, k, wr, out);
-          break;
-        case 3:
-          DotTile<3>(xi, k, k, wr, out);
-          break;
-        case 2:
-          DotTile<2>(xi, k, k, wr, out);
-          break;
-        case 1:
-          DotTile<1>(xi, k, k, wr, out);
-          break;
-        default:
-          break;
-      }
-      store(i, j, m - i);
-    }
-  }
+  RowsTiled<kTileRows, kTileCols, kDecodeCols>(x, m, w, n0, n1, y, ldy, accumulate, scratch);
 }
 
 }  // namespace moemesh::cpu::internal

@@ -26,6 +26,16 @@ void RowsAvx2(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1
 void RowsAvx512(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1, float* y,
                 int64_t ldy, bool accumulate, float* scratch);
 
+// The AVX-512 kernel's tile shape (32 registers: a 4 × 3 tile holds 24 accumulators, 3 weight
+// slices and 1 x slice; one x row against 8 weight rows holds 16 + 8 + 1).
+inline constexpr int kAvx512TileRows = 4;
+inline constexpr int kAvx512TileCols = 3;
+inline constexpr int kAvx512DecodeCols = 8;
+// The AVX-512 kernel's tiling run with AVX2 instructions (same arithmetic: both compute in
+// 256-bit vectors). Lets a machine without AVX-512 test the AVX-512 kernel's tiling logic.
+void RowsAvx2WithAvx512Tiles(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1,
+                             float* y, int64_t ldy, bool accumulate, float* scratch);
+
 // The canonical reduction of 16 partial sums.
 inline float ReduceLanes(const float* l) {
   float t[8], u[4], v[2];
