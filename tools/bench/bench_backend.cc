@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "services/compute/cpu/kernel_threads.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
@@ -36,6 +37,7 @@ ABSL_FLAG(std::string, batches, "1,16,128,512", "tokens per expert call");
 ABSL_FLAG(int, repeats, 10, "timed calls per point (after the first)");
 ABSL_FLAG(bool, check, true, "compare every output with the CPU backend");
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
+ABSL_FLAG(int, threads, 0, "CPU kernel threads (0: all cores)");
 
 namespace {
 
@@ -65,6 +67,7 @@ bool ParseInts(absl::string_view spec, char sep, std::vector<int64_t>* out) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  if (absl::GetFlag(FLAGS_threads) > 0) moemesh::cpu::KernelThreads::SetThreads(absl::GetFlag(FLAGS_threads));
   using namespace moemesh;
   struct Backend {
     std::string label;
