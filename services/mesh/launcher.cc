@@ -60,9 +60,8 @@ absl::StatusOr<Mesh::Process> Mesh::Spawn(const std::string& name, const std::st
   std::vector<char*> argv;
   for (auto& a : argv_s) argv.push_back(a.data());
   argv.push_back(nullptr);
-  const int log_fd = ::open(p.log.c_str(),
-                            O_WRONLY | O_CREAT | O_CLOEXEC | (truncate_log ? O_TRUNC : O_APPEND),
-                            0644);
+  const int log_fd = ::open(
+      p.log.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (truncate_log ? O_TRUNC : O_APPEND), 0644);
   if (log_fd < 0) return absl::InternalError(absl::StrCat("cannot create ", p.log));
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
@@ -231,7 +230,8 @@ absl::Status Mesh::Restart(const std::string& name, absl::Duration timeout) {
       break;
     }
     if (absl::Now() > exit_deadline)
-      return absl::FailedPreconditionError(absl::StrCat(name, " (pid ", p->pid, ") is still running"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(name, " (pid ", p->pid, ") is still running"));
     absl::SleepFor(absl::Milliseconds(10));
   }
   const std::string port = p->address.substr(p->address.rfind(':') + 1);

@@ -259,12 +259,10 @@ TEST(ServingLoadTest, SmallKvCacheAndReplicaFaultsUnderMixedLoadKeepEveryStreamE
         rss_warm.erase(f.process);
         rss_start[f.process] = RssBytes((*mesh)->Pid(f.process));
         record("serving again", f.process, (*mesh)->Pid(f.process),
-               absl::StrFormat("same port, %.2f s to SERVING", absl::ToDoubleSeconds(
-                                                                   absl::Now() - t0)));
+               absl::StrFormat("same port, %.2f s to SERVING",
+                               absl::ToDoubleSeconds(absl::Now() - t0)));
       } else {
-        const int sig = f.what == "SIGKILL"   ? SIGKILL
-                        : f.what == "SIGSTOP" ? SIGSTOP
-                                              : SIGCONT;
+        const int sig = f.what == "SIGKILL" ? SIGKILL : f.what == "SIGSTOP" ? SIGSTOP : SIGCONT;
         const absl::Status s = (*mesh)->Signal(f.process, sig);
         EXPECT_TRUE(s.ok()) << f.what << " " << f.process << ": " << s;
         if (sig == SIGKILL) down.insert(f.process);
@@ -279,8 +277,8 @@ TEST(ServingLoadTest, SmallKvCacheAndReplicaFaultsUnderMixedLoadKeepEveryStreamE
     }
     // RSS baselines: the gateway and router once warm, the workers kSettle after the last
     // fault (so the restarted worker is measured from its restart).
-    const bool settled = next_fault == faults.size() &&
-                         now - load_start >= faults.back().at + kSettle;
+    const bool settled =
+        next_fault == faults.size() && now - load_start >= faults.back().at + kSettle;
     for (const auto& n : names) {
       if (rss_warm.count(n) || down.count(n)) continue;
       const bool worker = absl::StartsWith(n, "worker");
@@ -358,8 +356,8 @@ TEST(ServingLoadTest, SmallKvCacheAndReplicaFaultsUnderMixedLoadKeepEveryStreamE
                         "process", "pid", "in flight", "completed", "errors", "");
   for (const Event& e : timeline)
     absl::StrAppendFormat(&out, "  %7.2f  %-14s %-14s %7s  %9d %9d %6d  %s\n", e.at_s, e.what,
-                          e.process, e.pid > 0 ? absl::StrCat(e.pid) : "", e.in_flight,
-                          e.completed, e.errors, e.note);
+                          e.process, e.pid > 0 ? absl::StrCat(e.pid) : "", e.in_flight, e.completed,
+                          e.errors, e.note);
   absl::StrAppend(&out, "RSS (MiB; start: a restarted worker's at its restart; warm: gateway and ",
                   "router when every stream has completed once, workers ",
                   absl::FormatDuration(kSettle), " after the last fault):\n");
@@ -368,8 +366,8 @@ TEST(ServingLoadTest, SmallKvCacheAndReplicaFaultsUnderMixedLoadKeepEveryStreamE
   auto mib = [](int64_t b) { return static_cast<double>(b) / (1 << 20); };
   for (const auto& n : names) {
     const int64_t w = rss_warm.count(n) ? rss_warm[n] : -1;
-    absl::StrAppendFormat(&out, "  %-14s %7.1f %7.1f %7.1f  %.3f%s\n", n, mib(rss_start[n]),
-                          mib(w), mib(rss_end[n]),
+    absl::StrAppendFormat(&out, "  %-14s %7.1f %7.1f %7.1f  %.3f%s\n", n, mib(rss_start[n]), mib(w),
+                          mib(rss_end[n]),
                           w > 0 ? static_cast<double>(rss_end[n]) / static_cast<double>(w) : 0,
                           restarted_at.count(n) ? "  (restarted)" : "");
   }
@@ -383,10 +381,9 @@ TEST(ServingLoadTest, SmallKvCacheAndReplicaFaultsUnderMixedLoadKeepEveryStreamE
           R"("errors":%d})",
           e.at_s, e.what, e.process, e.pid, e.in_flight, e.completed, e.errors));
     for (const auto& n : names)
-      rss.push_back(absl::StrFormat(
-          R"("%s":{"start":%d,"warm":%d,"end":%d,"restarted":%s})", n, rss_start[n],
-          rss_warm.count(n) ? rss_warm[n] : -1, rss_end[n],
-          restarted_at.count(n) ? "true" : "false"));
+      rss.push_back(absl::StrFormat(R"("%s":{"start":%d,"warm":%d,"end":%d,"restarted":%s})", n,
+                                    rss_start[n], rss_warm.count(n) ? rss_warm[n] : -1, rss_end[n],
+                                    restarted_at.count(n) ? "true" : "false"));
     for (const auto& [code, n] : errors) errs.push_back(absl::StrFormat(R"("%s":%d)", code, n));
     for (const auto& [code, n] : provoked) prov.push_back(absl::StrFormat(R"("%s":%d)", code, n));
     std::ofstream(path) << absl::StrFormat(
@@ -398,8 +395,9 @@ TEST(ServingLoadTest, SmallKvCacheAndReplicaFaultsUnderMixedLoadKeepEveryStreamE
         "\n",
         kStreams, absl::ToDoubleSeconds(kRunFor), wall, completed, mismatched,
         absl::StrJoin(errs, ","), absl::StrJoin(prov, ","), Percentile(ttft, 0.5),
-        Percentile(ttft, 0.99), Percentile(itl, 0.5), Percentile(itl, 0.99), Percentile(itl, 1.0), preemptions, hit,
-        query, replica_retries, layer_retries, absl::StrJoin(ev, ","), absl::StrJoin(rss, ","));
+        Percentile(ttft, 0.99), Percentile(itl, 0.5), Percentile(itl, 0.99), Percentile(itl, 1.0),
+        preemptions, hit, query, replica_retries, layer_retries, absl::StrJoin(ev, ","),
+        absl::StrJoin(rss, ","));
   }
 
   for (const auto& n : names) {
