@@ -41,9 +41,11 @@ absl::Status WaitForServing(const std::string& address, absl::Time deadline) {
 }
 
 absl::StatusOr<Mesh::Process> Mesh::Spawn(const std::string& name, const std::string& binary,
-                                          std::vector<std::string> args) {
+                                          std::vector<std::string> args, bool truncate_log) {
   Process p;
   p.name = name;
+  p.binary = binary;
+  p.args = args;
   p.log = absl::StrCat(options_.work_dir, "/", name, ".log");
   const std::string port_file = absl::StrCat(options_.work_dir, "/", name, ".port");
   ::unlink(port_file.c_str());
@@ -58,7 +60,8 @@ absl::StatusOr<Mesh::Process> Mesh::Spawn(const std::string& name, const std::st
   std::vector<char*> argv;
   for (auto& a : argv_s) argv.push_back(a.data());
   argv.push_back(nullptr);
-  const int log_fd = ::open(p.log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  const int log_fd = ::open(
+      p.log.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (truncate_log ? O_TRUNC : O_APPEND), 0644);
   if (log_fd < 0) return absl::InternalError(absl::StrCat("cannot create ", p.log));
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
@@ -196,6 +199,51 @@ std::vector<Mesh::Process*> Mesh::All() {
   std::vector<Process*> all = {&gateway_, &router_};
   for (Process& p : workers_) all.push_back(&p);
   return all;
+}
+
+std::vector<const Mesh::Process*> Mesh::All() const {
+  std::vector<const Process*> all = {&gateway_, &router_};
+  for (const Process& p : workers_) all.push_back(&p);
+  return all;
+}
+
+pid_t Mesh::Pid(const std::string& name) const {
+  for (const Process* p : All())
+    if (p->name == name) return p->pid;
+  return -1;
+}
+
+absl::Status Mesh::Restart(const std::string& name, absl::Duration timeout) {
+  Process* p = nullptr;
+  for (Process* q : All())
+    if (q->name == name) p = q;
+  if (p == nullptr) return absl::NotFoundError(absl::StrCat("no process named ", name));
+  if (p->address.empty())
+    return absl::FailedPreconditionError(absl::StrCat(name, " never served: no port to reuse"));
+  // The old process must be gone (and reaped) before its port can be bound again.
+  const absl::Time exit_deadline = absl::Now() + timeout;
+  while (p->running) {
+    int status = 0;
+    const pid_t r = ::waitpid(p->pid, &status, WNOHANG);
+    if (r == p->pid || r < 0) {
+      p->running = false;
+      break;
+    }
+    if (absl::Now() > exit_deadline)
+      return absl::FailedPreconditionError(
+          absl::StrCat(name, " (pid ", p->pid, ") is still running"));
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  const std::string port = p->address.substr(p->address.rfind(':') + 1);
+  std::vector<std::string> args = p->args;
+  args.push_back("--port=" + port);
+  ASSIGN_OR_RETURN(Process fresh, Spawn(name, p->binary, args, /*truncate_log=*/false));
+  fresh.args = p->args;  // without --port, as first started
+  fresh.group = p->group;
+  fresh.replica = p->replica;
+  fresh.starts = p->starts + 1;
+  *p = std::move(fresh);
+  return WaitServing(p, absl::Now() + timeout);
 }
 
 absl::Status Mesh::Signal(const std::string& name, int sig) {

@@ -6,7 +6,10 @@
 // Stop sends SIGTERM (gateway, router, then workers, so in-flight calls drain) and SIGKILLs
 // whatever is left after the grace period. Used by `moemesh up` and the integration tests.
 //
-// Children get PR_SET_PDEATHSIG, so they die with the launching process. Not thread-safe.
+// Children get PR_SET_PDEATHSIG, so they die with the launching process. Not thread-safe:
+// call Start, Signal, Restart, Pid, Reap and Stop from one thread. PR_SET_PDEATHSIG follows
+// the *thread* that forked, so Restart must be called from a thread that outlives the
+// restarted process (the test's main thread), not from a short-lived helper thread.
 #pragma once
 
 #include <sys/types.h>
@@ -61,6 +64,10 @@ class Mesh {
     std::string log;      // stdout+stderr file
     int group = -1, replica = -1;
     bool running = false;
+    int starts = 1;  // 1 + the number of Restart calls
+    // How it was started, so that Restart can start it again (without --port/--port_file).
+    std::string binary;
+    std::vector<std::string> args;
   };
 
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Mesh>> Start(const MeshOptions& options);
@@ -74,6 +81,15 @@ class Mesh {
 
   // Sends `sig` to one process by name (SIGKILL simulates a crash).
   [[nodiscard]] absl::Status Signal(const std::string& name, int sig);
+  // The pid of the named process as last started (-1 if there is no such process). After a
+  // Restart this is the new process.
+  pid_t Pid(const std::string& name) const;
+  // Starts a process that has exited (or was SIGKILLed) again with the same binary and flags,
+  // on the same port (`--port`), so that peers holding its address reconnect to the new one;
+  // returns once it answers SERVING. Waits up to `timeout` for the old process to exit (it is
+  // reaped here), then as long for the new one. Its log is appended to, not truncated.
+  [[nodiscard]] absl::Status Restart(const std::string& name,
+                                     absl::Duration timeout = absl::Seconds(60));
   // Names of processes that have exited, reaping them (non-blocking).
   std::vector<std::string> Reap();
   // Orderly shutdown; returns an error if something needed SIGKILL or exited non-zero.
@@ -82,9 +98,10 @@ class Mesh {
  private:
   Mesh() = default;
   absl::StatusOr<Process> Spawn(const std::string& name, const std::string& binary,
-                                std::vector<std::string> args);
+                                std::vector<std::string> args, bool truncate_log = true);
   absl::Status WaitServing(Process* p, absl::Time deadline);
   std::vector<Process*> All();
+  std::vector<const Process*> All() const;
 
   MeshOptions options_;
   std::vector<Process> workers_;
