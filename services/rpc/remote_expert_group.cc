@@ -133,7 +133,13 @@ int ReplicaSet::Pick(const std::vector<int>& tries) const {
   const absl::Time now = absl::Now();
   int best = -1;
   bool best_healthy = false;
-  for (size_t i = 0; i < replicas_.size(); ++i) {
+  // Ties go round: the scan starts one replica later on every pick, so that equally loaded
+  // replicas share the calls instead of the first one taking them all (with one caller, calls
+  // almost always tie at zero outstanding).
+  const size_t n = replicas_.size();
+  const size_t start = n == 0 ? 0 : rotate_++ % n;
+  for (size_t t = 0; t < n; ++t) {
+    const size_t i = (start + t) % n;
     const int limit = replicas_[i]->multi_address() ? options_.multi_address_attempts : 1;
     if (tries[i] >= limit || !ready_[i]) continue;
     const bool healthy = unhealthy_until_[i] <= now;

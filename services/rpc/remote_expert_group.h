@@ -92,6 +92,7 @@ class ReplicaSet final : public ExpertGroup {
   mutable absl::Mutex mu_;
   std::vector<absl::Time> unhealthy_until_ ABSL_GUARDED_BY(mu_);
   std::vector<bool> ready_ ABSL_GUARDED_BY(mu_);
+  mutable size_t rotate_ ABSL_GUARDED_BY(mu_) = 0;  // where Pick's scan starts
 };
 
 }  // namespace moemesh

@@ -186,11 +186,29 @@ TEST(ReplicaSetRetryTest, OverloadOnOneReplicaMovesTheCallToAnother) {
     auto out = RunOnce(set);
     ASSERT_TRUE(out.ok()) << out.status();
   }
-  // Replica 0 is preferred on ties, so every call met the overload first; it stays in
-  // rotation (overloaded is not dead).
-  EXPECT_EQ(busy.calls(), 3);
+  // Every call ended on the idle replica; the busy one stays in rotation (overloaded is not
+  // dead), so ties still send it some first attempts.
+  EXPECT_GE(busy.calls(), 1);
+  EXPECT_LE(busy.calls(), 3);
   EXPECT_EQ(idle.calls(), 3);
   EXPECT_TRUE(set.State()[0].healthy);
+}
+
+TEST(ReplicaSetRetryTest, EquallyLoadedReplicasShareTheCalls) {
+  ScriptedWorker a(grpc::StatusCode::OK), b(grpc::StatusCode::OK), c(grpc::StatusCode::OK);
+  auto ha = ServerHost::Start(ServerHostOptions{}, {&a});
+  auto hb = ServerHost::Start(ServerHostOptions{}, {&b});
+  auto hc = ServerHost::Start(ServerHostOptions{}, {&c});
+  ASSERT_TRUE(ha.ok() && hb.ok() && hc.ok());
+  ReplicaSet set({std::make_shared<GrpcExpertGroup>((*ha)->address(), DType::kF32),
+                  std::make_shared<GrpcExpertGroup>((*hb)->address(), DType::kF32),
+                  std::make_shared<GrpcExpertGroup>((*hc)->address(), DType::kF32)},
+                 ReplicaSetOptions{}, nullptr);
+  // One call at a time: every pick is a tie at zero outstanding calls.
+  for (int i = 0; i < 12; ++i) ASSERT_TRUE(RunOnce(set).ok());
+  EXPECT_EQ(a.calls(), 4);
+  EXPECT_EQ(b.calls(), 4);
+  EXPECT_EQ(c.calls(), 4);
 }
 
 TEST(ReplicaSetRetryTest, EveryReplicaOverloadedIsResourceExhausted) {
