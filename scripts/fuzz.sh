@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (clang, ASan + UBSan) into build-fuzz/ and runs them: first
 # every kept input under tests/fuzz/corpus (regression cases), then each target for
-# FUZZ_SECONDS (default 12; four targets, about a minute in all). Exit status non-zero on a
+# FUZZ_SECONDS (default 12; five targets, about a minute in all). Exit status non-zero on a
 # crash; libFuzzer leaves the input as crash-* in the current directory: keep it under
 # tests/fuzz/corpus/<target>/ once fixed.
 set -euo pipefail
