@@ -339,7 +339,7 @@ absl::Status Run(const Options& o) {
   }
   SchedulerOptions sched = o.sched;
   sched.on_step = [&metrics](const StepInfo& s) {
-    metrics.ObserveStep(s.seconds, s.tokens);
+    if (s.sequences > 0) metrics.ObserveStep(s.seconds, s.tokens);
     metrics.SetRunning(s.running);
     metrics.SetQueueDepth(s.queued);
     metrics.ObserveKvCache(s.kv.used_blocks, s.kv.cached_blocks, s.kv.total_blocks, s.preempted,

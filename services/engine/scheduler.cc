@@ -274,9 +274,30 @@ void Scheduler::Loop() {
         Finish(*a, "deadline", absl::DeadlineExceededError("deadline exceeded"));
       }
     }
+    const size_t before_drop = running_.size();
     std::erase_if(running_, [](const auto& a) { return a->finished; });
     const int64_t preempted = MakeRoomForDecode();
-    if (running_.empty()) continue;
+    if (running_.empty()) {
+      // The batch emptied without a step (its last requests were cancelled or expired): tell
+      // the observer, or gauges fed by steps would keep the old batch until the next request.
+      if (before_drop > 0 && options_.on_step) {
+        StepInfo idle;
+        idle.sequences = 0;
+        idle.running = 0;
+        idle.preempted = preempted;
+        {
+          absl::MutexLock lock(&mu_);
+          stats_.running = 0;
+          idle.queued = stats_.queued;
+        }
+        idle.kv = engine_->kv_cache().stats();
+        idle.prefix_query_tokens = idle.kv.prefix_query_tokens - last_kv_.prefix_query_tokens;
+        idle.prefix_hit_tokens = idle.kv.prefix_hit_tokens - last_kv_.prefix_hit_tokens;
+        last_kv_ = idle.kv;
+        options_.on_step(idle);
+      }
+      continue;
+    }
 
     // Build the step: one token of every decoding sequence first, then prefill chunks, the
     // budget split fairly among the prefilling requests starting at a rotating position.

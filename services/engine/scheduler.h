@@ -96,6 +96,8 @@ struct SchedulerOptions {
   // has been in this many failed steps in a row. Retries back off from 20 ms to 1 s.
   int max_failed_steps = 4;
   // Called on the loop thread after every step; must not block. May be empty.
+  // Also called with sequences == 0 (no step ran) when the batch empties because its last
+  // requests were cancelled or expired, so that gauges of the batch go back to zero.
   std::function<void(const StepInfo&)> on_step = nullptr;
 };
 

@@ -358,6 +358,44 @@ TEST_F(ServingTest, CancellationFreesBlocksAtTheNextStep) {
   EXPECT_EQ(m->engine->kv_cache().stats().used_blocks, 0);
 }
 
+// When the last request of the batch leaves by cancellation no step follows, yet the observer
+// (which feeds moemesh_running_sequences) must learn that the batch is empty.
+TEST_F(ServingTest, ObserverSeesTheBatchEmptyWhenItsLastRequestIsCancelled) {
+  auto m = Load(*model_);
+  absl::Mutex mu;
+  int last_running = -1;
+  int64_t empty_reports = 0;
+  SchedulerOptions o;
+  o.on_step = [&](const StepInfo& s) {
+    absl::MutexLock lock(&mu);
+    last_running = s.running;
+    if (s.sequences == 0) ++empty_reports;
+  };
+  absl::Notification done;
+  Scheduler sched(m->engine.get(), o);
+  GenerationRequest r;
+  r.prompt = Prompt(8, 3);
+  r.max_tokens = 100000;
+  r.cancel = std::make_shared<CancelFlag>();
+  ASSERT_TRUE(sched
+                  .Submit(r,
+                          [&](const GenerationEvent& ev) {
+                            if (ev.done) {
+                              done.Notify();
+                            } else if (ev.completion_tokens == 2) {
+                              // Between steps: the scheduler finds it at the top of its loop.
+                              r.cancel->Cancel();
+                            }
+                          })
+                  .ok());
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  absl::MutexLock lock(&mu);
+  auto empty = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return last_running == 0; };
+  EXPECT_TRUE(mu.AwaitWithTimeout(absl::Condition(&empty), absl::Seconds(10)));
+  EXPECT_EQ(empty_reports, 1);
+  EXPECT_EQ(sched.stats().running, 0);
+}
+
 TEST(ScoreOutputsTest, TopKAndTokenLogProbsMatchLogSoftmax) {
   // Two positions over a vocabulary of 4.
   Tensor logits = Tensor::FromVector({2, 4}, {1, 3, 3, 0, -1, 2, 0.5f, 2});
