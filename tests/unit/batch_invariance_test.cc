@@ -120,6 +120,64 @@ TEST_P(BatchInvarianceTest, LogitsAreBitwiseEqualAloneInABatchAndInMicroBatches)
   }
 }
 
+// Chunk boundaries do not matter either: a prompt prefilled whole, in uneven chunks or token by
+// token gives bitwise the same logits, and so does every decode step after it (attention goes
+// one query row at a time in the same order; every other kernel is row-invariant).
+TEST_P(BatchInvarianceTest, LogitsAreBitwiseEqualWhateverThePromptChunking) {
+  TempDir dir;
+  GeneratorOptions o;
+  o.config = GetParam().deepseek
+                 ? SmallDeepseekConfig(/*vocab=*/128, /*hidden=*/80)
+                 : SmallMixtralConfig(/*vocab=*/128, /*hidden=*/72, /*inter=*/100, /*layers=*/2);
+  o.seed = 5;
+  o.dtype = GetParam().dtype;
+  const std::string path = moemesh::testing::MakeModel(dir, "m", o);
+  InprocOptions io;
+  io.groups = GetParam().groups;
+  auto m = InprocModel::Load(path, io);
+  ASSERT_TRUE(m.ok()) << m.status();
+  Engine& e = *(*m)->engine;
+  std::mt19937 rng(23);
+  const std::vector<int32_t> prompt = RandomTokens(rng, 37, o.config.vocab_size);
+  const std::vector<int32_t> next = RandomTokens(rng, 3, o.config.vocab_size);
+
+  // Logits after the prompt, then after each of `next`.
+  auto run = [&](const std::vector<int>& chunks) {
+    std::vector<Tensor> out;
+    auto seq = e.NewSequence();
+    size_t at = 0;
+    for (int c : chunks) {
+      StepInput in{seq.get(), absl::MakeConstSpan(prompt.data() + at, c), false};
+      auto r = e.Step({&in, 1});
+      EXPECT_TRUE(r.ok()) << r.status();
+      if (!r.ok()) return out;
+      at += c;
+      if (at == prompt.size()) out.push_back((*r)[0]);
+    }
+    EXPECT_EQ(at, prompt.size());
+    for (const int32_t& t : next) {
+      StepInput d{seq.get(), absl::MakeConstSpan(&t, 1), false};
+      auto r = e.Step({&d, 1});
+      EXPECT_TRUE(r.ok()) << r.status();
+      if (!r.ok()) return out;
+      out.push_back((*r)[0]);
+    }
+    return out;
+  };
+  const std::vector<Tensor> whole = run({37});
+  ASSERT_EQ(whole.size(), next.size() + 1);
+  const std::vector<std::vector<int>> splits = {
+      {16, 16, 5}, {1, 36}, {36, 1}, {7, 3, 11, 16}, std::vector<int>(37, 1)};
+  for (const auto& split : splits) {
+    const std::vector<Tensor> got = run(split);
+    ASSERT_EQ(got.size(), whole.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_TRUE(Same(got[i], whole[i])) << "chunks of " << split.size() << " (first "
+                                          << split[0] << "), output " << i;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(All, BatchInvarianceTest,
                          ::testing::Values(Case{DType::kF32, 1}, Case{DType::kF32, 2},
                                            Case{DType::kBF16, 2}, Case{DType::kF8E4M3, 1},

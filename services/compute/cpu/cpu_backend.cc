@@ -1,9 +1,8 @@
 // CPU ComputeBackend: matrix products go to the few-row kernels of matmul.h (batch-invariant,
 // any weight dtype, on the process's kernel threads; OpenBLAS sgemm above
-// cpu::blas_min_rows() when that is set); decode attention runs its heads on the kernel threads,
-// attention for prompts uses sgemm; the rest are plain
+// cpu::blas_min_rows() when that is set); attention goes one (head, query row) at a time on the
+// kernel threads, in an order that does not depend on the chunk; the rest are plain
 // loops that the compiler vectorises. Stateless, so one instance serves every thread.
-#include <cblas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -75,72 +74,54 @@ class CpuBackend final : public ComputeBackend {
 
   void CausalAttention(const AttentionShape& s, const float* q, const float* k, const float* v,
                        float* out) override {
-    if (s.num_new == 1) {
-      // Decode: the heads are independent, so they run on the kernel threads (each head's
-      // arithmetic is the same whichever thread runs it). Plain loops: hundreds of tiny BLAS
-      // calls per token cost more in thread hand-offs than the arithmetic.
-      cpu::KernelThreads::Get().ParallelFor(s.heads, 1, [&](int64_t b, int64_t e) {
-        thread_local std::vector<float> scores;
-        if (static_cast<int64_t>(scores.size()) < s.ctx) scores.resize(s.ctx);
-        for (int64_t h = b; h < e; ++h) AttendHead(s, h, q, k, v, scores.data(), out);
-      });
-      return;
-    }
-    // Prompts: two sgemm per head on OpenBLAS's own threads (never inside a kernel region).
-    std::vector<float> scores(static_cast<size_t>(s.num_new * s.ctx));
-    for (int64_t h = 0; h < s.heads; ++h) AttendHead(s, h, q, k, v, scores.data(), out);
+    // One (head, query row) at a time, each in the same order whatever the chunk it came in:
+    // a prompt prefilled whole, in chunks or token by token gives bitwise the same rows (and,
+    // the other kernels being batch-invariant too, the same logits). The units run on the
+    // kernel threads; rows of a long prompt cost more than short ones, so chunks are small.
+    const int64_t units = s.heads * s.num_new;
+    const int64_t threads = cpu::KernelThreads::Get().threads();
+    const int64_t grain = std::max<int64_t>(1, units / (threads * 8));
+    cpu::KernelThreads::Get().ParallelFor(units, grain, [&](int64_t b, int64_t e) {
+      thread_local std::vector<float> scores;
+      if (static_cast<int64_t>(scores.size()) < s.ctx) scores.resize(s.ctx);
+      for (int64_t u = b; u < e; ++u) {
+        AttendRow(s, u / s.num_new, u % s.num_new, q, k, v, scores.data(), out);
+      }
+    });
   }
 
  private:
-  // Head h of CausalAttention; `scores` holds num_new * ctx floats.
-  static void AttendHead(const AttentionShape& s, int64_t h, const float* q, const float* k,
-                         const float* v, float* scores, float* out) {
+  // Query row i (of the num_new new rows) of head h; `scores` holds ctx floats.
+  static void AttendRow(const AttentionShape& s, int64_t h, int64_t i, const float* q,
+                        const float* k, const float* v, float* scores, float* out) {
     const int64_t group = s.heads / s.kv_heads;
-    const int64_t past = s.ctx - s.num_new;
     const int64_t g = h / group;
-    const float* qh = q + h * s.qk_dim;
+    const float* qh = q + i * s.q_stride + h * s.qk_dim;
     const float* kg = k + g * s.qk_dim;
     const float* vg = v + g * s.v_dim;
-    float* oh = out + h * s.v_dim;
-    const int64_t out_stride = s.heads * s.v_dim;
-    // scores[i, j] = scale * q_i · k_j over all cache rows; masked below.
-    if (s.num_new == 1) {
-      for (int64_t j = 0; j < s.ctx; ++j) {
-        const float* kj = kg + j * s.k_stride;
-        float dot = 0.0f;
+    float* oh = out + i * s.heads * s.v_dim + h * s.v_dim;
+    const int64_t visible = s.ctx - s.num_new + i + 1;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < visible; ++j) {
+      const float* kj = kg + j * s.k_stride;
+      float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < s.qk_dim; ++d) dot += qh[d] * kj[d];
-        scores[j] = dot * s.scale;
-      }
-    } else {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s.num_new, s.ctx, s.qk_dim, s.scale, qh,
-                  s.q_stride, kg, s.k_stride, 0.0f, scores, s.ctx);
+      for (int64_t d = 0; d < s.qk_dim; ++d) dot += qh[d] * kj[d];
+      scores[j] = dot * s.scale;
+      mx = std::max(mx, scores[j]);
     }
-    for (int64_t i = 0; i < s.num_new; ++i) {
-      float* row = scores + i * s.ctx;
-      const int64_t visible = past + i + 1;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, row[j]);
-      float sum = 0;
-      for (int64_t j = 0; j < visible; ++j) {
-        row[j] = std::exp(row[j] - mx);
-        sum += row[j];
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
-      for (int64_t j = visible; j < s.ctx; ++j) row[j] = 0.0f;
+    float sum = 0;
+    for (int64_t j = 0; j < visible; ++j) {
+      scores[j] = std::exp(scores[j] - mx);
+      sum += scores[j];
     }
-    if (s.num_new == 1) {
-      for (int64_t d = 0; d < s.v_dim; ++d) oh[d] = 0.0f;
-      for (int64_t j = 0; j < s.ctx; ++j) {
-        const float p = scores[j];
-        const float* vj = vg + j * s.v_stride;
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < s.v_dim; ++d) oh[d] = 0.0f;
+    for (int64_t j = 0; j < visible; ++j) {
+      const float p = scores[j] * inv;
+      const float* vj = vg + j * s.v_stride;
 #pragma omp simd
-        for (int64_t d = 0; d < s.v_dim; ++d) oh[d] += p * vj[d];
-      }
-    } else {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s.num_new, s.v_dim, s.ctx, 1.0f,
-                  scores, s.ctx, vg, s.v_stride, 0.0f, oh, out_stride);
+      for (int64_t d = 0; d < s.v_dim; ++d) oh[d] += p * vj[d];
     }
   }
 
