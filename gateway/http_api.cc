@@ -1,6 +1,13 @@
 #include "gateway/http_api.h"
 
+#include <dirent.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <deque>
 #include <optional>
 
@@ -12,6 +19,60 @@
 
 namespace moemesh::gateway {
 namespace {
+
+// Watches the TCP connection a request came in on, so that a non-streaming request whose client
+// has gone is cancelled instead of running to its end (streaming requests notice on their next
+// write). cpp-httplib 0.11 does not expose the socket to handlers, so the connection is found
+// once among the process's sockets by its two ends (the server's port; the peer's address and
+// port, which httplib does give), and then peeked: a read of 0 bytes means the peer closed its
+// side. When it cannot be found the request simply runs to its end, as before.
+class PeerWatch {
+ public:
+  PeerWatch(const httplib::Request& req, int server_port) {
+    if (req.remote_port < 0 || req.remote_addr.empty()) return;
+    DIR* d = ::opendir("/proc/self/fd");
+    if (d == nullptr) return;
+    while (dirent* e = ::readdir(d)) {
+      char* end = nullptr;
+      const long fd = std::strtol(e->d_name, &end, 10);
+      if (end == e->d_name || *end != '\0' || fd == ::dirfd(d)) continue;
+      sockaddr_storage local{}, peer{};
+      socklen_t ll = sizeof(local), pl = sizeof(peer);
+      if (::getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &ll) != 0 ||
+          ::getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &pl) != 0) {
+        continue;
+      }
+      char lport[16], paddr[NI_MAXHOST], pport[16];
+      if (::getnameinfo(reinterpret_cast<sockaddr*>(&local), ll, nullptr, 0, lport,
+                        sizeof(lport), NI_NUMERICSERV) != 0 ||
+          ::getnameinfo(reinterpret_cast<sockaddr*>(&peer), pl, paddr, sizeof(paddr), pport,
+                        sizeof(pport), NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
+        continue;
+      }
+      if (std::atoi(lport) == server_port && std::atoi(pport) == req.remote_port &&
+          req.remote_addr == paddr) {
+        fd_ = static_cast<int>(fd);
+        break;
+      }
+    }
+    ::closedir(d);
+  }
+
+  bool found() const { return fd_ >= 0; }
+
+  // True once the peer has closed the connection (or it failed). Data waiting to be read
+  // (a pipelined request, TLS records) counts as alive.
+  bool Gone() const {
+    if (fd_ < 0) return false;
+    char b;
+    const ssize_t n = ::recv(fd_, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0) return true;
+    return n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+  }
+
+ private:
+  int fd_ = -1;
+};
 
 using nlohmann::json;
 
@@ -549,6 +610,9 @@ void HttpApi::Complete(const httplib::Request& req, httplib::Response& res, bool
     json chat_lp = json::array();
     CompletionLogprobs comp_lp;
     TextEvent ev = *std::move(first);
+    const PeerWatch peer(req, port_);
+    bool peer_gone = false;
+    absl::Time next_check = absl::Now();
     while (true) {
       if (!ev.done && c.logprobs >= 0) {
         if (chat) {
@@ -559,8 +623,19 @@ void HttpApi::Complete(const httplib::Request& req, httplib::Response& res, bool
       }
       out += ev.text;
       if (ev.done) break;
+      // The client left: stop generating for nobody (the scheduler frees the request's
+      // blocks at its next step) and wait for the request's end. Checked every 100 ms, whether
+      // tokens keep coming or not.
       std::optional<TextEvent> next;
-      while (!(next = queue->Pop(absl::Milliseconds(100)))) {
+      while (true) {
+        if (!peer_gone && absl::Now() >= next_check) {
+          next_check = absl::Now() + absl::Milliseconds(100);
+          if (peer.Gone()) {
+            peer_gone = true;
+            cancel->Cancel();
+          }
+        }
+        if ((next = queue->Pop(absl::Milliseconds(100)))) break;
       }
       ev = *std::move(next);
     }

@@ -299,5 +299,31 @@ TEST_F(OpenAiApiTest, ClientThatDisconnectsMidStreamIsCancelled) {
             1);
 }
 
+// The same without streaming: nothing is written until the end, so the gateway watches the
+// connection itself and cancels the request when its client hangs up.
+TEST_F(OpenAiApiTest, ClientThatDisconnectsFromANonStreamingRequestIsCancelled) {
+  auto addr = MetricsAddressFromLog(mesh_->gateway().log);
+  ASSERT_TRUE(addr.ok()) << addr.status();
+  const std::string port = *addr;
+  auto completion_tokens = [&]() {
+    auto text = ScrapeMetrics(port);
+    return text.ok() ? SumSamples(*text, "moemesh_tokens_total", {{"kind", "completion"}}) : -1.0;
+  };
+  const double before = completion_tokens();
+  json req = {{"model", "tiny-moe"}, {"messages", Messages()}, {"max_tokens", 4000},
+              {"temperature", 0},    {"ignore_eos", true},     {"stream", false}};
+  const absl::Time start = absl::Now();
+  Curl("POST", "/v1/chat/completions", req.dump(), kKey, "--max-time 0.5", /*expect_ok=*/false);
+  double generated = 0, last = -1;
+  for (int i = 0; i < 100 && !(generated > 0 && generated == last); ++i) {
+    last = generated;
+    absl::SleepFor(absl::Milliseconds(100));
+    generated = completion_tokens() - before;
+  }
+  EXPECT_GT(generated, 0) << "the request did not end within 10 s of its client leaving";
+  EXPECT_LT(generated, 4000) << "the request ran to its end although its client left";
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+}
+
 }  // namespace
 }  // namespace moemesh::testing
