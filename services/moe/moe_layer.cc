@@ -74,6 +74,14 @@ absl::StatusOr<Tensor> MoeDispatcher::Forward(int layer, const Tensor& hidden,
   return result;
 }
 
+void MoeDispatcher::StartForward(int layer, Tensor hidden, const CallOptions& opts,
+                                 MoeDone done) {
+  ForwardAsync(layer, std::move(hidden), opts,
+               [done = std::move(done)](absl::StatusOr<Tensor> r, const DispatchStats&) {
+                 done(std::move(r));
+               });
+}
+
 namespace {
 
 // State of one fan-out, shared by the group callbacks; the last one combines.
