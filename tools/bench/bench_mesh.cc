@@ -547,7 +547,11 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
     mo.worker_cpus = o.worker_cpus;
     mo.kernel_threads = 1;
   }
-  mo.gateway_args = {absl::StrCat("--max_step_tokens=", std::max(o.prompt, 256)),
+  // Every prompt is prefilled whole in the step it joins: the CPU attention kernel rounds a
+  // prompt differently when it is cut into other chunks, and the scheduler's chunks depend
+  // on when requests arrive, so smaller budgets make greedy tokens depend on timing (with
+  // one micro-batch as much as with two).
+  mo.gateway_args = {absl::StrCat("--max_step_tokens=", std::max(o.prompt * o.streams, 256)),
                      absl::StrCat("--max_running=", std::max(64, o.streams))};
   auto mesh_or = Mesh::Start(mo);
   if (!mesh_or.ok()) return mesh_or.status();
@@ -621,12 +625,18 @@ int RunTestbed(const Options& o, const std::string& dir, const ModelConfig& cfg)
     for (int mb : o.micro_batches) {
       std::fprintf(stderr, "testbed: added latency %d us, %d micro-batch(es)%s ...\n", lat, mb,
                    o.pin ? ", pinned" : "");
-      auto r = RunTestbedSetting(o, dir, cfg, lat, mb);
-      if (!r.ok()) {
-        std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
-        return 1;
+      // Best of --repeats: other tenants of a small machine only ever slow a run down.
+      std::optional<TestbedRow> best;
+      for (int rep = 0; rep < o.repeats; ++rep) {
+        auto r = RunTestbedSetting(o, dir, cfg, lat, mb);
+        if (!r.ok()) {
+          std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
+          return 1;
+        }
+        std::fprintf(stderr, "  run %d: %.2f s\n", rep + 1, r->wall_s);
+        if (!best || r->wall_s < best->wall_s) best = *std::move(r);
       }
-      rows.push_back(*std::move(r));
+      rows.push_back(*std::move(best));
     }
   }
   std::printf(
@@ -649,6 +659,15 @@ int RunTestbed(const Options& o, const std::string& dir, const ModelConfig& cfg)
   nlohmann::json j = nlohmann::json::array();
   for (const TestbedRow& r : rows) {
     const bool same = r.outputs == rows.front().outputs;
+    for (size_t i = 0; i < r.outputs.size() && !same; ++i) {
+      if (r.outputs[i] == rows.front().outputs[i]) continue;
+      size_t at = 0;
+      while (at < r.outputs[i].size() && at < rows.front().outputs[i].size() &&
+             r.outputs[i][at] == rows.front().outputs[i][at])
+        ++at;
+      std::fprintf(stderr, "%d us, %d micro-batches: stream %zu differs from token %zu\n",
+                   r.latency_us, r.micro, i, at);
+    }
     std::printf(
         "| %d us | %d | %.2f | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f "
         "| %.1f | %s |\n",
