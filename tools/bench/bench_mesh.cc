@@ -584,6 +584,17 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
   std::vector<StreamResult> results(o.streams);
   std::vector<std::thread> threads;
   const absl::Time start = absl::Now();
+  // A blocker first: a 256-token prompt whose prefill step is running when the streams
+  // arrive, so that all of them are queued for the next step. Otherwise the first step takes
+  // whichever prompt came first alone (one input: one micro-batch) and the step structure,
+  // and with it the result, depends on arrival timing. Its time is in the measured window,
+  // the same for every setting.
+  auto blocker_stub = v1::Gateway::NewStub(MakeChannel(mesh.gateway_address()));
+  StreamResult blocker;
+  std::thread blocker_thread([&] {
+    blocker = RunStream(blocker_stub.get(), PromptTokens(256, 998, cfg.vocab_size), 1, start);
+  });
+  absl::SleepFor(absl::Milliseconds(30));
   for (int i = 0; i < o.streams; ++i) {
     threads.emplace_back([&, i] {
       results[i] = RunStream(stubs[i].get(), PromptTokens(o.prompt, i + 1, cfg.vocab_size),
@@ -591,7 +602,9 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
     });
   }
   for (auto& t : threads) t.join();
-  absl::Time end = start;
+  blocker_thread.join();
+  if (!blocker.status.ok()) return absl::InternalError(blocker.status.error_message());
+  absl::Time end = blocker.end;
   for (const StreamResult& r : results) {
     if (!r.status.ok()) return absl::InternalError(r.status.error_message());
     end = std::max(end, r.end);
