@@ -64,7 +64,8 @@ absl::StatusOr<std::string> Mesh::Hop(const std::string& address) {
   if (options_.added_latency <= absl::ZeroDuration()) return address;
   ASSIGN_OR_RETURN(std::unique_ptr<DelayProxy> proxy,
                    DelayProxy::Start({.target = address,
-                                      .one_way_delay = options_.added_latency}));
+                                      .one_way_delay = options_.added_latency,
+                                      .realtime = true}));
   const std::string via = proxy->address();
   proxies_.push_back(std::move(proxy));
   return via;

@@ -57,7 +57,8 @@ struct MeshOptions {
   // attention with the other half's MoE call.
   int micro_batches = 1;
   // One-way latency added on every hop inside the mesh (gateway → router and router → each
-  // worker) by a DelayProxy (services/net/delay_proxy.h) run in this process. Zero: none.
+  // worker) by a DelayProxy (services/net/delay_proxy.h) run in this process, its threads at
+  // real-time priority when permitted (like a NIC, they do not wait for busy CPUs). Zero: none.
   absl::Duration added_latency = absl::ZeroDuration();
   // CPU lists ("0", "1", "2-3"); empty: unpinned. The gateway and router share
   // `gateway_cpus`, the workers `worker_cpus` (sched_setaffinity in the child before exec).

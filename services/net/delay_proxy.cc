@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -74,7 +75,8 @@ struct DelayProxy::Conn {
     std::deque<Chunk> queue ABSL_GUARDED_BY(mu);
   };
 
-  Conn(int a, int b, absl::Duration delay) : a_fd(a), b_fd(b), delay(delay) {
+  Conn(int a, int b, absl::Duration delay, std::atomic<int64_t>* oversleep_ns)
+      : a_fd(a), b_fd(b), delay(delay), oversleep_ns(oversleep_ns) {
     forward.src = a;
     forward.dst = b;
     backward.src = b;
@@ -87,11 +89,23 @@ struct DelayProxy::Conn {
     ::close(b_fd);
   }
 
-  void Start() {
+  void Start(bool realtime) {
     for (Direction* d : {&forward, &backward}) {
-      threads.emplace_back([this, d] { Read(d); });
-      threads.emplace_back([this, d] { Write(d); });
+      threads.emplace_back([this, d, realtime] {
+        if (realtime) Realtime();
+        Read(d);
+      });
+      threads.emplace_back([this, d, realtime] {
+        if (realtime) Realtime();
+        Write(d);
+      });
     }
+  }
+
+  static void Realtime() {
+    sched_param p = {};
+    p.sched_priority = 10;
+    ::pthread_setschedparam(::pthread_self(), SCHED_FIFO, &p);  // best effort
   }
 
   // Ends both directions: readers see EOF or an error, writers drop what is queued.
@@ -118,7 +132,7 @@ struct DelayProxy::Conn {
 
   void Write(Direction* d) {
     ::prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);  // 1 ns: wake when asked, not 50 µs later
-    absl::Duration oversleep = absl::ZeroDuration();
+    absl::Duration oversleep = absl::Nanoseconds(oversleep_ns->load());
     for (;;) {
       Chunk c;
       {
@@ -130,12 +144,15 @@ struct DelayProxy::Conn {
       }
       // Sleep until a little before the chunk is due, by the timer's recent oversleep, then
       // yield the last microseconds away: a plain sleep wakes tens of µs late on a busy VM.
-      const absl::Time target = c.due - oversleep;
+      // Twice the mean oversleep: the median wake-up must come before the due time too.
+      const absl::Time target =
+          c.due - std::min(2 * oversleep + absl::Microseconds(20), absl::Microseconds(300));
       if (const absl::Time now = absl::Now(); target > now) {
         absl::SleepFor(target - now);
         const absl::Duration late = absl::Now() - target;
         oversleep = std::clamp(oversleep * 0.9 + late * 0.1, absl::ZeroDuration(),
                                absl::Microseconds(200));
+        oversleep_ns->store(absl::ToInt64Nanoseconds(oversleep));  // the next connection's start
       }
       while (absl::Now() < c.due) ::sched_yield();
       if (c.bytes.empty()) {
@@ -170,6 +187,7 @@ struct DelayProxy::Conn {
 
   const int a_fd, b_fd;
   const absl::Duration delay;
+  std::atomic<int64_t>* const oversleep_ns;  // the proxy's estimate, shared by connections
   Direction forward, backward;
   std::atomic<bool> broken{false};
   std::atomic<int> finished{0};
@@ -229,18 +247,18 @@ void DelayProxy::AcceptLoop() {
     NoDelay(a);
     NoDelay(b);
     connections_.fetch_add(1);
-    auto conn = std::make_unique<Conn>(a, b, options_.one_way_delay);
+    auto conn = std::make_unique<Conn>(a, b, options_.one_way_delay, &oversleep_ns_);
     absl::MutexLock lock(&mu_);
     if (stopping_) {
       conn->Shutdown();
-      conn->Start();
+      conn->Start(false);
       continue;  // destroyed (joined) at once
     }
     // Reap connections whose four threads have ended.
     for (auto it = conns_.begin(); it != conns_.end();) {
       it = (*it)->finished.load() == 4 ? conns_.erase(it) : it + 1;
     }
-    conn->Start();
+    conn->Start(options_.realtime);
     conns_.push_back(std::move(conn));
   }
 }

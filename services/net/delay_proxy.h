@@ -34,6 +34,10 @@ struct DelayProxyOptions {
   int listen_port = 0;  // 0 picks a free one
   std::string target;   // host:port (IPv4 literal or a name getaddrinfo resolves)
   absl::Duration one_way_delay = absl::ZeroDuration();
+  // Run the forwarding threads at real-time priority (SCHED_FIFO, when permitted): they use
+  // little CPU, and on a testbed whose CPUs are all busy computing they must not wait for a
+  // time slice, as a NIC does not. Falls back to normal scheduling silently.
+  bool realtime = false;
 };
 
 class DelayProxy {
@@ -59,6 +63,7 @@ class DelayProxy {
   int wake_[2] = {-1, -1};  // a pipe that wakes the acceptor on shutdown
   int port_ = 0;
   std::atomic<int64_t> connections_{0};
+  std::atomic<int64_t> oversleep_ns_{0};  // writers' recent timer oversleep
   std::thread acceptor_;
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

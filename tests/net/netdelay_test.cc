@@ -128,10 +128,12 @@ class NetDelayLatency : public ::testing::TestWithParam<int> {};
 TEST_P(NetDelayLatency, AddedRoundTripIsTwiceTheDelay) {
   const int delay_us = GetParam();
   EchoServer echo;
-  auto proxy = DelayProxy::Start(
-      {.target = echo.address(), .one_way_delay = absl::Microseconds(delay_us)});
+  // As the testbed runs it: forwarding threads at real-time priority when permitted.
+  auto proxy = DelayProxy::Start({.target = echo.address(),
+                                  .one_way_delay = absl::Microseconds(delay_us),
+                                  .realtime = true});
   ASSERT_TRUE(proxy.ok()) << proxy.status();
-  auto plain = DelayProxy::Start({.target = echo.address()});
+  auto plain = DelayProxy::Start({.target = echo.address(), .realtime = true});
   ASSERT_TRUE(plain.ok()) << plain.status();
   // Interleave the three paths so that all see the same background load.
   std::vector<double> direct, forwarded, delayed;
