@@ -132,7 +132,7 @@ absl::StatusOr<Options> GetOptions() {
 absl::Status Run(const Options& o) {
   cpu::set_blas_min_rows(o.blas_min_rows);  // before any kernel runs
   if (o.kernel_threads > 0) cpu::KernelThreads::SetThreads(o.kernel_threads);
-  SetClientTls(o.tls);                      // before any channel: every outgoing connection uses it
+  SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
   RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
   ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg, o.weights_dtype));

@@ -294,7 +294,7 @@ void ReloadOnSighup(ApiKeys* keys) {
 absl::Status Run(const Options& o) {
   cpu::set_blas_min_rows(o.blas_min_rows);  // before any kernel runs
   if (o.kernel_threads > 0) cpu::KernelThreads::SetThreads(o.kernel_threads);
-  SetClientTls(o.tls);                      // before any channel: every outgoing connection uses it
+  SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
   std::unique_ptr<InprocModel> inproc;
   std::unique_ptr<Checkpoint> ckpt;
   std::unique_ptr<ComputeBackend> backend;

@@ -303,8 +303,8 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs,
     backend_->RmsNorm(kv.data() + i * row, L.kv_a_norm.data(), 1, kvl, kMlaLatentNormEps,
                       kv.data() + i * row);
   }
-  backend_->Rope(kv.data() + kvl, t, 1, row, row, rope, positions, inv_freq_.data(),
-                 rope_mscale_, /*interleaved=*/true);
+  backend_->Rope(kv.data() + kvl, t, 1, row, row, rope, positions, inv_freq_.data(), rope_mscale_,
+                 /*interleaved=*/true);
 
   // Absorbed query per head: [q_nope · W_uk (kv_lora) | q_pe (rope)], so that its dot product
   // with a cache row equals q_nope · k_nope + q_pe · k_pe of the expanded keys.
@@ -378,8 +378,8 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs,
   backend_->MatMulW(xn, t, L.wv, v.data());
   backend_->Rope(q.data(), t, nh, hd, nh * hd, hd, positions, inv_freq_.data(), rope_mscale_,
                  false);
-  backend_->Rope(k.data(), t, nkv, hd, nkv * hd, hd, positions, inv_freq_.data(),
-                 rope_mscale_, false);
+  backend_->Rope(k.data(), t, nkv, hd, nkv * hd, hd, positions, inv_freq_.data(), rope_mscale_,
+                 false);
   // Cache rows: [K of every KV head | V of every KV head] per token.
   const int64_t cache_row = k_row_ + v_row_;
   std::vector<float> kv(t * cache_row);
@@ -578,8 +578,8 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
       const int64_t n = part.r1 - part.r0;
       float* xp = x.mutable_row(part.r0);
       backend_->RmsNorm(xp, L.input_norm.data(), n, h, cfg_.rms_norm_eps, xa.mutable_data());
-      if (absl::Status s = Attention(l, part.inputs, part.starts, xa.data(), n,
-                                     positions.data() + part.r0, xp);
+      if (absl::Status s =
+              Attention(l, part.inputs, part.starts, xa.data(), n, positions.data() + part.r0, xp);
           !s.ok()) {
         return fail(s);
       }

@@ -62,10 +62,10 @@ absl::StatusOr<cpu_set_t> ParseCpuList(const std::string& list) {
 
 absl::StatusOr<std::string> Mesh::Hop(const std::string& address) {
   if (options_.added_latency <= absl::ZeroDuration()) return address;
-  ASSIGN_OR_RETURN(std::unique_ptr<DelayProxy> proxy,
-                   DelayProxy::Start({.target = address,
-                                      .one_way_delay = options_.added_latency,
-                                      .realtime = true}));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<DelayProxy> proxy,
+      DelayProxy::Start(
+          {.target = address, .one_way_delay = options_.added_latency, .realtime = true}));
   const std::string via = proxy->address();
   proxies_.push_back(std::move(proxy));
   return via;
@@ -184,8 +184,8 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
                                        absl::StrCat("--top_k=", o.top_k), metrics_flag};
       if (o.kernel_threads > 0) args.push_back(absl::StrCat("--kernel_threads=", o.kernel_threads));
       args.insert(args.end(), o.worker_args.begin(), o.worker_args.end());
-      ASSIGN_OR_RETURN(Process p, m->Spawn(name, o.bin_dir + "/moemesh-expert-worker", args,
-                                           o.worker_cpus));
+      ASSIGN_OR_RETURN(Process p,
+                       m->Spawn(name, o.bin_dir + "/moemesh-expert-worker", args, o.worker_cpus));
       p.group = g;
       p.replica = r;
       m->workers_.push_back(std::move(p));
@@ -198,9 +198,8 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
     for (const Process& p : m->workers_) {
       if (p.group != g) continue;
       ASSIGN_OR_RETURN(const std::string hop, m->Hop(p.address));
-      reps.push_back(o.dns_targets
-                         ? absl::StrCat("dns:///localhost:", hop.substr(hop.rfind(':') + 1))
-                         : hop);
+      reps.push_back(
+          o.dns_targets ? absl::StrCat("dns:///localhost:", hop.substr(hop.rfind(':') + 1)) : hop);
     }
     groups.push_back(o.multi_address_groups ? absl::StrCat("ipv4:", absl::StrJoin(reps, ","))
                                             : absl::StrJoin(reps, "|"));
@@ -226,8 +225,8 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
   if (o.micro_batches != 1) gargs.push_back(absl::StrCat("--micro_batches=", o.micro_batches));
   if (o.kernel_threads > 0) gargs.push_back(absl::StrCat("--kernel_threads=", o.kernel_threads));
   gargs.insert(gargs.end(), o.gateway_args.begin(), o.gateway_args.end());
-  ASSIGN_OR_RETURN(m->gateway_, m->Spawn("gateway", o.bin_dir + "/moemesh-gateway", gargs,
-                                         o.gateway_cpus));
+  ASSIGN_OR_RETURN(m->gateway_,
+                   m->Spawn("gateway", o.bin_dir + "/moemesh-gateway", gargs, o.gateway_cpus));
   RETURN_IF_ERROR(m->WaitServing(&m->gateway_, deadline));
   return m;
 }

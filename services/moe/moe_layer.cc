@@ -74,8 +74,7 @@ absl::StatusOr<Tensor> MoeDispatcher::Forward(int layer, const Tensor& hidden,
   return result;
 }
 
-void MoeDispatcher::StartForward(int layer, Tensor hidden, const CallOptions& opts,
-                                 MoeDone done) {
+void MoeDispatcher::StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) {
   ForwardAsync(layer, std::move(hidden), opts,
                [done = std::move(done)](absl::StatusOr<Tensor> r, const DispatchStats&) {
                  done(std::move(r));

@@ -7,14 +7,14 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <algorithm>
-#include <sched.h>
 #include <deque>
 
 #include "absl/strings/numbers.h"
@@ -150,8 +150,8 @@ struct DelayProxy::Conn {
       if (const absl::Time now = absl::Now(); target > now) {
         absl::SleepFor(target - now);
         const absl::Duration late = absl::Now() - target;
-        oversleep = std::clamp(oversleep * 0.9 + late * 0.1, absl::ZeroDuration(),
-                               absl::Microseconds(200));
+        oversleep =
+            std::clamp(oversleep * 0.9 + late * 0.1, absl::ZeroDuration(), absl::Microseconds(200));
         oversleep_ns->store(absl::ToInt64Nanoseconds(oversleep));  // the next connection's start
       }
       while (absl::Now() < c.due) ::sched_yield();
@@ -215,7 +215,8 @@ absl::StatusOr<std::unique_ptr<DelayProxy>> DelayProxy::Start(DelayProxyOptions 
   }
   if (::bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0 || ::listen(fd, 64) != 0) {
     return absl::UnavailableError(absl::StrCat("bind/listen ", p->options_.listen_host, ":",
-                                               p->options_.listen_port, ": ", std::strerror(errno)));
+                                               p->options_.listen_port, ": ",
+                                               std::strerror(errno)));
   }
   socklen_t len = sizeof(sa);
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len);
@@ -225,9 +226,7 @@ absl::StatusOr<std::unique_ptr<DelayProxy>> DelayProxy::Start(DelayProxyOptions 
   return p;
 }
 
-std::string DelayProxy::address() const {
-  return absl::StrCat(options_.listen_host, ":", port_);
-}
+std::string DelayProxy::address() const { return absl::StrCat(options_.listen_host, ":", port_); }
 
 void DelayProxy::AcceptLoop() {
   for (;;) {

@@ -1,7 +1,8 @@
 // DelayProxy: a TCP forwarder that adds a fixed one-way latency, for a testbed that behaves
 // like machines apart (the kernel here has no netem).
 //
-//   auto proxy = DelayProxy::Start({.target = "127.0.0.1:5000", .one_way_delay = absl::Micros(250)});
+//   auto proxy = DelayProxy::Start({.target = "127.0.0.1:5000", .one_way_delay =
+//   absl::Micros(250)});
 //   // connect to (*proxy)->address() instead of 127.0.0.1:5000
 //
 // Every accepted connection is paired with a new connection to `target`. Bytes are forwarded

@@ -163,8 +163,7 @@ absl::StatusOr<Tensor> RemoteMoeLayer::Forward(int layer, const Tensor& hidden,
   return result;
 }
 
-void RemoteMoeLayer::StartForward(int layer, Tensor hidden, const CallOptions& opts,
-                                  MoeDone done) {
+void RemoteMoeLayer::StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) {
   auto call = std::make_shared<Call>();
   call->layer = layer;
   call->req.set_layer(layer);

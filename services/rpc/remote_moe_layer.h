@@ -4,10 +4,10 @@
 // on the network, and two calls in flight together (the engine's two micro-batches) share one
 // HTTP/2 channel without waiting for each other. `done` runs on a gRPC callback thread (or on
 // the retry timer's thread after a backoff). Forward is StartForward plus a wait, for callers
-// that have nothing else to do (never a gRPC thread). A router call has no side effects (sequences advance only when the whole
-// step succeeds), so a failed call is retried: bounded in attempts, backed off
-// exponentially with jitter, and always within the step's deadline. Retried are UNAVAILABLE
-// (router restarting or draining, connection lost), RESOURCE_EXHAUSTED (router queue or
+// that have nothing else to do (never a gRPC thread). A router call has no side effects (sequences
+// advance only when the whole step succeeds), so a failed call is retried: bounded in attempts,
+// backed off exponentially with jitter, and always within the step's deadline. Retried are
+// UNAVAILABLE (router restarting or draining, connection lost), RESOURCE_EXHAUSTED (router queue or
 // every replica of a group overloaded), ABORTED, a per-attempt DEADLINE_EXCEEDED while the
 // step still has time, and a CANCELLED the step did not ask for. Every attempt carries a
 // deadline: the step's, capped by `attempt_timeout`, so a frozen router (SIGSTOP) costs a

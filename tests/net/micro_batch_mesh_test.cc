@@ -80,8 +80,8 @@ TEST_P(MicroBatchMeshTest, LogitsAndGreedyTokensMatchSingleProcess) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Testbed, MicroBatchMeshTest,
-                         ::testing::Values(Case{1, 0, false}, Case{2, 0, false},
-                                           Case{1, 300, true}, Case{2, 300, true}),
+                         ::testing::Values(Case{1, 0, false}, Case{2, 0, false}, Case{1, 300, true},
+                                           Case{2, 300, true}),
                          [](const auto& info) {
                            return absl::StrCat(info.param.micro_batches, "micro_",
                                                info.param.latency_us, "us",

@@ -129,9 +129,8 @@ TEST_P(NetDelayLatency, AddedRoundTripIsTwiceTheDelay) {
   const int delay_us = GetParam();
   EchoServer echo;
   // As the testbed runs it: forwarding threads at real-time priority when permitted.
-  auto proxy = DelayProxy::Start({.target = echo.address(),
-                                  .one_way_delay = absl::Microseconds(delay_us),
-                                  .realtime = true});
+  auto proxy = DelayProxy::Start(
+      {.target = echo.address(), .one_way_delay = absl::Microseconds(delay_us), .realtime = true});
   ASSERT_TRUE(proxy.ok()) << proxy.status();
   auto plain = DelayProxy::Start({.target = echo.address(), .realtime = true});
   ASSERT_TRUE(plain.ok()) << plain.status();
@@ -172,8 +171,8 @@ TEST(NetDelay, ForwardsEveryByteBothWaysAndPassesEofOn) {
   for (size_t i = 0; i < sent.size(); ++i) sent[i] = static_cast<char>((i * 131 + i / 7) & 0xff);
   std::thread writer([&] {
     for (size_t off = 0; off < sent.size();) {
-      const ssize_t w = ::send(fd, sent.data() + off, std::min<size_t>(100000, sent.size() - off),
-                               MSG_NOSIGNAL);
+      const ssize_t w =
+          ::send(fd, sent.data() + off, std::min<size_t>(100000, sent.size() - off), MSG_NOSIGNAL);
       if (w <= 0) break;
       off += static_cast<size_t>(w);
     }

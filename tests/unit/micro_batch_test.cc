@@ -35,7 +35,8 @@ class DelayedMoe final : public MoeLayer {
   ~DelayedMoe() override {
     for (auto& t : threads_) t.join();
   }
-  absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden, const CallOptions& opts) override {
+  absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden,
+                                 const CallOptions& opts) override {
     return inner_->Forward(layer, hidden, opts);
   }
   void StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) override {
@@ -184,7 +185,8 @@ TEST_P(MicroBatchTest, SchedulerGreedyTokensAreTheSameWithTwoMicroBatches) {
                       .ok());
     }
     absl::MutexLock lock(&mu);
-    mu.Await(absl::Condition(+[](int* f) { return *f == 6; }, &finished));
+    mu.Await(absl::Condition(
+        +[](int* f) { return *f == 6; }, &finished));
     return out;
   };
   const auto one = generate(1);

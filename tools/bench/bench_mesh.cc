@@ -47,9 +47,9 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/resource.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -214,8 +214,8 @@ absl::StatusOr<std::string> EnsureModel(const Options& o) {
   if (::stat((o.cache_dir + "/config.json").c_str(), &st) == 0) return o.cache_dir;
   GeneratorOptions g;
   g.config = o.balanced ? SmallMixtralConfig(8000, 512, 640, 4, 8, 8, 8, 2)
-              : o.small   ? SmallMixtralConfig(32000, 512, 1408, 4, 8, 2, 8, 2)
-                          : SmallMixtralConfig(32000, 1024, 2816, 8, 16, 4, 8, 2);
+             : o.small  ? SmallMixtralConfig(32000, 512, 1408, 4, 8, 2, 8, 2)
+                        : SmallMixtralConfig(32000, 1024, 2816, 8, 16, 4, 8, 2);
   g.seed = 1;
   std::fprintf(stderr, "generating the benchmark model in %s ...\n", o.cache_dir.c_str());
   if (auto s = GenerateModel(g, o.cache_dir); !s.ok()) return s;
@@ -461,14 +461,14 @@ struct TestbedRow {
   int latency_us = 0, micro = 1;
   bool pinned = false;
   double wall_s = 0, steps = 0;
-  double step_wall_s = 0;   // inside Engine::Step, summed
-  double gw_busy_s = 0;     // engine thread computing inside steps
-  double gw_wait_s = 0;     // engine thread waiting for MoE results
-  double worker_busy_s = 0; // inside expert FFNs, every worker summed
-  double gw_cpu_s = 0;      // CPU time of the gateway and the router processes
-  double worker_cpu_s = 0;  // CPU time of every worker process
-  double bench_cpu_s = 0;   // this process: the delaying proxies and the stream clients
-  int64_t tokens = 0;       // generated
+  double step_wall_s = 0;    // inside Engine::Step, summed
+  double gw_busy_s = 0;      // engine thread computing inside steps
+  double gw_wait_s = 0;      // engine thread waiting for MoE results
+  double worker_busy_s = 0;  // inside expert FFNs, every worker summed
+  double gw_cpu_s = 0;       // CPU time of the gateway and the router processes
+  double worker_cpu_s = 0;   // CPU time of every worker process
+  double bench_cpu_s = 0;    // this process: the delaying proxies and the stream clients
+  int64_t tokens = 0;        // generated
   std::vector<std::vector<int32_t>> outputs;
   // Per step, ms: T wall; G the gateway side's busy time (CPU time of the gateway and router
   // processes, which share a CPU when pinned); E the workers' (CPU time of every worker);
@@ -569,7 +569,8 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
     stubs.push_back(v1::Gateway::NewStub(MakeChannel(mesh.gateway_address())));
   {
     // Warm-up: the workers fault their weights in, every channel connects.
-    StreamResult w = RunStream(stubs[0].get(), PromptTokens(64, 999, cfg.vocab_size), 2, absl::Now());
+    StreamResult w =
+        RunStream(stubs[0].get(), PromptTokens(64, 999, cfg.vocab_size), 2, absl::Now());
     if (!w.status.ok()) return absl::InternalError(w.status.error_message());
   }
   auto cpu = [&](double* gw, double* workers) {
@@ -597,8 +598,8 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
   absl::SleepFor(absl::Milliseconds(30));
   for (int i = 0; i < o.streams; ++i) {
     threads.emplace_back([&, i] {
-      results[i] = RunStream(stubs[i].get(), PromptTokens(o.prompt, i + 1, cfg.vocab_size),
-                             o.decode, start);
+      results[i] =
+          RunStream(stubs[i].get(), PromptTokens(o.prompt, i + 1, cfg.vocab_size), o.decode, start);
     });
   }
   for (auto& t : threads) t.join();
@@ -630,7 +631,8 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
 }
 
 int RunTestbed(const Options& o, const std::string& dir, const ModelConfig& cfg) {
-  if (o.pin) ::setenv("OPENBLAS_NUM_THREADS", "1", 1);
+  if (o.pin)
+    ::setenv("OPENBLAS_NUM_THREADS", "1", 1);
   else if (o.blas_threads > 0)
     ::setenv("OPENBLAS_NUM_THREADS", absl::StrCat(o.blas_threads).c_str(), 1);
   std::vector<TestbedRow> rows;
@@ -668,7 +670,8 @@ int RunTestbed(const Options& o, const std::string& dir, const ModelConfig& cfg)
       "FFN: inside expert FFNs; bench: this process (proxies, clients) CPU.\n\n"
       "| added one-way latency | micro-batches | wall s | steps | step T | gateway busy G | "
       "gateway idle | engine wait | workers busy E | workers idle | FFN | R = T-G-E | bench CPU "
-      "| tokens/s | greedy = first |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+      "| tokens/s | greedy = first "
+      "|\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   nlohmann::json j = nlohmann::json::array();
   for (const TestbedRow& r : rows) {
     const bool same = r.outputs == rows.front().outputs;
@@ -687,14 +690,24 @@ int RunTestbed(const Options& o, const std::string& dir, const ModelConfig& cfg)
         r.latency_us, r.micro, r.wall_s, r.steps, r.T(), r.G(), r.T() - r.G(), r.W(), r.E(),
         r.T() - r.E(), r.F(), r.R(), r.bench_cpu_s / r.steps * 1e3, r.tokens / r.wall_s,
         same ? "yes" : "NO");
-    j.push_back({{"added_latency_us", r.latency_us}, {"micro_batches", r.micro},
-                 {"pinned", r.pinned}, {"wall_s", r.wall_s}, {"steps", r.steps},
-                 {"step_ms", r.T()}, {"gateway_busy_ms", r.G()}, {"gateway_idle_ms", r.W()},
-                 {"gateway_engine_busy_s", r.gw_busy_s}, {"engine_step_wall_s", r.step_wall_s},
-                 {"workers_busy_ms", r.E()}, {"workers_idle_ms", r.T() - r.E()},
-                 {"workers_ffn_ms", r.F()}, {"gateway_cpu_s", r.gw_cpu_s},
-                 {"workers_cpu_s", r.worker_cpu_s}, {"bench_cpu_s", r.bench_cpu_s},
-                 {"rest_ms", r.R()}, {"generated_tokens", r.tokens},
+    j.push_back({{"added_latency_us", r.latency_us},
+                 {"micro_batches", r.micro},
+                 {"pinned", r.pinned},
+                 {"wall_s", r.wall_s},
+                 {"steps", r.steps},
+                 {"step_ms", r.T()},
+                 {"gateway_busy_ms", r.G()},
+                 {"gateway_idle_ms", r.W()},
+                 {"gateway_engine_busy_s", r.gw_busy_s},
+                 {"engine_step_wall_s", r.step_wall_s},
+                 {"workers_busy_ms", r.E()},
+                 {"workers_idle_ms", r.T() - r.E()},
+                 {"workers_ffn_ms", r.F()},
+                 {"gateway_cpu_s", r.gw_cpu_s},
+                 {"workers_cpu_s", r.worker_cpu_s},
+                 {"bench_cpu_s", r.bench_cpu_s},
+                 {"rest_ms", r.R()},
+                 {"generated_tokens", r.tokens},
                  {"greedy_equal_first", same}});
   }
   // The bound from each latency's one-micro-batch profile, and what the others captured.
@@ -712,14 +725,16 @@ int RunTestbed(const Options& o, const std::string& dir, const ModelConfig& cfg)
       const double share = bound > 1 ? (speedup - 1) / (bound - 1) : 0;
       std::printf("| %d us | %.2f | %d | %.2f | %.0f%% |\n", one.latency_us, bound, r.micro,
                   speedup, share * 100);
-      b.push_back({{"added_latency_us", one.latency_us}, {"bound", bound},
-                   {"micro_batches", r.micro}, {"speedup", speedup}, {"share", share}});
+      b.push_back({{"added_latency_us", one.latency_us},
+                   {"bound", bound},
+                   {"micro_batches", r.micro},
+                   {"speedup", speedup},
+                   {"share", share}});
     }
   }
   if (!o.json.empty()) {
-    std::ofstream(o.json) << nlohmann::json{{"rows", j}, {"bounds", b}, {"work_dir", o.work_dir}}
-                                 .dump(2)
-                          << "\n";
+    std::ofstream(o.json)
+        << nlohmann::json{{"rows", j}, {"bounds", b}, {"work_dir", o.work_dir}}.dump(2) << "\n";
   }
   return 0;
 }

@@ -40,9 +40,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "netdelay: %s\n", proxy.status().ToString().c_str());
     return 1;
   }
-  std::fprintf(stderr, "netdelay: %s -> %s, one-way delay %lld us\n",
-               (*proxy)->address().c_str(), o.target.c_str(),
-               static_cast<long long>(absl::GetFlag(FLAGS_delay_us)));
+  std::fprintf(stderr, "netdelay: %s -> %s, one-way delay %lld us\n", (*proxy)->address().c_str(),
+               o.target.c_str(), static_cast<long long>(absl::GetFlag(FLAGS_delay_us)));
   if (const std::string pf = absl::GetFlag(FLAGS_port_file); !pf.empty()) {
     std::ofstream(pf + ".tmp") << (*proxy)->port() << "\n";
     std::rename((pf + ".tmp").c_str(), pf.c_str());
