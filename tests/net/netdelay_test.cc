@@ -152,7 +152,10 @@ TEST_P(NetDelayLatency, AddedRoundTripIsTwiceTheDelay) {
       "delay %d us: median round trip direct %.0f us, through the proxy with no delay %.0f us, "
       "with the delay %.0f us; added %.0f us (expected %d)\n",
       delay_us, Median(direct), Median(forwarded), Median(delayed), added, 2 * delay_us);
-  EXPECT_NEAR(added, 2.0 * delay_us, 0.1 * 2.0 * delay_us);
+  // Within 10% of twice the delay; at short delays at least 100 µs, since a loaded 2-core VM
+  // adds tens of µs of wake-up latency per direction that no timer compensation removes
+  // (measured +10..+45 µs per direction under other people's builds).
+  EXPECT_NEAR(added, 2.0 * delay_us, std::max(0.1 * 2.0 * delay_us, 100.0));
   // The forwarding cost itself stays small next to the delays the testbed sets.
   EXPECT_LT(Median(forwarded) - Median(direct), 1000.0);
   EXPECT_EQ((*proxy)->connections(), 5);
