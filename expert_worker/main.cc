@@ -14,6 +14,7 @@
 #include "expert_worker/worker_service.h"
 #include "services/common/status_macros.h"
 #include "services/compute/backend.h"
+#include "services/compute/cpu/kernel_threads.h"
 #include "services/compute/cpu/matmul.h"
 #include "services/engine/inproc.h"
 #ifdef MOEMESH_HAVE_CUDA
@@ -44,6 +45,7 @@ ABSL_FLAG(double, drain_seconds, 10, "grace period for in-flight calls on SIGTER
 ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu | cuda (cuda needs a CUDA build and a GPU)");
 ABSL_FLAG(int, device, 0, "CUDA device for --backend cuda");
+ABSL_FLAG(int, kernel_threads, 0, "CPU kernel threads (0: one per core)");
 ABSL_FLAG(int64_t, blas_min_rows, 0,
           "products of at least this many rows go to OpenBLAS (faster prefill, but a request's "
           "logits then depend on what it is batched with); 0: never, every kernel is "
@@ -72,6 +74,7 @@ struct Options {
   std::optional<DType> weights_dtype;
   std::optional<TlsConfig> tls;
   int64_t blas_min_rows = 0;
+  int kernel_threads = 0;
 };
 
 absl::StatusOr<Options> GetOptions() {
@@ -97,6 +100,8 @@ absl::StatusOr<Options> GetOptions() {
   ASSIGN_OR_RETURN(o.weights_dtype, ParseWeightsDType(absl::GetFlag(FLAGS_weights_dtype)));
   o.blas_min_rows = absl::GetFlag(FLAGS_blas_min_rows);
   if (o.blas_min_rows < 0) return absl::InvalidArgumentError("--blas_min_rows must be >= 0");
+  o.kernel_threads = absl::GetFlag(FLAGS_kernel_threads);
+  if (o.kernel_threads < 0) return absl::InvalidArgumentError("--kernel_threads must be >= 0");
   o.top_k = absl::GetFlag(FLAGS_top_k);
   o.not_serving_grace = absl::GetFlag(FLAGS_not_serving_grace);
   if (o.top_k < 0 || o.not_serving_grace < 0 || o.drain_seconds < 0)
@@ -126,7 +131,8 @@ absl::StatusOr<Options> GetOptions() {
 
 absl::Status Run(const Options& o) {
   cpu::set_blas_min_rows(o.blas_min_rows);  // before any kernel runs
-  SetClientTls(o.tls);                      // before any channel: every outgoing connection uses it
+  if (o.kernel_threads > 0) cpu::KernelThreads::SetThreads(o.kernel_threads);
+  SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
   ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model));
   RETURN_IF_ERROR(ApplyTopKOverride(o.top_k, &cfg));
   ASSIGN_OR_RETURN(auto ckpt, OpenModelCheckpoint(o.model, cfg, o.weights_dtype));

@@ -23,6 +23,7 @@
 #include "gateway/gateway_service.h"
 #include "gateway/http_api.h"
 #include "services/common/status_macros.h"
+#include "services/compute/cpu/kernel_threads.h"
 #include "services/compute/cpu/matmul.h"
 #include "services/engine/engine.h"
 #include "services/engine/inproc.h"
@@ -54,6 +55,10 @@ ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
 ABSL_FLAG(std::string, port_file, "", "write the bound port here once serving");
 ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (-1: off, 0: pick one)");
 ABSL_FLAG(int, max_step_tokens, 256, "prefill chunk budget per engine step");
+ABSL_FLAG(int, micro_batches, 1,
+          "split each step into this many micro-batches whose attention overlaps the others' "
+          "MoE calls (1: one call per layer for the whole batch; 2: ping-pong)");
+ABSL_FLAG(int, kernel_threads, 0, "CPU kernel threads (0: one per core)");
 ABSL_FLAG(int, max_running, 64, "sequences batched together");
 ABSL_FLAG(int, max_waiting, 1024, "waiting requests before RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_queued, -1, "deprecated name of --max_waiting");
@@ -151,6 +156,8 @@ struct Options {
   int max_receive_message_bytes = 4 << 20;
   KvCacheOptions kv;
   int64_t blas_min_rows = 0;
+  int micro_batches = 1;
+  int kernel_threads = 0;
 };
 
 absl::StatusOr<Options> GetOptions() {
@@ -234,6 +241,11 @@ absl::StatusOr<Options> GetOptions() {
   ASSIGN_OR_RETURN(o.weights_dtype, ParseWeightsDType(absl::GetFlag(FLAGS_weights_dtype)));
   o.blas_min_rows = absl::GetFlag(FLAGS_blas_min_rows);
   if (o.blas_min_rows < 0) return absl::InvalidArgumentError("--blas_min_rows must be >= 0");
+  o.micro_batches = absl::GetFlag(FLAGS_micro_batches);
+  if (o.micro_batches < 1 || o.micro_batches > 8)
+    return absl::InvalidArgumentError("--micro_batches must be in 1..8");
+  o.kernel_threads = absl::GetFlag(FLAGS_kernel_threads);
+  if (o.kernel_threads < 0) return absl::InvalidArgumentError("--kernel_threads must be >= 0");
   if (o.sched.max_step_tokens < 1 || o.sched.max_running < 1 || o.sched.max_waiting < 1 ||
       o.sched.max_score_tokens < 1) {
     return absl::InvalidArgumentError(
@@ -281,7 +293,8 @@ void ReloadOnSighup(ApiKeys* keys) {
 
 absl::Status Run(const Options& o) {
   cpu::set_blas_min_rows(o.blas_min_rows);  // before any kernel runs
-  SetClientTls(o.tls);                      // before any channel: every outgoing connection uses it
+  if (o.kernel_threads > 0) cpu::KernelThreads::SetThreads(o.kernel_threads);
+  SetClientTls(o.tls);  // before any channel: every outgoing connection uses it
   std::unique_ptr<InprocModel> inproc;
   std::unique_ptr<Checkpoint> ckpt;
   std::unique_ptr<ComputeBackend> backend;
@@ -325,6 +338,7 @@ absl::Status Run(const Options& o) {
     engine = engine_owned.get();
   }
   RETURN_IF_ERROR(engine->ConfigureKvCache(o.kv));
+  RETURN_IF_ERROR(engine->set_micro_batches(o.micro_batches));
   std::fprintf(stderr, "gateway: KV cache of %lld bytes (%lld blocks of %d tokens, %s)\n",
                static_cast<long long>(o.kv.bytes),
                static_cast<long long>(engine->kv_cache().total_blocks()), o.kv.block_tokens,
@@ -338,8 +352,11 @@ absl::Status Run(const Options& o) {
     std::fprintf(stderr, "gateway: metrics on %s:%d\n", o.host.c_str(), mport);
   }
   SchedulerOptions sched = o.sched;
-  sched.on_step = [&metrics](const StepInfo& s) {
+  sched.on_step = [&metrics, engine, last = StepProfile()](const StepInfo& s) mutable {
     if (s.sequences > 0) metrics.ObserveStep(s.seconds, s.tokens);
+    const StepProfile now = engine->profile();
+    metrics.AddGatewayTime(now.busy_s() - last.busy_s(), now.moe_wait_s - last.moe_wait_s);
+    last = now;
     metrics.SetRunning(s.running);
     metrics.SetQueueDepth(s.queued);
     metrics.ObserveKvCache(s.kv.used_blocks, s.kv.cached_blocks, s.kv.total_blocks, s.preempted,

@@ -252,18 +252,19 @@ int64_t Engine::AttachCachedPrefix(Sequence* seq, absl::Span<const int32_t> toke
   return hit;
 }
 
-const float* Engine::StoreAndGather(int layer, const StepInput& in, const float* rows) {
+const float* Engine::StoreAndGather(int layer, const StepInput& in, int64_t start,
+                                    const float* rows) {
   Sequence& s = *in.seq;
   KvCache& kv = *s.cache_;
   const int64_t bt = kv.block_tokens(), row = kv.row();
   const int64_t n = static_cast<int64_t>(in.tokens.size());
-  for (int64_t p = s.length_, done = 0; done < n;) {
+  for (int64_t p = start, done = 0; done < n;) {
     const int64_t slot = p % bt, take = std::min(bt - slot, n - done);
     kv.Write(s.blocks_[p / bt], layer, slot, rows + done * row, take);
     p += take;
     done += take;
   }
-  const int64_t ctx = s.length_ + n;
+  const int64_t ctx = start + n;
   if (static_cast<int64_t>(ctx_.size()) < ctx * row) ctx_.resize(ctx * row);
   for (int64_t b = 0; b * bt < ctx; ++b) {
     kv.Read(s.blocks_[b], layer, std::min(bt, ctx - b * bt), ctx_.data() + b * bt * row);
@@ -271,8 +272,9 @@ const float* Engine::StoreAndGather(int layer, const StepInput& in, const float*
   return ctx_.data();
 }
 
-absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, const float* xn,
-                                  int64_t t, const std::vector<int32_t>& positions, float* out) {
+absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs,
+                                  absl::Span<const int64_t> starts, const float* xn, int64_t t,
+                                  const int32_t* positions, float* out) {
   const Layer& L = *layers_[l];
   const int64_t nh = cfg_.num_heads;
   const int64_t nope = cfg_.qk_nope_head_dim, rope = cfg_.qk_rope_head_dim, vd = cfg_.v_head_dim;
@@ -292,7 +294,7 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
   // Decoupled RoPE on the last qk_rope dims of each head, adjacent pairs as DeepSeek does (HF
   // checkpoints store q_b_proj/kv_a_proj unpermuted; HF's modeling code de-interleaves q and k
   // alike before rotate_half, which gives the same dot products).
-  backend_->Rope(q.data() + nope, t, nh, qk, nh * qk, rope, positions.data(), inv_freq_.data(),
+  backend_->Rope(q.data() + nope, t, nh, qk, nh * qk, rope, positions, inv_freq_.data(),
                  rope_mscale_, /*interleaved=*/true);
   // kv: [t, kv_lora + rope] = [normalised latent | rotated shared key], the cache row.
   std::vector<float> kv(t * row);
@@ -301,8 +303,8 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
     backend_->RmsNorm(kv.data() + i * row, L.kv_a_norm.data(), 1, kvl, kMlaLatentNormEps,
                       kv.data() + i * row);
   }
-  backend_->Rope(kv.data() + kvl, t, 1, row, row, rope, positions.data(), inv_freq_.data(),
-                 rope_mscale_, /*interleaved=*/true);
+  backend_->Rope(kv.data() + kvl, t, 1, row, row, rope, positions, inv_freq_.data(), rope_mscale_,
+                 /*interleaved=*/true);
 
   // Absorbed query per head: [q_nope · W_uk (kv_lora) | q_pe (rope)], so that its dot product
   // with a cache row equals q_nope · k_nope + q_pe · k_pe of the expanded keys.
@@ -328,12 +330,13 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
   // values are the latent part of each cache row.
   std::vector<float> attn(t * nh * kvl);
   int64_t r0 = 0;
-  for (const StepInput& in : inputs) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const StepInput& in = inputs[i];
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    const float* cache = StoreAndGather(l, in, kv.data() + r0 * row);
+    const float* cache = StoreAndGather(l, in, starts[i], kv.data() + r0 * row);
     AttentionShape as;
     as.num_new = n;
-    as.ctx = in.seq->length_ + n;
+    as.ctx = starts[i] + n;
     as.heads = nh;
     as.kv_heads = 1;
     as.qk_dim = row;
@@ -363,19 +366,20 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs, con
   return absl::OkStatus();
 }
 
-absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const float* xn,
-                               int64_t t, const std::vector<int32_t>& positions, float* out) {
-  if (cfg_.IsMla()) return MlaAttention(l, inputs, xn, t, positions, out);
+absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs,
+                               absl::Span<const int64_t> starts, const float* xn, int64_t t,
+                               const int32_t* positions, float* out) {
+  if (cfg_.IsMla()) return MlaAttention(l, inputs, starts, xn, t, positions, out);
   const Layer& L = *layers_[l];
   const int64_t hd = cfg_.head_dim, nh = cfg_.num_heads, nkv = cfg_.num_kv_heads;
   std::vector<float> q(t * nh * hd), k(t * nkv * hd), v(t * nkv * hd), attn(t * nh * hd);
   backend_->MatMulW(xn, t, L.wq, q.data());
   backend_->MatMulW(xn, t, L.wk, k.data());
   backend_->MatMulW(xn, t, L.wv, v.data());
-  backend_->Rope(q.data(), t, nh, hd, nh * hd, hd, positions.data(), inv_freq_.data(), rope_mscale_,
+  backend_->Rope(q.data(), t, nh, hd, nh * hd, hd, positions, inv_freq_.data(), rope_mscale_,
                  false);
-  backend_->Rope(k.data(), t, nkv, hd, nkv * hd, hd, positions.data(), inv_freq_.data(),
-                 rope_mscale_, false);
+  backend_->Rope(k.data(), t, nkv, hd, nkv * hd, hd, positions, inv_freq_.data(), rope_mscale_,
+                 false);
   // Cache rows: [K of every KV head | V of every KV head] per token.
   const int64_t cache_row = k_row_ + v_row_;
   std::vector<float> kv(t * cache_row);
@@ -384,13 +388,13 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs, const 
     std::memcpy(kv.data() + i * cache_row + k_row_, v.data() + i * v_row_, v_row_ * sizeof(float));
   }
   int64_t row = 0;
-  for (const StepInput& in : inputs) {
-    Sequence* s = in.seq;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const StepInput& in = inputs[i];
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    const float* cache = StoreAndGather(l, in, kv.data() + row * cache_row);
+    const float* cache = StoreAndGather(l, in, starts[i], kv.data() + row * cache_row);
     AttentionShape as;
     as.num_new = n;
-    as.ctx = s->length_ + n;
+    as.ctx = starts[i] + n;
     as.heads = nh;
     as.kv_heads = nkv;
     as.qk_dim = hd;
@@ -411,6 +415,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
                                                  const CallOptions& opts) {
   // Memory the system refuses fails the step, not the process.
   absl::StatusOr<std::vector<Tensor>> out;
+  const absl::Time start = absl::Now();
   try {
     out = StepImpl(inputs, opts);
   } catch (const std::bad_alloc&) {
@@ -419,8 +424,42 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
   // The gather scratch is as large as the longest context of one layer; past 64 MiB it is
   // given back rather than kept for the next step.
   if (ctx_.capacity() > (size_t{16} << 20)) std::vector<float>().swap(ctx_);
+  {
+    absl::MutexLock lock(&profile_mu_);
+    ++profile_.steps;
+    profile_.wall_s += absl::ToDoubleSeconds(absl::Now() - start);
+  }
   return out;
 }
+
+absl::Status Engine::set_micro_batches(int n) {
+  if (n < 1 || n > 8) {
+    return absl::InvalidArgumentError(absl::StrCat("micro_batches must be in [1, 8], got ", n));
+  }
+  micro_batches_ = n;
+  return absl::OkStatus();
+}
+
+StepProfile Engine::profile() const {
+  absl::MutexLock lock(&profile_mu_);
+  return profile_;
+}
+
+// One micro-batch: rows [r0, r1) of the step, as inputs over sub-spans of the step's inputs.
+struct Engine::Part {
+  int64_t r0 = 0, r1 = 0;
+  std::vector<StepInput> inputs;
+  std::vector<int64_t> starts;  // position of each input's first new token
+  Tensor xn;                    // [r1 - r0, hidden]: the input of the MoE call in flight
+  // The MoE call in flight, if any: its layer and where its result lands.
+  struct Pending {
+    absl::Mutex mu;
+    bool done ABSL_GUARDED_BY(mu) = false;
+    absl::StatusOr<Tensor> result ABSL_GUARDED_BY(mu);
+  };
+  std::shared_ptr<Pending> pending;
+  int pending_layer = -1;
+};
 
 absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput> inputs,
                                                      const CallOptions& opts) {
@@ -464,34 +503,111 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
       }
     }
   }
-  Tensor xn = Tensor::Zeros({t, h});
+  // The micro-batches: whole inputs, in order, cut where the token counts come closest to
+  // equal. A sequence's chunk is never cut: the CPU attention kernel's reductions depend on
+  // how many new rows a call has (BLAS for several, plain loops for one), so a cut chunk
+  // would not give bitwise the same rows.
+  const int nparts = static_cast<int>(std::min<size_t>(micro_batches_, inputs.size()));
+  std::vector<int64_t> before(inputs.size() + 1, 0);  // tokens before input i
+  for (size_t i = 0; i < inputs.size(); ++i)
+    before[i + 1] = before[i] + static_cast<int64_t>(inputs[i].tokens.size());
+  std::vector<size_t> cut(nparts + 1, 0);
+  cut[nparts] = inputs.size();
+  for (int p = 1; p < nparts; ++p) {
+    const int64_t target = t * p / nparts;
+    size_t best = cut[p - 1] + 1;
+    for (size_t c = best; c <= inputs.size() - (nparts - p); ++c) {
+      if (std::abs(before[c] - target) < std::abs(before[best] - target)) best = c;
+    }
+    cut[p] = best;
+  }
+  std::vector<Part> parts(nparts);
+  for (int p = 0; p < nparts; ++p) {
+    Part& part = parts[p];
+    part.r0 = before[cut[p]];
+    part.r1 = before[cut[p + 1]];
+    for (size_t i = cut[p]; i < cut[p + 1]; ++i) {
+      part.inputs.push_back(inputs[i]);
+      part.starts.push_back(inputs[i].seq->length_);
+    }
+    part.xn = Tensor::Zeros({part.r1 - part.r0, h});
+  }
+  double wait_s = 0;
+  // Waits for a part's MoE call in flight and adds its result to the part's rows of x.
+  auto collect = [&](Part& part) -> absl::Status {
+    if (!part.pending) return absl::OkStatus();
+    const absl::Time a = absl::Now();
+    absl::StatusOr<Tensor> r;
+    {
+      Part::Pending& pd = *part.pending;
+      absl::MutexLock lock(&pd.mu);
+      pd.mu.Await(absl::Condition(&pd.done));
+      r = std::move(pd.result);
+    }
+    wait_s += absl::ToDoubleSeconds(absl::Now() - a);
+    part.pending.reset();
+    const int layer = part.pending_layer;
+    const int64_t n = part.r1 - part.r0;
+    RETURN_IF_ERROR(r.status(), absl::StrCat("MoE layer ", layer));
+    if (r->numel() != n * h) {
+      return absl::InternalError(absl::StrCat("MoE layer ", layer, " returned ", r->ShapeString()));
+    }
+    float* xd = x.mutable_row(part.r0);
+    const float* md = r->data();
+    for (int64_t i = 0; i < n * h; ++i) xd[i] += md[i];
+    return absl::OkStatus();
+  };
+  // Every call in flight is waited for before Step returns, error or not: the callbacks
+  // write into the parts.
+  auto fail = [&](absl::Status s) {
+    for (Part& part : parts) collect(part).IgnoreError();
+    {
+      absl::MutexLock lock(&profile_mu_);
+      profile_.moe_wait_s += wait_s;
+    }
+    return s;
+  };
+  int64_t widest = 0;
+  for (const Part& part : parts) widest = std::max(widest, part.r1 - part.r0);
+  Tensor xa = Tensor::Zeros({widest, h});  // attention's normalised input, one part at a time
   std::vector<float> work;
   for (int l = 0; l < cfg_.num_layers; ++l) {
     const Layer& L = *layers_[l];
-    backend_->RmsNorm(x.data(), L.input_norm.data(), t, h, cfg_.rms_norm_eps, xn.mutable_data());
-    RETURN_IF_ERROR(Attention(l, inputs, xn.data(), t, positions, x.mutable_data()));
-    backend_->RmsNorm(x.data(), L.post_norm.data(), t, h, cfg_.rms_norm_eps, xn.mutable_data());
-    if (L.dense) {
-      const int64_t inter = L.w1.rows;
-      work.resize(2 * t * inter);
-      Tensor y = Tensor::Zeros({t, h});
-      backend_->ExpertFfnW(xn.data(), t, L.w1, L.w3, L.w2, work.data(), y.mutable_data());
-      float* xd = x.mutable_data();
-      for (int64_t i = 0; i < t * h; ++i) xd[i] += y.data()[i];
-    } else {
-      if (opts.cancel && opts.cancel->cancelled()) return absl::CancelledError("step cancelled");
-      ASSIGN_OR_RETURN(Tensor moe_out, moe_->Forward(l, xn, opts), absl::StrCat("MoE layer ", l));
-      if (moe_out.numel() != t * h) {
-        return absl::InternalError(
-            absl::StrCat("MoE layer ", l, " returned ", moe_out.ShapeString()));
+    for (Part& part : parts) {
+      if (absl::Status s = collect(part); !s.ok()) return fail(s);
+      const int64_t n = part.r1 - part.r0;
+      float* xp = x.mutable_row(part.r0);
+      backend_->RmsNorm(xp, L.input_norm.data(), n, h, cfg_.rms_norm_eps, xa.mutable_data());
+      if (absl::Status s =
+              Attention(l, part.inputs, part.starts, xa.data(), n, positions.data() + part.r0, xp);
+          !s.ok()) {
+        return fail(s);
       }
-      float* xd = x.mutable_data();
-      const float* md = moe_out.data();
-      for (int64_t i = 0; i < t * h; ++i) xd[i] += md[i];
+      backend_->RmsNorm(xp, L.post_norm.data(), n, h, cfg_.rms_norm_eps, part.xn.mutable_data());
+      if (L.dense) {
+        const int64_t inter = L.w1.rows;
+        work.resize(2 * n * inter);
+        Tensor y = Tensor::Zeros({n, h});
+        backend_->ExpertFfnW(part.xn.data(), n, L.w1, L.w3, L.w2, work.data(), y.mutable_data());
+        for (int64_t i = 0; i < n * h; ++i) xp[i] += y.data()[i];
+        continue;
+      }
+      if (opts.cancel && opts.cancel->cancelled()) {
+        return fail(absl::CancelledError("step cancelled"));
+      }
+      auto pending = std::make_shared<Part::Pending>();
+      part.pending = pending;
+      part.pending_layer = l;
+      moe_->StartForward(l, part.xn, opts, [pending](absl::StatusOr<Tensor> r) {
+        absl::MutexLock lock(&pending->mu);
+        pending->result = std::move(r);
+        pending->done = true;
+      });
     }
   }
 
-  // Final norm and LM head, only on the rows whose logits are wanted.
+  // Final norm and LM head, only on the rows whose logits are wanted; each part's as soon as
+  // its last MoE result is in, while the others' may still be in flight.
   std::vector<int64_t> rows;
   std::vector<std::pair<int64_t, int64_t>> spans;  // per input: first row in `rows`, count
   {
@@ -509,12 +625,27 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
     }
   }
   const int64_t nr = static_cast<int64_t>(rows.size());
-  Tensor sel = Tensor::Zeros({nr, h});
-  for (int64_t i = 0; i < nr; ++i) {
-    backend_->RmsNorm(x.row(rows[i]), norm_.data(), 1, h, cfg_.rms_norm_eps, sel.mutable_row(i));
-  }
   Tensor logits = Tensor::Zeros({nr, cfg_.vocab_size});
-  backend_->MatMulW(sel.data(), nr, lm_head_, logits.mutable_data());
+  {
+    size_t next = 0;  // rows are increasing: each part's are a contiguous run
+    for (Part& part : parts) {
+      if (absl::Status s = collect(part); !s.ok()) return fail(s);
+      const size_t first = next;
+      while (next < rows.size() && rows[next] < part.r1) ++next;
+      const int64_t m = static_cast<int64_t>(next - first);
+      if (m == 0) continue;
+      Tensor sel = Tensor::Zeros({m, h});
+      for (int64_t i = 0; i < m; ++i) {
+        backend_->RmsNorm(x.row(rows[first + i]), norm_.data(), 1, h, cfg_.rms_norm_eps,
+                          sel.mutable_row(i));
+      }
+      backend_->MatMulW(sel.data(), m, lm_head_, logits.mutable_row(static_cast<int64_t>(first)));
+    }
+  }
+  {
+    absl::MutexLock lock(&profile_mu_);
+    profile_.moe_wait_s += wait_s;
+  }
 
   std::vector<Tensor> out;
   out.reserve(inputs.size());

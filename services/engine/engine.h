@@ -17,6 +17,14 @@
 // sequences whose tokens start alike share the blocks of that prefix. Attention gathers a
 // sequence's blocks into F32 before the backend's kernel runs.
 //
+// Micro-batches (set_micro_batches): with B > 1, Step splits its inputs into up to B parts of
+// nearly equal token counts (whole inputs in order: decode tokens and prefill chunks alike)
+// and pipelines them layer by layer: while part A's MoE
+// call for layer L is in flight (MoeLayer::StartForward), part B's attention for layer L runs,
+// and so on round the parts, so the dense compute here overlaps the network and the experts
+// (the ping-pong of MegaScale-Infer, DeepSeek's dual micro-batch overlap). Every kernel is
+// row-invariant, so the logits are the same whatever B.
+//
 // Threading: Step may be called by one thread at a time; the Sequence objects passed to it
 // must not be touched by others meanwhile. Sequences may be made and destroyed on any thread.
 // Loading is thread-compatible.
@@ -27,6 +35,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "services/compute/backend.h"
 #include "services/engine/kv_cache.h"
@@ -67,6 +76,15 @@ class Sequence {
   std::vector<int32_t> blocks_;   // block table: position p lives in blocks_[p / block_tokens]
   std::vector<int32_t> tokens_;   // the length_ tokens whose rows are cached
   std::vector<uint64_t> hashes_;  // prefix-chain hash of each full block, in order
+};
+
+// Where one Step's wall time went on the calling thread (summed over steps in
+// Engine::profile()).
+struct StepProfile {
+  int64_t steps = 0;
+  double wall_s = 0;      // inside Step
+  double moe_wait_s = 0;  // waiting for MoE results, with nothing else to compute
+  double busy_s() const { return wall_s - moe_wait_s; }
 };
 
 struct StepInput {
@@ -118,23 +136,35 @@ class Engine {
   [[nodiscard]] absl::StatusOr<std::vector<Tensor>> Step(absl::Span<const StepInput> inputs,
                                                          const CallOptions& opts = {});
 
+  // Micro-batches each step is split into (1: one MoE call per layer for the whole batch).
+  // INVALID_ARGUMENT outside [1, 8]. Not to be called while a Step runs.
+  [[nodiscard]] absl::Status set_micro_batches(int n);
+  int micro_batches() const { return micro_batches_; }
+  // Totals since start. Thread-safe.
+  StepProfile profile() const;
+
   // Logits of every position of `tokens` from an empty context: [n, vocab].
   [[nodiscard]] absl::StatusOr<Tensor> Score(absl::Span<const int32_t> tokens,
                                              const CallOptions& opts = {});
 
  private:
   struct Layer;
+  struct Part;
   Engine() = default;
-  absl::Status Attention(int layer, absl::Span<const StepInput> inputs, const float* xn, int64_t t,
-                         const std::vector<int32_t>& positions, float* out);
-  absl::Status MlaAttention(int layer, absl::Span<const StepInput> inputs, const float* xn,
-                            int64_t t, const std::vector<int32_t>& positions, float* out);
+  // inputs[i]'s new tokens sit at positions starts[i] ... of its sequence. out: [t, hidden],
+  // accumulated into.
+  absl::Status Attention(int layer, absl::Span<const StepInput> inputs,
+                         absl::Span<const int64_t> starts, const float* xn, int64_t t,
+                         const int32_t* positions, float* out);
+  absl::Status MlaAttention(int layer, absl::Span<const StepInput> inputs,
+                            absl::Span<const int64_t> starts, const float* xn, int64_t t,
+                            const int32_t* positions, float* out);
   [[nodiscard]] absl::Status LoadMla(const Checkpoint& ckpt, int layer, Layer* out) const;
   absl::StatusOr<std::vector<Tensor>> StepImpl(absl::Span<const StepInput> inputs,
                                                const CallOptions& opts);
-  // Writes the new rows of `in` into its blocks and gathers its whole context of `layer`
-  // as F32 into ctx_: [length + n, row]. rows: [n, row] f32
-  const float* StoreAndGather(int layer, const StepInput& in, const float* rows);
+  // Writes the new rows of `in` (at positions start ...) into its blocks and gathers its
+  // context of `layer` up to them as F32 into ctx_: [start + n, row]. rows: [n, row] f32
+  const float* StoreAndGather(int layer, const StepInput& in, int64_t start, const float* rows);
 
   ModelConfig cfg_;
   ComputeBackend* backend_ = nullptr;
@@ -149,6 +179,9 @@ class Engine {
   std::shared_ptr<KvCache> kv_;
   std::vector<float> ctx_;  // Step scratch: one sequence's gathered context of one layer
   std::vector<std::unique_ptr<Layer>> layers_;
+  int micro_batches_ = 1;
+  mutable absl::Mutex profile_mu_;
+  StepProfile profile_ ABSL_GUARDED_BY(profile_mu_);
 };
 
 }  // namespace moemesh

@@ -1,6 +1,7 @@
 #include "services/mesh/launcher.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -10,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -18,6 +20,7 @@
 #include "grpcpp/grpcpp.h"
 #include "services/common/status_macros.h"
 #include "services/model/config.h"
+#include "services/moe/local_expert_group.h"
 #include "services/rpc/tls.h"
 
 namespace moemesh {
@@ -40,12 +43,46 @@ absl::Status WaitForServing(const std::string& address, absl::Time deadline) {
   return absl::DeadlineExceededError(absl::StrCat(address, " did not report SERVING: ", last));
 }
 
+namespace {
+
+// "0", "1,3", "0-2" → a CPU set; INVALID_ARGUMENT on bad syntax.
+absl::StatusOr<cpu_set_t> ParseCpuList(const std::string& list) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  auto ids = ParseIdRanges(list);
+  if (!ids.ok()) return ids.status();
+  for (int id : *ids) {
+    if (id >= CPU_SETSIZE) return absl::InvalidArgumentError(absl::StrCat("no CPU ", id));
+    CPU_SET(id, &set);
+  }
+  return set;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> Mesh::Hop(const std::string& address) {
+  if (options_.added_latency <= absl::ZeroDuration()) return address;
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<DelayProxy> proxy,
+      DelayProxy::Start(
+          {.target = address, .one_way_delay = options_.added_latency, .realtime = true}));
+  const std::string via = proxy->address();
+  proxies_.push_back(std::move(proxy));
+  return via;
+}
+
 absl::StatusOr<Mesh::Process> Mesh::Spawn(const std::string& name, const std::string& binary,
-                                          std::vector<std::string> args, bool truncate_log) {
+                                          std::vector<std::string> args, const std::string& cpus,
+                                          bool truncate_log) {
+  std::optional<cpu_set_t> affinity;
+  if (!cpus.empty()) {
+    ASSIGN_OR_RETURN(affinity, ParseCpuList(cpus));
+  }
   Process p;
   p.name = name;
   p.binary = binary;
   p.args = args;
+  p.cpus = cpus;
   p.log = absl::StrCat(options_.work_dir, "/", name, ".log");
   const std::string port_file = absl::StrCat(options_.work_dir, "/", name, ".port");
   ::unlink(port_file.c_str());
@@ -78,6 +115,7 @@ absl::StatusOr<Mesh::Process> Mesh::Spawn(const std::string& name, const std::st
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::dup2(log_fd, 1);
     ::dup2(log_fd, 2);
+    if (affinity && ::sched_setaffinity(0, sizeof(cpu_set_t), &*affinity) != 0) ::_exit(126);
     ::execv(argv[0], argv.data());
     ::_exit(127);
   }
@@ -149,8 +187,10 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
       const std::string name = absl::StrCat("worker-g", g, "-r", r);
       std::vector<std::string> args = {"--model=" + o.model, "--experts=" + spec, "--name=" + name,
                                        absl::StrCat("--top_k=", o.top_k), metrics_flag};
+      if (o.kernel_threads > 0) args.push_back(absl::StrCat("--kernel_threads=", o.kernel_threads));
       args.insert(args.end(), o.worker_args.begin(), o.worker_args.end());
-      ASSIGN_OR_RETURN(Process p, m->Spawn(name, o.bin_dir + "/moemesh-expert-worker", args));
+      ASSIGN_OR_RETURN(Process p,
+                       m->Spawn(name, o.bin_dir + "/moemesh-expert-worker", args, o.worker_cpus));
       p.group = g;
       p.replica = r;
       m->workers_.push_back(std::move(p));
@@ -162,9 +202,9 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
     std::vector<std::string> reps;
     for (const Process& p : m->workers_) {
       if (p.group != g) continue;
-      reps.push_back(o.dns_targets ? absl::StrCat("dns:///localhost:",
-                                                  p.address.substr(p.address.rfind(':') + 1))
-                                   : p.address);
+      ASSIGN_OR_RETURN(const std::string hop, m->Hop(p.address));
+      reps.push_back(
+          o.dns_targets ? absl::StrCat("dns:///localhost:", hop.substr(hop.rfind(':') + 1)) : hop);
     }
     groups.push_back(o.multi_address_groups ? absl::StrCat("ipv4:", absl::StrJoin(reps, ","))
                                             : absl::StrJoin(reps, "|"));
@@ -177,16 +217,21 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
       metrics_flag,
       shared_flag};
   rargs.insert(rargs.end(), o.router_args.begin(), o.router_args.end());
-  ASSIGN_OR_RETURN(m->router_, m->Spawn("router", o.bin_dir + "/moemesh-router", rargs));
+  ASSIGN_OR_RETURN(m->router_,
+                   m->Spawn("router", o.bin_dir + "/moemesh-router", rargs, o.gateway_cpus));
   RETURN_IF_ERROR(m->WaitServing(&m->router_, deadline));
+  ASSIGN_OR_RETURN(const std::string router_hop, m->Hop(m->router_.address));
   std::vector<std::string> gargs = {"--model=" + o.model,
-                                    "--router=" + m->router_.address,
+                                    "--router=" + router_hop,
                                     "--wire_dtype=" + o.wire_dtype,
                                     absl::StrCat("--top_k=", o.top_k),
                                     metrics_flag,
                                     shared_flag};
+  if (o.micro_batches != 1) gargs.push_back(absl::StrCat("--micro_batches=", o.micro_batches));
+  if (o.kernel_threads > 0) gargs.push_back(absl::StrCat("--kernel_threads=", o.kernel_threads));
   gargs.insert(gargs.end(), o.gateway_args.begin(), o.gateway_args.end());
-  ASSIGN_OR_RETURN(m->gateway_, m->Spawn("gateway", o.bin_dir + "/moemesh-gateway", gargs));
+  ASSIGN_OR_RETURN(m->gateway_,
+                   m->Spawn("gateway", o.bin_dir + "/moemesh-gateway", gargs, o.gateway_cpus));
   RETURN_IF_ERROR(m->WaitServing(&m->gateway_, deadline));
   return m;
 }
@@ -237,7 +282,7 @@ absl::Status Mesh::Restart(const std::string& name, absl::Duration timeout) {
   const std::string port = p->address.substr(p->address.rfind(':') + 1);
   std::vector<std::string> args = p->args;
   args.push_back("--port=" + port);
-  ASSIGN_OR_RETURN(Process fresh, Spawn(name, p->binary, args, /*truncate_log=*/false));
+  ASSIGN_OR_RETURN(Process fresh, Spawn(name, p->binary, args, p->cpus, /*truncate_log=*/false));
   fresh.args = p->args;  // without --port, as first started
   fresh.group = p->group;
   fresh.replica = p->replica;
@@ -304,6 +349,7 @@ absl::Status Mesh::Stop(absl::Duration grace) {
       p->running = false;
     }
   }
+  proxies_.clear();  // after every process: the tiers drained through them
   if (!problems.empty()) return absl::InternalError(absl::StrJoin(problems, "; "));
   return absl::OkStatus();
 }

@@ -20,6 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "services/net/delay_proxy.h"
 #include "services/rpc/tls.h"
 
 namespace moemesh {
@@ -53,6 +54,20 @@ struct MeshOptions {
   std::vector<std::string> worker_args, router_args, gateway_args;
   // Overrides the default even split: experts spec per group ("0-3"), one per group.
   std::vector<std::string> group_experts;
+
+  // The testbed that behaves like separate machines (docs/SCALE-OUT.md).
+  // Micro-batches per gateway step (--micro_batches on the gateway): 2 overlaps one half's
+  // attention with the other half's MoE call.
+  int micro_batches = 1;
+  // One-way latency added on every hop inside the mesh (gateway → router and router → each
+  // worker) by a DelayProxy (services/net/delay_proxy.h) run in this process, its threads at
+  // real-time priority when permitted (like a NIC, they do not wait for busy CPUs). Zero: none.
+  absl::Duration added_latency = absl::ZeroDuration();
+  // CPU lists ("0", "1", "2-3"); empty: unpinned. The gateway and router share
+  // `gateway_cpus`, the workers `worker_cpus` (sched_setaffinity in the child before exec).
+  std::string gateway_cpus, worker_cpus;
+  // --kernel_threads for the gateway and workers (0: theirs, one per core).
+  int kernel_threads = 0;
 };
 
 class Mesh {
@@ -68,6 +83,7 @@ class Mesh {
     // How it was started, so that Restart can start it again (without --port/--port_file).
     std::string binary;
     std::vector<std::string> args;
+    std::string cpus;  // CPU list it is pinned to ("" = not pinned)
   };
 
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Mesh>> Start(const MeshOptions& options);
@@ -98,7 +114,10 @@ class Mesh {
  private:
   Mesh() = default;
   absl::StatusOr<Process> Spawn(const std::string& name, const std::string& binary,
-                                std::vector<std::string> args, bool truncate_log = true);
+                                std::vector<std::string> args, const std::string& cpus = "",
+                                bool truncate_log = true);
+  // `address` itself, or a DelayProxy in front of it when options_.added_latency is set.
+  absl::StatusOr<std::string> Hop(const std::string& address);
   absl::Status WaitServing(Process* p, absl::Time deadline);
   std::vector<Process*> All();
   std::vector<const Process*> All() const;
@@ -107,6 +126,7 @@ class Mesh {
   std::vector<Process> workers_;
   Process router_, gateway_;
   bool stopped_ = false;
+  std::vector<std::unique_ptr<DelayProxy>> proxies_;
 };
 
 // Asks grpc.health.v1 at `address` until it answers SERVING or `deadline` passes.

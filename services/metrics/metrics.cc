@@ -82,6 +82,14 @@ Metrics::Metrics(std::string service)
                        .Name("moemesh_step_duration_seconds")
                        .Help("Engine step time")
                        .Register(*registry_);
+  gateway_busy_ = &BuildCounter()
+                       .Name("moemesh_gateway_busy_seconds_total")
+                       .Help("Engine thread time computing in steps (attention, norms, LM head)")
+                       .Register(*registry_);
+  gateway_moe_wait_ = &BuildCounter()
+                           .Name("moemesh_gateway_moe_wait_seconds_total")
+                           .Help("Engine thread time in steps waiting for MoE results")
+                           .Register(*registry_);
   ttft_ = &BuildHistogram()
                .Name("moemesh_time_to_first_token_seconds")
                .Help("Request arrival to first token")
@@ -252,6 +260,11 @@ void Metrics::ObserveStep(double seconds, int64_t tokens) {
                                                                64, 128, 256, 512, 1024};
   step_tokens_->Add({}, kTokens).Observe(static_cast<double>(tokens));
   step_seconds_->Add({}, LatencyBuckets()).Observe(seconds);
+}
+
+void Metrics::AddGatewayTime(double busy_seconds, double moe_wait_seconds) {
+  gateway_busy_->Add({}).Increment(std::max(0.0, busy_seconds));
+  gateway_moe_wait_->Add({}).Increment(std::max(0.0, moe_wait_seconds));
 }
 
 void Metrics::ObserveTimeToFirstToken(double seconds) {

@@ -18,6 +18,10 @@
 //   moemesh_tokens_total{kind=prompt|completion}       gateway: tokens in and out
 //   moemesh_running_sequences                          gateway: sequences in the batch
 //   moemesh_step_tokens / moemesh_step_duration_seconds gateway: batch size and step time
+//   moemesh_gateway_busy_seconds_total                 gateway: engine thread computing in
+//                                                      steps (attention, norms, LM head, ...)
+//   moemesh_gateway_moe_wait_seconds_total             gateway: engine thread idle in steps,
+//                                                      waiting for MoE results
 //   moemesh_time_to_first_token_seconds                gateway
 //   moemesh_http_requests_total{path,code}             gateway HTTP API, when the response ends
 //   moemesh_http_request_duration_seconds{path}        gateway HTTP API: receive → response end
@@ -82,6 +86,8 @@ class Metrics {
   void AddTokens(int64_t prompt, int64_t completion);
   void SetRunning(double running);
   void ObserveStep(double seconds, int64_t tokens);
+  // Engine thread time in steps since the last call: computing, and waiting on MoE calls.
+  void AddGatewayTime(double busy_seconds, double moe_wait_seconds);
   void ObserveTimeToFirstToken(double seconds);
   // Gateway HTTP API. `path` is one of the API's routes or "other".
   void CountHttpRequest(const std::string& path, int status);
@@ -111,6 +117,8 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* running_;
   prometheus::Family<prometheus::Histogram>* step_tokens_;
   prometheus::Family<prometheus::Histogram>* step_seconds_;
+  prometheus::Family<prometheus::Counter>* gateway_busy_;
+  prometheus::Family<prometheus::Counter>* gateway_moe_wait_;
   prometheus::Family<prometheus::Histogram>* ttft_;
   prometheus::Family<prometheus::Counter>* http_requests_;
   prometheus::Family<prometheus::Histogram>* http_latency_;

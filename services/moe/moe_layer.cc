@@ -74,6 +74,13 @@ absl::StatusOr<Tensor> MoeDispatcher::Forward(int layer, const Tensor& hidden,
   return result;
 }
 
+void MoeDispatcher::StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) {
+  ForwardAsync(layer, std::move(hidden), opts,
+               [done = std::move(done)](absl::StatusOr<Tensor> r, const DispatchStats&) {
+                 done(std::move(r));
+               });
+}
+
 namespace {
 
 // State of one fan-out, shared by the group callbacks; the last one combines.
@@ -174,9 +181,13 @@ void MoeDispatcher::ForwardAsync(
     auto b = std::make_shared<ExpertBatch>();
     b->layer = layer;
     const int64_t n = static_cast<int64_t>(rows[g].size());
-    b->tokens = Tensor::Zeros({n, h});
-    for (int64_t r = 0; r < n; ++r) {
-      std::memcpy(b->tokens.mutable_row(r), hidden.row(rows[g][r]), h * sizeof(float));
+    if (n == t) {
+      b->tokens = hidden;  // every token, in order: shared, not copied
+    } else {
+      b->tokens = Tensor::Uninitialized({n, h});
+      for (int64_t r = 0; r < n; ++r) {
+        std::memcpy(b->tokens.mutable_row(r), hidden.row(rows[g][r]), h * sizeof(float));
+      }
     }
     b->offsets = std::move(offsets[g]);
     b->assignments = std::move(assigns[g]);
@@ -189,7 +200,23 @@ void MoeDispatcher::ForwardAsync(
     fan->done(std::move(fan->out), fan->stats);
     return;
   }
-  auto finish = [fan, ng, h]() {
+  auto finish = [fan, ng, h, t]() {
+    // One group that got every token: its answer is the output, without a pass over it.
+    if (fan->pending == 0) {
+      int only = -1, answered = 0;
+      for (int g = 0; g < ng; ++g) {
+        if (!fan->rows[g].empty()) {
+          only = g;
+          ++answered;
+        }
+      }
+      if (answered == 1 && static_cast<int64_t>(fan->rows[only].size()) == t &&
+          fan->partial[only].ok() && fan->partial[only]->rank() == 2 &&
+          fan->partial[only]->dim(0) == t && fan->partial[only]->dim(1) == h) {
+        fan->done(std::move(fan->partial[only]), fan->stats);
+        return;
+      }
+    }
     // Combine in group order so the sum does not depend on which group answered first.
     absl::Status status;
     for (int g = 0; g < ng && status.ok(); ++g) {

@@ -22,12 +22,24 @@
 
 namespace moemesh {
 
+// Receives the result of MoeLayer::StartForward: [T, hidden_size] f32, or why there is none.
+using MoeDone = std::function<void(absl::StatusOr<Tensor>)>;
+
 class MoeLayer {
  public:
   virtual ~MoeLayer() = default;
-  // hidden: [T, hidden_size] f32 → [T, hidden_size]. Thread-safe.
+  // hidden: [T, hidden_size] f32 → [T, hidden_size]. Blocks until the result is there.
+  // Thread-safe.
   [[nodiscard]] virtual absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden,
                                                        const CallOptions& opts) = 0;
+  // The asynchronous form, which lets the engine compute while an MoE call is in flight (two
+  // micro-batches): `done` runs exactly once, inline or on another thread, and must not
+  // block. `hidden` shares its storage with the caller's tensor, which must not be written
+  // until `done` runs. Several calls may be in flight at once; none waits for another. The
+  // default runs Forward inline (a local layer has nothing to overlap). Thread-safe.
+  virtual void StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) {
+    done(Forward(layer, hidden, opts));
+  }
 };
 
 // Per-call statistics a dispatcher reports (for metrics and tests).
@@ -63,6 +75,8 @@ class MoeDispatcher final : public MoeLayer {
       const Checkpoint& ckpt, const ModelConfig& cfg);
 
   absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden, const CallOptions& opts) override;
+  // Runs ForwardAsync: in process (local groups) `done` runs before this returns.
+  void StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) override;
   // Asynchronous form: `done` runs once, on the thread of the last group to answer (or inline).
   void ForwardAsync(int layer, Tensor hidden, const CallOptions& opts,
                     std::function<void(absl::StatusOr<Tensor>, const DispatchStats&)> done);

@@ -10,31 +10,69 @@ SharedExpertsLayer::SharedExpertsLayer(MoeLayer* routed, std::unique_ptr<LocalEx
 
 absl::StatusOr<Tensor> SharedExpertsLayer::Forward(int layer, const Tensor& hidden,
                                                    const CallOptions& opts) {
-  const int64_t t = hidden.dim(0);
-  ExpertBatch batch;
-  batch.layer = layer;
-  batch.tokens = hidden;
-  batch.offsets.resize(t + 1);
-  for (int64_t i = 0; i <= t; ++i) batch.offsets[i] = static_cast<int32_t>(i);
-  batch.assignments.assign(t, ExpertAssignment{kSharedExpertId, 1.0f});
   absl::Notification done;
-  absl::StatusOr<Tensor> shared_out;
-  if (!pool_.TrySchedule([&] {
-        shared_out = shared_->Run(batch);
-        done.Notify();
-      })) {
-    shared_out = shared_->Run(batch);
+  absl::StatusOr<Tensor> result;
+  StartForward(layer, hidden, opts, [&](absl::StatusOr<Tensor> r) {
+    result = std::move(r);
     done.Notify();
-  }
-  absl::StatusOr<Tensor> routed_out = routed_->Forward(layer, hidden, opts);
+  });
   done.WaitForNotification();
-  RETURN_IF_ERROR(routed_out.status());
-  RETURN_IF_ERROR(shared_out.status(), "shared experts");
-  Tensor out = *std::move(routed_out);
-  float* o = out.mutable_data();
-  const float* s = shared_out->data();
-  for (int64_t i = 0; i < out.numel(); ++i) o[i] += s[i];
-  return out;
+  return result;
+}
+
+namespace {
+
+// The two halves of one call; the second to arrive adds them and calls `done`.
+struct Join {
+  absl::Mutex mu;
+  int pending = 2;
+  absl::StatusOr<Tensor> routed, shared;
+  MoeDone done;
+
+  void Arrive() {
+    {
+      absl::MutexLock lock(&mu);
+      if (--pending > 0) return;
+    }
+    if (!routed.ok()) return done(routed.status());
+    if (!shared.ok()) return done(WithContext(shared.status(), "shared experts"));
+    Tensor out = *std::move(routed);
+    float* o = out.mutable_data();
+    const float* s = shared->data();
+    for (int64_t i = 0; i < out.numel(); ++i) o[i] += s[i];
+    done(std::move(out));
+  }
+};
+
+}  // namespace
+
+void SharedExpertsLayer::StartForward(int layer, Tensor hidden, const CallOptions& opts,
+                                      MoeDone done) {
+  const int64_t t = hidden.dim(0);
+  auto batch = std::make_shared<ExpertBatch>();
+  batch->layer = layer;
+  batch->tokens = hidden;
+  batch->offsets.resize(t + 1);
+  for (int64_t i = 0; i <= t; ++i) batch->offsets[i] = static_cast<int32_t>(i);
+  batch->assignments.assign(t, ExpertAssignment{kSharedExpertId, 1.0f});
+  auto join = std::make_shared<Join>();
+  join->done = std::move(done);
+  auto run_shared = [this, batch, join] {
+    absl::StatusOr<Tensor> r = shared_->Run(*batch);
+    {
+      absl::MutexLock lock(&join->mu);
+      join->shared = std::move(r);
+    }
+    join->Arrive();
+  };
+  if (!pool_.TrySchedule(run_shared)) run_shared();
+  routed_->StartForward(layer, std::move(hidden), opts, [join](absl::StatusOr<Tensor> r) {
+    {
+      absl::MutexLock lock(&join->mu);
+      join->routed = std::move(r);
+    }
+    join->Arrive();
+  });
 }
 
 }  // namespace moemesh

@@ -4,8 +4,8 @@
 // on a helper thread, during the router round trip; the two outputs are added. This is the
 // "shared experts in the gateway" placement; the alternative sends every token to a worker
 // group holding them (MoeDispatcher with dispatch_shared). docs/BENCHMARKS.md compares them.
-// Thread-safe (one Forward at a time is the gateway's pattern; concurrent calls serialise on
-// the helper thread).
+// Thread-safe. The shared FFNs of calls in flight together (two micro-batches) run one after
+// the other on the helper thread; their routed calls do not wait for each other.
 #pragma once
 
 #include <memory>
@@ -22,6 +22,9 @@ class SharedExpertsLayer final : public MoeLayer {
   // for every MoE layer. Both must outlive this.
   SharedExpertsLayer(MoeLayer* routed, std::unique_ptr<LocalExpertGroup> shared);
   absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden, const CallOptions& opts) override;
+  // Starts the routed call and queues the shared FFN on the helper thread; `done` runs on
+  // whichever finishes last. The sum is routed + shared whatever the order they finish in.
+  void StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) override;
 
  private:
   MoeLayer* routed_;

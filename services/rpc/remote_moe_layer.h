@@ -1,10 +1,13 @@
 // RemoteMoeLayer: the engine's MoeLayer implemented as a client of the router service.
 //
-// Forward blocks its caller (the gateway's engine thread, never a gRPC thread) until the
-// router answers. A router call has no side effects (sequences advance only when the whole
-// step succeeds), so a failed call is retried: bounded in attempts, backed off
-// exponentially with jitter, and always within the step's deadline. Retried are UNAVAILABLE
-// (router restarting or draining, connection lost), RESOURCE_EXHAUSTED (router queue or
+// StartForward sends the call with gRPC's callback API and returns at once: no thread waits
+// on the network, and two calls in flight together (the engine's two micro-batches) share one
+// HTTP/2 channel without waiting for each other. `done` runs on a gRPC callback thread (or on
+// the retry timer's thread after a backoff). Forward is StartForward plus a wait, for callers
+// that have nothing else to do (never a gRPC thread). A router call has no side effects (sequences
+// advance only when the whole step succeeds), so a failed call is retried: bounded in attempts,
+// backed off exponentially with jitter, and always within the step's deadline. Retried are
+// UNAVAILABLE (router restarting or draining, connection lost), RESOURCE_EXHAUSTED (router queue or
 // every replica of a group overloaded), ABORTED, a per-attempt DEADLINE_EXCEEDED while the
 // step still has time, and a CANCELLED the step did not ask for. Every attempt carries a
 // deadline: the step's, capped by `attempt_timeout`, so a frozen router (SIGSTOP) costs a
@@ -44,7 +47,9 @@ class RemoteMoeLayer final : public MoeLayer {
  public:
   RemoteMoeLayer(const std::string& router_target, DType wire,
                  RemoteMoeLayerOptions options = RemoteMoeLayerOptions());
+  ~RemoteMoeLayer() override;
   absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden, const CallOptions& opts) override;
+  void StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) override;
   // Waits until the router's channel is ready or the timeout passes.
   bool WaitForReady(absl::Duration timeout);
   // True when the router answers its grpc.health.v1 check with SERVING within `timeout`.
@@ -58,12 +63,18 @@ class RemoteMoeLayer final : public MoeLayer {
   static bool Retryable(absl::StatusCode code, bool step_cancelled, bool time_left);
 
  private:
+  struct Call;
+  class RetryTimer;
+  void Attempt(std::shared_ptr<Call> call);
+  void Finished(std::shared_ptr<Call> call, grpc::Status s);
+
   const std::string target_;
   const DType wire_;
   const RemoteMoeLayerOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Router::Stub> stub_;
   std::atomic<int64_t> retries_{0};
+  std::unique_ptr<RetryTimer> timer_;  // runs retries after their backoff
 };
 
 }  // namespace moemesh

@@ -57,6 +57,8 @@ void TensorToProto(const Tensor& t, DType wire, v1::Tensor* out) {
   for (int64_t d : t.shape()) out->add_shape(d);
   const size_t n = static_cast<size_t>(t.numel());
   std::string* data = out->mutable_data();
+  // The zero-fill of resize() is one pass more than needed; libstdc++ offers no uninitialized
+  // resize before C++23 (resize_and_overwrite).
   data->resize(n * DTypeSize(wire));
   if (n > 0) ConvertFromF32(wire, t.data(), n, data->data());
 }
@@ -84,7 +86,7 @@ absl::StatusOr<Tensor> TensorFromProto(const v1::Tensor& p, absl::string_view wh
                                                    DTypeName(*dtype), " needs ", expect,
                                                    " bytes, got ", p.data().size()));
   }
-  Tensor t = Tensor::Zeros(std::move(shape));
+  Tensor t = Tensor::Uninitialized(std::move(shape));  // every element is written below
   if (n > 0) ConvertToF32(*dtype, p.data().data(), n, t.mutable_data());
   return t;
 }

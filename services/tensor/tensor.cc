@@ -202,6 +202,16 @@ Tensor Tensor::Zeros(std::vector<int64_t> shape) {
   return t;
 }
 
+Tensor Tensor::Uninitialized(std::vector<int64_t> shape) {
+  Tensor t;
+  t.shape_ = std::move(shape);
+  const int64_t n = t.numel();
+  auto buf = std::shared_ptr<float[]>(new float[n > 0 ? n : 1]);
+  t.data_ = buf.get();
+  t.owner_ = std::shared_ptr<const void>(buf, buf.get());
+  return t;
+}
+
 Tensor Tensor::FromVector(std::vector<int64_t> shape, std::vector<float> values) {
   Tensor t;
   t.shape_ = std::move(shape);

@@ -41,6 +41,9 @@ class Tensor {
   Tensor() = default;
   // A zero-filled tensor that owns its storage.
   static Tensor Zeros(std::vector<int64_t> shape);
+  // Storage of unspecified contents, for a caller that writes every element before reading
+  // (decoding a message): it saves the pass that zeroing would make.
+  static Tensor Uninitialized(std::vector<int64_t> shape);
   static Tensor FromVector(std::vector<int64_t> shape, std::vector<float> values);
   // A view of `data`, kept valid by `owner`.
   static Tensor View(std::vector<int64_t> shape, const float* data,

@@ -29,9 +29,25 @@
 //            RunExpertsRequest messages (and their responses) per token, times the measured
 //            (token, group) sends per token from the router's metrics.
 // Prints markdown tables and writes --json.
+//
+// The testbed (issue 12, docs/SCALE-OUT.md): with --added_latency_us L1,L2,... it instead runs,
+// for each latency and each --micro_batches setting, the mesh behind delaying proxies on every
+// hop (services/net/delay_proxy.h), optionally pinned (--pin: gateway and router on CPU 0, the
+// workers on CPU 1, one kernel thread and one BLAS thread per process), and drives
+// --streams concurrent streams of --prompt-token prompts and --decode tokens each. It reports,
+// per setting and per engine step, the gateway's busy time (its engine thread computing:
+// attention, norms, LM head), its idle time, the workers' busy time (inside expert FFNs,
+// summed over workers) and idle time, and R = step - G - E (network, queueing, router), then
+// the bound (G+E+R)/max(G, E, (G+E)/2+R) from the one-micro-batch profile and the share of it
+// that two micro-batches captured. --balanced uses a generated model whose gateway and worker
+// busy times are close (hidden 512, 8 heads, 8 KV heads, 4 layers, 8 experts of 640, top-2).
+//
+//   bench_mesh --balanced --added_latency_us 0,250,1000 --pin --micro_batches 1,2 \
+//              --streams 16 --prompt 512 --decode 32
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -85,6 +101,18 @@ ABSL_FLAG(std::string, bin_dir, "", "directory of the moemesh service binaries (
 ABSL_FLAG(std::string, work_dir, "", "logs and port files (default: a new /tmp/bench_mesh.*)");
 ABSL_FLAG(int, blas_threads, 0, "OPENBLAS_NUM_THREADS for the mesh processes (0: inherit)");
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
+ABSL_FLAG(bool, balanced, false,
+          "use a generated model whose gateway and worker busy times are close (testbed)");
+ABSL_FLAG(std::string, added_latency_us, "",
+          "testbed: one-way latencies added on every mesh hop, comma separated (runs the testbed "
+          "instead of the prefill/decode tables)");
+ABSL_FLAG(std::string, micro_batches, "1,2", "testbed: gateway micro-batch settings to compare");
+ABSL_FLAG(bool, pin, false,
+          "testbed: gateway+router on --gateway_cpus, workers on --worker_cpus, one kernel thread "
+          "and one BLAS thread each");
+ABSL_FLAG(std::string, gateway_cpus, "0", "testbed with --pin: CPUs of the gateway and router");
+ABSL_FLAG(std::string, worker_cpus, "1", "testbed with --pin: CPUs of the expert workers");
+ABSL_FLAG(int, streams, 16, "testbed: concurrent streams");
 
 namespace moemesh {
 namespace {
@@ -95,7 +123,23 @@ struct Options {
   int groups = 2, replicas = 1, prompt = 512, decode = 64, decode_prompt = 16, repeats = 2;
   int blas_threads = 0;
   std::vector<int> concurrency;
+  bool balanced = false, pin = false;
+  std::vector<int> latencies_us, micro_batches;
+  std::string gateway_cpus, worker_cpus;
+  int streams = 16;
 };
+
+absl::StatusOr<std::vector<int>> IntList(const std::string& flag, const std::string& text,
+                                         int min) {
+  std::vector<int> out;
+  for (absl::string_view c : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    int n = 0;
+    if (!absl::SimpleAtoi(c, &n) || n < min)
+      return absl::InvalidArgumentError(absl::StrCat("bad --", flag, " entry '", c, "'"));
+    out.push_back(n);
+  }
+  return out;
+}
 
 absl::StatusOr<Options> GetOptions() {
   Options o;
@@ -123,6 +167,22 @@ absl::StatusOr<Options> GetOptions() {
       return absl::InvalidArgumentError(absl::StrCat("bad --concurrency entry '", c, "'"));
     o.concurrency.push_back(n);
   }
+  o.balanced = absl::GetFlag(FLAGS_balanced);
+  o.pin = absl::GetFlag(FLAGS_pin);
+  o.gateway_cpus = absl::GetFlag(FLAGS_gateway_cpus);
+  o.worker_cpus = absl::GetFlag(FLAGS_worker_cpus);
+  o.streams = absl::GetFlag(FLAGS_streams);
+  {
+    auto l = IntList("added_latency_us", absl::GetFlag(FLAGS_added_latency_us), 0);
+    if (!l.ok()) return l.status();
+    o.latencies_us = *l;
+    auto m = IntList("micro_batches", absl::GetFlag(FLAGS_micro_batches), 1);
+    if (!m.ok()) return m.status();
+    o.micro_batches = *m;
+  }
+  if (o.streams < 1) return absl::InvalidArgumentError("--streams must be >= 1");
+  if (o.balanced && absl::GetFlag(FLAGS_cache_dir).empty())
+    o.cache_dir = "/tmp/moemesh-bench-model-balanced";
   if (o.wire != "f32" && o.wire != "bf16")
     return absl::InvalidArgumentError("--wire_dtype must be f32 or bf16");
   if (o.groups < 1 || o.replicas < 1)
@@ -153,8 +213,9 @@ absl::StatusOr<std::string> EnsureModel(const Options& o) {
   struct stat st;
   if (::stat((o.cache_dir + "/config.json").c_str(), &st) == 0) return o.cache_dir;
   GeneratorOptions g;
-  g.config = o.small ? SmallMixtralConfig(32000, 512, 1408, 4, 8, 2, 8, 2)
-                     : SmallMixtralConfig(32000, 1024, 2816, 8, 16, 4, 8, 2);
+  g.config = o.balanced ? SmallMixtralConfig(8000, 512, 640, 4, 8, 8, 8, 2)
+             : o.small  ? SmallMixtralConfig(32000, 512, 1408, 4, 8, 2, 8, 2)
+                        : SmallMixtralConfig(32000, 1024, 2816, 8, 16, 4, 8, 2);
   g.seed = 1;
   std::fprintf(stderr, "generating the benchmark model in %s ...\n", o.cache_dir.c_str());
   if (auto s = GenerateModel(g, o.cache_dir); !s.ok()) return s;
@@ -394,6 +455,290 @@ WireBytes MessageBytes(const ModelConfig& cfg, DType wire) {
   return w;
 }
 
+// ---- the testbed ---------------------------------------------------------------------------
+
+struct TestbedRow {
+  int latency_us = 0, micro = 1;
+  bool pinned = false;
+  double wall_s = 0, steps = 0;
+  double step_wall_s = 0;    // inside Engine::Step, summed
+  double gw_busy_s = 0;      // engine thread computing inside steps
+  double gw_wait_s = 0;      // engine thread waiting for MoE results
+  double worker_busy_s = 0;  // inside expert FFNs, every worker summed
+  double gw_cpu_s = 0;       // CPU time of the gateway and the router processes
+  double worker_cpu_s = 0;   // CPU time of every worker process
+  double bench_cpu_s = 0;    // this process: the delaying proxies and the stream clients
+  int64_t tokens = 0;        // generated
+  std::vector<std::vector<int32_t>> outputs;
+  // Per step, ms: T wall; G the gateway side's busy time (CPU time of the gateway and router
+  // processes, which share a CPU when pinned); E the workers' (CPU time of every worker);
+  // R = T - G - E, what neither side's compute explains (network, queueing, waiting).
+  double T() const { return wall_s / steps * 1e3; }
+  double W() const { return gw_wait_s / steps * 1e3; }
+  double G() const { return gw_cpu_s / steps * 1e3; }
+  double E() const { return worker_cpu_s / steps * 1e3; }
+  double F() const { return worker_busy_s / steps * 1e3; }
+  double R() const { return T() - G() - E(); }
+};
+
+// CPU time (user + system, every thread) a process has used, in seconds.
+double CpuSeconds(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/stat"));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t paren = text.rfind(')');
+  if (paren == std::string::npos) return 0;
+  std::vector<std::string> f = absl::StrSplit(text.substr(paren + 2), ' ');
+  // After "pid (comm) ", field 3 (state) is f[0]; utime and stime are fields 14 and 15.
+  double ut = 0, st = 0;
+  if (f.size() < 13 || !absl::SimpleAtod(f[11], &ut) || !absl::SimpleAtod(f[12], &st)) return 0;
+  return (ut + st) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+double SelfCpuSeconds() {
+  rusage ru;
+  ::getrusage(RUSAGE_SELF, &ru);
+  auto s = [](const timeval& tv) { return tv.tv_sec + tv.tv_usec / 1e6; };
+  return s(ru.ru_utime) + s(ru.ru_stime);
+}
+
+struct Scraped {
+  double steps = 0, step_wall = 0, busy = 0, wait = 0, worker = 0;
+};
+
+Scraped ScrapeAll(const std::string& gateway, const std::vector<std::string>& workers) {
+  Scraped s;
+  if (auto t = Scrape(gateway); t.ok()) {
+    s.steps = Sum(*t, "moemesh_step_duration_seconds_count");
+    s.step_wall = Sum(*t, "moemesh_step_duration_seconds_sum");
+    s.busy = Sum(*t, "moemesh_gateway_busy_seconds_total");
+    s.wait = Sum(*t, "moemesh_gateway_moe_wait_seconds_total");
+  } else {
+    std::fprintf(stderr, "warning: %s\n", t.status().ToString().c_str());
+  }
+  for (const auto& w : workers) {
+    if (auto t = Scrape(w); t.ok()) {
+      s.worker += Sum(*t, "moemesh_expert_compute_seconds_total");
+    } else {
+      std::fprintf(stderr, "warning: %s\n", t.status().ToString().c_str());
+    }
+  }
+  return s;
+}
+
+absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string& dir,
+                                             const ModelConfig& cfg, int latency_us, int micro) {
+  TestbedRow row;
+  row.latency_us = latency_us;
+  row.micro = micro;
+  row.pinned = o.pin;
+  MeshOptions mo;
+  mo.bin_dir = o.bin_dir;
+  mo.model = dir;
+  mo.work_dir = absl::StrCat(o.work_dir, "/lat", latency_us, "-mb", micro, o.pin ? "-pin" : "");
+  mo.groups = o.groups;
+  mo.replicas = o.replicas;
+  mo.wire_dtype = o.wire;
+  mo.metrics = true;
+  mo.startup_timeout = absl::Seconds(600);
+  mo.micro_batches = micro;
+  mo.added_latency = absl::Microseconds(latency_us);
+  if (o.pin) {
+    mo.gateway_cpus = o.gateway_cpus;
+    mo.worker_cpus = o.worker_cpus;
+    mo.kernel_threads = 1;
+  }
+  // Every prompt is prefilled whole in the step it joins: the CPU attention kernel rounds a
+  // prompt differently when it is cut into other chunks, and the scheduler's chunks depend
+  // on when requests arrive, so smaller budgets make greedy tokens depend on timing (with
+  // one micro-batch as much as with two).
+  mo.gateway_args = {absl::StrCat("--max_step_tokens=", std::max(o.prompt * o.streams, 256)),
+                     absl::StrCat("--max_running=", std::max(64, o.streams))};
+  auto mesh_or = Mesh::Start(mo);
+  if (!mesh_or.ok()) return mesh_or.status();
+  Mesh& mesh = **mesh_or;
+  auto gw_metrics = MetricsAddress(mesh.gateway().log);
+  if (!gw_metrics.ok()) return gw_metrics.status();
+  std::vector<std::string> worker_metrics;
+  for (const auto& w : mesh.workers()) {
+    auto a = MetricsAddress(w.log);
+    if (!a.ok()) return a.status();
+    worker_metrics.push_back(*a);
+  }
+  std::vector<std::unique_ptr<v1::Gateway::Stub>> stubs;
+  for (int i = 0; i < o.streams; ++i)
+    stubs.push_back(v1::Gateway::NewStub(MakeChannel(mesh.gateway_address())));
+  {
+    // Warm-up: the workers fault their weights in, every channel connects.
+    StreamResult w =
+        RunStream(stubs[0].get(), PromptTokens(64, 999, cfg.vocab_size), 2, absl::Now());
+    if (!w.status.ok()) return absl::InternalError(w.status.error_message());
+  }
+  auto cpu = [&](double* gw, double* workers) {
+    *gw = CpuSeconds(mesh.gateway().pid) + CpuSeconds(mesh.router().pid);
+    *workers = 0;
+    for (const auto& w : mesh.workers()) *workers += CpuSeconds(w.pid);
+  };
+  double gw0, wk0;
+  cpu(&gw0, &wk0);
+  const double self0 = SelfCpuSeconds();
+  const Scraped before = ScrapeAll(*gw_metrics, worker_metrics);
+  std::vector<StreamResult> results(o.streams);
+  std::vector<std::thread> threads;
+  const absl::Time start = absl::Now();
+  // A blocker first: a 256-token prompt whose prefill step is running when the streams
+  // arrive, so that all of them are queued for the next step. Otherwise the first step takes
+  // whichever prompt came first alone (one input: one micro-batch) and the step structure,
+  // and with it the result, depends on arrival timing. Its time is in the measured window,
+  // the same for every setting.
+  auto blocker_stub = v1::Gateway::NewStub(MakeChannel(mesh.gateway_address()));
+  StreamResult blocker;
+  std::thread blocker_thread([&] {
+    blocker = RunStream(blocker_stub.get(), PromptTokens(256, 998, cfg.vocab_size), 1, start);
+  });
+  absl::SleepFor(absl::Milliseconds(30));
+  for (int i = 0; i < o.streams; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] =
+          RunStream(stubs[i].get(), PromptTokens(o.prompt, i + 1, cfg.vocab_size), o.decode, start);
+    });
+  }
+  for (auto& t : threads) t.join();
+  blocker_thread.join();
+  if (!blocker.status.ok()) return absl::InternalError(blocker.status.error_message());
+  absl::Time end = blocker.end;
+  for (const StreamResult& r : results) {
+    if (!r.status.ok()) return absl::InternalError(r.status.error_message());
+    end = std::max(end, r.end);
+    row.tokens += static_cast<int64_t>(r.tokens.size());
+    row.outputs.push_back(r.tokens);
+  }
+  row.wall_s = absl::ToDoubleSeconds(end - start);
+  const Scraped after = ScrapeAll(*gw_metrics, worker_metrics);
+  double gw1, wk1;
+  cpu(&gw1, &wk1);
+  row.gw_cpu_s = gw1 - gw0;
+  row.worker_cpu_s = wk1 - wk0;
+  row.bench_cpu_s = SelfCpuSeconds() - self0;
+  row.steps = after.steps - before.steps;
+  row.step_wall_s = after.step_wall - before.step_wall;
+  row.gw_busy_s = after.busy - before.busy;
+  row.gw_wait_s = after.wait - before.wait;
+  row.worker_busy_s = after.worker - before.worker;
+  if (absl::Status s = mesh.Stop(); !s.ok())
+    std::fprintf(stderr, "warning: mesh stop: %s\n", s.ToString().c_str());
+  if (row.steps <= 0) return absl::InternalError("no engine steps were counted");
+  return row;
+}
+
+int RunTestbed(const Options& o, const std::string& dir, const ModelConfig& cfg) {
+  if (o.pin)
+    ::setenv("OPENBLAS_NUM_THREADS", "1", 1);
+  else if (o.blas_threads > 0)
+    ::setenv("OPENBLAS_NUM_THREADS", absl::StrCat(o.blas_threads).c_str(), 1);
+  std::vector<TestbedRow> rows;
+  for (int lat : o.latencies_us) {
+    for (int mb : o.micro_batches) {
+      std::fprintf(stderr, "testbed: added latency %d us, %d micro-batch(es)%s ...\n", lat, mb,
+                   o.pin ? ", pinned" : "");
+      // Best of --repeats: other tenants of a small machine only ever slow a run down.
+      std::optional<TestbedRow> best;
+      for (int rep = 0; rep < o.repeats; ++rep) {
+        auto r = RunTestbedSetting(o, dir, cfg, lat, mb);
+        if (!r.ok()) {
+          std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
+          return 1;
+        }
+        std::fprintf(stderr, "  run %d: %.2f s\n", rep + 1, r->wall_s);
+        if (!best || r->wall_s < best->wall_s) best = *std::move(r);
+      }
+      rows.push_back(*std::move(best));
+    }
+  }
+  std::printf(
+      "\nmodel %s: %.0fM params, hidden %d, %d layers, %d heads (%d KV), %d experts of %d "
+      "top-%d, vocab %d; %d group(s), wire %s; %d streams x %d-token prompts x %d tokens; %s\n\n",
+      dir.c_str(), Params(cfg) / 1e6, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+      cfg.num_kv_heads, cfg.num_experts, cfg.moe_intermediate_size, cfg.top_k, cfg.vocab_size,
+      o.groups, o.wire.c_str(), o.streams, o.prompt, o.decode,
+      o.pin ? absl::StrCat("pinned: gateway+router on CPU ", o.gateway_cpus, ", workers on CPU ",
+                           o.worker_cpus)
+                  .c_str()
+            : "unpinned");
+  std::printf(
+      "Per engine step, ms. G: CPU time of the gateway + router processes; E: of the workers; "
+      "idle = T - busy; engine wait: the gateway's engine thread waiting for MoE results; "
+      "FFN: inside expert FFNs; bench: this process (proxies, clients) CPU.\n\n"
+      "| added one-way latency | micro-batches | wall s | steps | step T | gateway busy G | "
+      "gateway idle | engine wait | workers busy E | workers idle | FFN | R = T-G-E | bench CPU "
+      "| tokens/s | greedy = first "
+      "|\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  nlohmann::json j = nlohmann::json::array();
+  for (const TestbedRow& r : rows) {
+    const bool same = r.outputs == rows.front().outputs;
+    for (size_t i = 0; i < r.outputs.size() && !same; ++i) {
+      if (r.outputs[i] == rows.front().outputs[i]) continue;
+      size_t at = 0;
+      while (at < r.outputs[i].size() && at < rows.front().outputs[i].size() &&
+             r.outputs[i][at] == rows.front().outputs[i][at])
+        ++at;
+      std::fprintf(stderr, "%d us, %d micro-batches: stream %zu differs from token %zu\n",
+                   r.latency_us, r.micro, i, at);
+    }
+    std::printf(
+        "| %d us | %d | %.2f | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f "
+        "| %.1f | %s |\n",
+        r.latency_us, r.micro, r.wall_s, r.steps, r.T(), r.G(), r.T() - r.G(), r.W(), r.E(),
+        r.T() - r.E(), r.F(), r.R(), r.bench_cpu_s / r.steps * 1e3, r.tokens / r.wall_s,
+        same ? "yes" : "NO");
+    j.push_back({{"added_latency_us", r.latency_us},
+                 {"micro_batches", r.micro},
+                 {"pinned", r.pinned},
+                 {"wall_s", r.wall_s},
+                 {"steps", r.steps},
+                 {"step_ms", r.T()},
+                 {"gateway_busy_ms", r.G()},
+                 {"gateway_idle_ms", r.W()},
+                 {"gateway_engine_busy_s", r.gw_busy_s},
+                 {"engine_step_wall_s", r.step_wall_s},
+                 {"workers_busy_ms", r.E()},
+                 {"workers_idle_ms", r.T() - r.E()},
+                 {"workers_ffn_ms", r.F()},
+                 {"gateway_cpu_s", r.gw_cpu_s},
+                 {"workers_cpu_s", r.worker_cpu_s},
+                 {"bench_cpu_s", r.bench_cpu_s},
+                 {"rest_ms", r.R()},
+                 {"generated_tokens", r.tokens},
+                 {"greedy_equal_first", same}});
+  }
+  // The bound from each latency's one-micro-batch profile, and what the others captured.
+  std::printf(
+      "\n| added one-way latency | bound (G+E+R)/max(G,E,(G+E)/2+R) | micro-batches | speed-up "
+      "(wall) | share of the bound's gain |\n|---|---|---|---|---|\n");
+  nlohmann::json b = nlohmann::json::array();
+  for (const TestbedRow& one : rows) {
+    if (one.micro != 1) continue;
+    const double G = one.G(), E = one.E(), R = std::max(0.0, one.R());
+    const double bound = (G + E + R) / std::max({G, E, (G + E) / 2 + R});
+    for (const TestbedRow& r : rows) {
+      if (r.latency_us != one.latency_us || r.micro == 1) continue;
+      const double speedup = one.wall_s / r.wall_s;
+      const double share = bound > 1 ? (speedup - 1) / (bound - 1) : 0;
+      std::printf("| %d us | %.2f | %d | %.2f | %.0f%% |\n", one.latency_us, bound, r.micro,
+                  speedup, share * 100);
+      b.push_back({{"added_latency_us", one.latency_us},
+                   {"bound", bound},
+                   {"micro_batches", r.micro},
+                   {"speedup", speedup},
+                   {"share", share}});
+    }
+  }
+  if (!o.json.empty()) {
+    std::ofstream(o.json)
+        << nlohmann::json{{"rows", j}, {"bounds", b}, {"work_dir", o.work_dir}}.dump(2) << "\n";
+  }
+  return 0;
+}
+
 int Run(const Options& o) {
   auto dir = EnsureModel(o);
   if (!dir.ok()) {
@@ -406,6 +751,7 @@ int Run(const Options& o) {
     return 1;
   }
   const ModelConfig cfg = *cfg_or;
+  if (!o.latencies_us.empty()) return RunTestbed(o, *dir, cfg);
   const int moe_layers = static_cast<int>(cfg.MoeLayers().size());
   const DType wire = o.wire == "bf16" ? DType::kBF16 : DType::kF32;
   nlohmann::json j = {{"model", *dir},

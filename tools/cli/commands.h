@@ -75,6 +75,9 @@ struct UpArgs {
   bool tls = false;               // a throwaway CA and mTLS between every service
   int64_t kv_cache_bytes = -1;    // the gateway's KV cache bound (-1: its default)
   std::string kv_cache_dtype;     // f32 | bf16 (empty: the gateway's default)
+  int micro_batches = 1;          // the gateway's --micro_batches (2: ping-pong overlap)
+  int64_t added_latency_us = 0;   // one-way delay on every hop inside the mesh (testbed)
+  std::string gateway_cpus, worker_cpus;  // pin gateway+router and workers (empty: unpinned)
 };
 
 absl::Status MakeModel(const MakeModelArgs& a);

@@ -113,6 +113,13 @@ ABSL_FLAG(int64_t, kv_cache_bytes, -1,
           "up: the gateway's KV cache bound in bytes (-1: the gateway's default, half the free "
           "memory)");
 ABSL_FLAG(std::string, kv_cache_dtype, "", "up: the gateway's KV cache dtype, f32 | bf16");
+ABSL_FLAG(int, micro_batches, 1,
+          "up: micro-batches per gateway step (2: one half's attention overlaps the other's "
+          "MoE call)");
+ABSL_FLAG(int64_t, added_latency_us, 0,
+          "up: one-way latency added on every hop inside the mesh (testbed; delaying proxies)");
+ABSL_FLAG(std::string, gateway_cpus, "", "up: pin the gateway and router to these CPUs (\"0\")");
+ABSL_FLAG(std::string, worker_cpus, "", "up: pin the expert workers to these CPUs (\"1\")");
 ABSL_FLAG(std::string, address_file, "", "up: write the gateway address to this file once serving");
 ABSL_FLAG(int, http_port, -1,
           "up: serve the OpenAI-compatible HTTP API on this gateway port (0: any; -1: off)");
@@ -337,6 +344,10 @@ int main(int argc, char** argv) {
     u.tls = absl::GetFlag(FLAGS_tls);
     u.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
     u.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
+    u.micro_batches = absl::GetFlag(FLAGS_micro_batches);
+    u.added_latency_us = absl::GetFlag(FLAGS_added_latency_us);
+    u.gateway_cpus = absl::GetFlag(FLAGS_gateway_cpus);
+    u.worker_cpus = absl::GetFlag(FLAGS_worker_cpus);
     const char* tmp = std::getenv("TMPDIR");
     u.run_dir = tmp ? tmp : "/tmp";
     status = moemesh::cli::Up(c, u);

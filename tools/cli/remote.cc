@@ -210,6 +210,10 @@ absl::Status Up(const Common& c, const UpArgs& a) {
   if (!a.kv_cache_dtype.empty()) {
     o.gateway_args.push_back(absl::StrCat("--kv_cache_dtype=", a.kv_cache_dtype));
   }
+  o.micro_batches = a.micro_batches;
+  o.added_latency = absl::Microseconds(a.added_latency_us);
+  o.gateway_cpus = a.gateway_cpus;
+  o.worker_cpus = a.worker_cpus;
   o.work_dir = absl::StrCat(a.run_dir, "/moemesh-up-", ::getpid());
   const std::string http_port_file = o.work_dir + "/gateway.http_port";
   if (a.http_port >= 0) {
