@@ -103,6 +103,11 @@ ABSL_FLAG(int, blas_threads, 0, "OPENBLAS_NUM_THREADS for the mesh processes (0:
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
 ABSL_FLAG(bool, balanced, false,
           "use a generated model whose gateway and worker busy times are close (testbed)");
+ABSL_FLAG(int, balanced_inter, 640,
+          "expert intermediate size of the --balanced model (larger: more expert work per token)");
+ABSL_FLAG(int, balanced_layers, 4,
+          "layers of the --balanced model (more layers: a smaller share of each step is the "
+          "pipeline's fill and drain, which two micro-batches cannot overlap)");
 ABSL_FLAG(std::string, added_latency_us, "",
           "testbed: one-way latencies added on every mesh hop, comma separated (runs the testbed "
           "instead of the prefill/decode tables)");
@@ -181,8 +186,18 @@ absl::StatusOr<Options> GetOptions() {
     o.micro_batches = *m;
   }
   if (o.streams < 1) return absl::InvalidArgumentError("--streams must be >= 1");
-  if (o.balanced && absl::GetFlag(FLAGS_cache_dir).empty())
-    o.cache_dir = "/tmp/moemesh-bench-model-balanced";
+  const int balanced_layers = absl::GetFlag(FLAGS_balanced_layers);
+  if (balanced_layers < 1 || balanced_layers > 64)
+    return absl::InvalidArgumentError("--balanced_layers must be in [1, 64]");
+  const int balanced_inter = absl::GetFlag(FLAGS_balanced_inter);
+  if (balanced_inter < 16 || balanced_inter > 65536)
+    return absl::InvalidArgumentError("--balanced_inter must be in [16, 65536]");
+  if (o.balanced && absl::GetFlag(FLAGS_cache_dir).empty()) {
+    o.cache_dir = balanced_layers == 4 && balanced_inter == 640
+                      ? "/tmp/moemesh-bench-model-balanced"
+                      : absl::StrCat("/tmp/moemesh-bench-model-balanced-", balanced_layers, "l-",
+                                     balanced_inter);
+  }
   if (o.wire != "f32" && o.wire != "bf16")
     return absl::InvalidArgumentError("--wire_dtype must be f32 or bf16");
   if (o.groups < 1 || o.replicas < 1)
@@ -213,7 +228,8 @@ absl::StatusOr<std::string> EnsureModel(const Options& o) {
   struct stat st;
   if (::stat((o.cache_dir + "/config.json").c_str(), &st) == 0) return o.cache_dir;
   GeneratorOptions g;
-  g.config = o.balanced ? SmallMixtralConfig(8000, 512, 640, 4, 8, 8, 8, 2)
+  g.config = o.balanced ? SmallMixtralConfig(8000, 512, absl::GetFlag(FLAGS_balanced_inter),
+                                             absl::GetFlag(FLAGS_balanced_layers), 8, 8, 8, 2)
              : o.small  ? SmallMixtralConfig(32000, 512, 1408, 4, 8, 2, 8, 2)
                         : SmallMixtralConfig(32000, 1024, 2816, 8, 16, 4, 8, 2);
   g.seed = 1;
