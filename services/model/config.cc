@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
@@ -23,8 +25,41 @@ absl::Status Get(const json& j, const char* key, T* out, const std::string& sour
     if (required) return absl::InvalidArgumentError(absl::StrCat(source, ": missing '", key, "'"));
     return absl::OkStatus();
   }
+  const json& v = j[key];
+  // nlohmann converts numbers with a plain cast, which is undefined behaviour out of range
+  // (a config with "kv_lora_rank": 8e42 must be an error, not a garbage size).
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    if (v.is_number()) {
+      using L = std::numeric_limits<T>;
+      bool ok;
+      if (v.is_number_float()) {
+        const double d = v.get<double>();
+        ok = std::isfinite(d) && d == std::floor(d) && d >= static_cast<double>(L::min()) &&
+             d <= static_cast<double>(L::max());
+      } else if (v.is_number_unsigned()) {
+        ok = v.get<uint64_t>() <= static_cast<uint64_t>(L::max());
+      } else {
+        const int64_t i = v.get<int64_t>();
+        ok = i >= static_cast<int64_t>(L::min()) &&
+             (i < 0 || static_cast<uint64_t>(i) <= static_cast<uint64_t>(L::max()));
+      }
+      if (!ok) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": field '", key, "': ", v.dump(), " is not an integer in [",
+                         L::min(), ", ", L::max(), "]"));
+      }
+    }
+  } else if constexpr (std::is_floating_point_v<T>) {
+    if (v.is_number_float()) {
+      const double d = v.get<double>();
+      if (std::isfinite(d) && std::fabs(d) > static_cast<double>(std::numeric_limits<T>::max())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": field '", key, "': ", v.dump(), " is out of range"));
+      }
+    }
+  }
   try {
-    *out = j[key].get<T>();
+    *out = v.get<T>();
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": field '", key, "': ", e.what()));
   }

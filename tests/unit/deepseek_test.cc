@@ -329,6 +329,12 @@ TEST(DeepseekConfigTest, UnsupportedValuesNameTheField) {
       {"hidden_act", [](auto& j) { j["hidden_act"] = "gelu"; }},
       {"attention_bias", [](auto& j) { j["attention_bias"] = true; }},
       {"moe_intermediate_size", [](auto& j) { j["moe_intermediate_size"] = "big"; }},
+      // Numbers an int cannot hold (casting them is undefined behaviour; found by fuzz_config).
+      {"kv_lora_rank", [](auto& j) { j["kv_lora_rank"] = 8.2e42; }},
+      {"hidden_size", [](auto& j) { j["hidden_size"] = 4294967296ull; }},
+      {"num_hidden_layers", [](auto& j) { j["num_hidden_layers"] = -3000000000ll; }},
+      {"vocab_size", [](auto& j) { j["vocab_size"] = 1000.5; }},
+      {"rms_norm_eps", [](auto& j) { j["rms_norm_eps"] = 1e300; }},
   };
   for (const Case& c : cases) {
     nlohmann::json j = nlohmann::json::parse(kR1Config);
