@@ -93,7 +93,15 @@ absl::StatusOr<std::shared_ptr<const Tokenizer>> Tokenizer::FromJson(
     TokenizerOptions o) {
   std::shared_ptr<Tokenizer> t(new Tokenizer());
   t->options_ = o;
-  RETURN_IF_ERROR(t->Init(tokenizer_json, config_json), source);
+  // A value of the wrong JSON type anywhere in the files (say an object where a string is
+  // expected) makes nlohmann throw; that is a load error like any other, never a crash.
+  absl::Status s;
+  try {
+    s = t->Init(tokenizer_json, config_json);
+  } catch (const std::exception& e) {
+    s = absl::InvalidArgumentError(absl::StrCat("malformed tokenizer files: ", e.what()));
+  }
+  RETURN_IF_ERROR(s, source);
   return std::shared_ptr<const Tokenizer>(std::move(t));
 }
 
