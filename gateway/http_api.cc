@@ -43,8 +43,8 @@ class PeerWatch {
         continue;
       }
       char lport[16], paddr[NI_MAXHOST], pport[16];
-      if (::getnameinfo(reinterpret_cast<sockaddr*>(&local), ll, nullptr, 0, lport,
-                        sizeof(lport), NI_NUMERICSERV) != 0 ||
+      if (::getnameinfo(reinterpret_cast<sockaddr*>(&local), ll, nullptr, 0, lport, sizeof(lport),
+                        NI_NUMERICSERV) != 0 ||
           ::getnameinfo(reinterpret_cast<sockaddr*>(&peer), pl, paddr, sizeof(paddr), pport,
                         sizeof(pport), NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
         continue;

@@ -44,9 +44,9 @@ absl::Status Get(const json& j, const char* key, T* out, const std::string& sour
              (i < 0 || static_cast<uint64_t>(i) <= static_cast<uint64_t>(L::max()));
       }
       if (!ok) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(source, ": field '", key, "': ", v.dump(), " is not an integer in [",
-                         L::min(), ", ", L::max(), "]"));
+        return absl::InvalidArgumentError(absl::StrCat(source, ": field '", key, "': ", v.dump(),
+                                                       " is not an integer in [", L::min(), ", ",
+                                                       L::max(), "]"));
       }
     }
   } else if constexpr (std::is_floating_point_v<T>) {

@@ -16,8 +16,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const size_t nul = in.find('\0');
   const std::string_view json = in.substr(0, nul);
   const std::string_view text =
-      nul == std::string_view::npos ? std::string_view("Hello, world! 123 45678 你好世界 🙂  a\tb\n")
-                                    : in.substr(nul + 1);
+      nul == std::string_view::npos
+          ? std::string_view("Hello, world! 123 45678 你好世界 🙂  a\tb\n")
+          : in.substr(nul + 1);
   moemesh::TokenizerOptions o;
   o.max_input_bytes = 1 << 16;
   auto tok = moemesh::Tokenizer::FromJson(json, "", "fuzz/tokenizer.json", o);

@@ -172,8 +172,8 @@ TEST_P(BatchInvarianceTest, LogitsAreBitwiseEqualWhateverThePromptChunking) {
     const std::vector<Tensor> got = run(split);
     ASSERT_EQ(got.size(), whole.size());
     for (size_t i = 0; i < got.size(); ++i) {
-      EXPECT_TRUE(Same(got[i], whole[i])) << "chunks of " << split.size() << " (first "
-                                          << split[0] << "), output " << i;
+      EXPECT_TRUE(Same(got[i], whole[i]))
+          << "chunks of " << split.size() << " (first " << split[0] << "), output " << i;
     }
   }
 }

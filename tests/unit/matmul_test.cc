@@ -120,8 +120,8 @@ TEST(MatMulTest, Avx512TilingMatchesTheScalarReferenceBitwise) {
             internal::RowsAvx2WithAvx512Tiles(x.data(), m, w, half, n, y.data(), n, acc,
                                               scratch.data());
             MatMulReference(x.data(), m, w, ref.data(), acc);
-            ASSERT_TRUE(BitwiseEqual(y, ref)) << DTypeName(dt) << " m=" << m << " k=" << k
-                                              << " n=" << n << " acc=" << acc;
+            ASSERT_TRUE(BitwiseEqual(y, ref))
+                << DTypeName(dt) << " m=" << m << " k=" << k << " n=" << n << " acc=" << acc;
           }
         }
       }

@@ -548,8 +548,7 @@ namespace {
 TEST(TokenizerLoadTest, WrongJsonTypesAreLoadErrors) {
   const std::string good = Tokenizer::ByteLevelJson(256);
   ASSERT_TRUE(Tokenizer::FromJson(good, "", "ok.json").ok());
-  for (const auto& [path, value] :
-       std::vector<std::pair<std::string, nlohmann::json>>{
+  for (const auto& [path, value] : std::vector<std::pair<std::string, nlohmann::json>>{
            {"/model/type", nlohmann::json::object()},
            {"/model/vocab", "not a map"},
            {"/decoder", nlohmann::json::array({1, 2})}}) {
@@ -558,8 +557,7 @@ TEST(TokenizerLoadTest, WrongJsonTypesAreLoadErrors) {
     auto t = Tokenizer::FromJson(j.dump(), "", "bad.json");
     ASSERT_FALSE(t.ok()) << path;
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
-    EXPECT_NE(std::string(t.status().message()).find("bad.json"), std::string::npos)
-        << t.status();
+    EXPECT_NE(std::string(t.status().message()).find("bad.json"), std::string::npos) << t.status();
   }
   // tokenizer_config.json too.
   auto t = Tokenizer::FromJson(good, R"({"bos_token": [1, 2], "chat_template": 5})", "cfg.json");

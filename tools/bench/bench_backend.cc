@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "services/compute/cpu/kernel_threads.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
@@ -25,6 +24,7 @@
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
 #include "services/compute/backend.h"
+#include "services/compute/cpu/kernel_threads.h"
 #ifdef MOEMESH_HAVE_CUDA
 #include "services/compute/cuda/cuda_backend.h"
 #endif
@@ -67,7 +67,8 @@ bool ParseInts(absl::string_view spec, char sep, std::vector<int64_t>* out) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  if (absl::GetFlag(FLAGS_threads) > 0) moemesh::cpu::KernelThreads::SetThreads(absl::GetFlag(FLAGS_threads));
+  if (absl::GetFlag(FLAGS_threads) > 0)
+    moemesh::cpu::KernelThreads::SetThreads(absl::GetFlag(FLAGS_threads));
   using namespace moemesh;
   struct Backend {
     std::string label;
