@@ -11,6 +11,18 @@
 
 namespace moemesh {
 
+absl::StatusOr<Tensor> MoeLayer::ForwardAndWait(int layer, const Tensor& hidden,
+                                                const CallOptions& opts) {
+  absl::Notification done;
+  absl::StatusOr<Tensor> result;
+  StartForward(layer, hidden, opts, [&](absl::StatusOr<Tensor> r) {
+    result = std::move(r);
+    done.Notify();
+  });
+  done.WaitForNotification();
+  return result;
+}
+
 absl::StatusOr<absl::flat_hash_map<int, Gate>> MoeDispatcher::LoadGates(const Checkpoint& ckpt,
                                                                         const ModelConfig& cfg) {
   absl::flat_hash_map<int, Gate> gates;
@@ -64,14 +76,7 @@ absl::StatusOr<std::unique_ptr<MoeDispatcher>> MoeDispatcher::Create(
 
 absl::StatusOr<Tensor> MoeDispatcher::Forward(int layer, const Tensor& hidden,
                                               const CallOptions& opts) {
-  absl::Notification done;
-  absl::StatusOr<Tensor> result;
-  ForwardAsync(layer, hidden, opts, [&](absl::StatusOr<Tensor> r, const DispatchStats&) {
-    result = std::move(r);
-    done.Notify();
-  });
-  done.WaitForNotification();
-  return result;
+  return ForwardAndWait(layer, hidden, opts);
 }
 
 void MoeDispatcher::StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) {

@@ -40,6 +40,10 @@ class MoeLayer {
   virtual void StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) {
     done(Forward(layer, hidden, opts));
   }
+
+ protected:
+  // Forward for layers whose real work is StartForward: starts it and waits for `done`.
+  absl::StatusOr<Tensor> ForwardAndWait(int layer, const Tensor& hidden, const CallOptions& opts);
 };
 
 // Per-call statistics a dispatcher reports (for metrics and tests).

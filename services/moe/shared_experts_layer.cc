@@ -1,6 +1,5 @@
 #include "services/moe/shared_experts_layer.h"
 
-#include "absl/synchronization/notification.h"
 #include "services/common/status_macros.h"
 
 namespace moemesh {
@@ -10,14 +9,7 @@ SharedExpertsLayer::SharedExpertsLayer(MoeLayer* routed, std::unique_ptr<LocalEx
 
 absl::StatusOr<Tensor> SharedExpertsLayer::Forward(int layer, const Tensor& hidden,
                                                    const CallOptions& opts) {
-  absl::Notification done;
-  absl::StatusOr<Tensor> result;
-  StartForward(layer, hidden, opts, [&](absl::StatusOr<Tensor> r) {
-    result = std::move(r);
-    done.Notify();
-  });
-  done.WaitForNotification();
-  return result;
+  return ForwardAndWait(layer, hidden, opts);
 }
 
 namespace {

@@ -8,7 +8,6 @@
 #include "absl/random/random.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "services/rpc/server_host.h"
@@ -153,14 +152,7 @@ RemoteMoeLayer::~RemoteMoeLayer() = default;
 
 absl::StatusOr<Tensor> RemoteMoeLayer::Forward(int layer, const Tensor& hidden,
                                                const CallOptions& opts) {
-  absl::Notification done;
-  absl::StatusOr<Tensor> result;
-  StartForward(layer, hidden, opts, [&](absl::StatusOr<Tensor> r) {
-    result = std::move(r);
-    done.Notify();
-  });
-  done.WaitForNotification();
-  return result;
+  return ForwardAndWait(layer, hidden, opts);
 }
 
 void RemoteMoeLayer::StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) {
