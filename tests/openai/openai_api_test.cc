@@ -131,6 +131,8 @@ class OpenAiApiTest : public ::testing::Test {
     return req;
   }
 
+  static double TokensAfterClientLeaves(bool stream, std::string* metrics_port);
+
   static TempDir* dir_;
   static std::string* model_;
   static Mesh* mesh_;
@@ -266,28 +268,36 @@ TEST_F(OpenAiApiTest, Curl) {
             grpc::StatusCode::UNAUTHENTICATED);
 }
 
-TEST_F(OpenAiApiTest, ClientThatDisconnectsMidStreamIsCancelled) {
+// Sends a chat request for up to 4000 tokens whose client hangs up after half a second; returns
+// how many tokens the gateway generated for it (counted when the request ends), or 0 when it
+// did not end within 10 s. Also returns the metrics endpoint.
+double OpenAiApiTest::TokensAfterClientLeaves(bool stream, std::string* metrics_port) {
   auto addr = MetricsAddressFromLog(mesh_->gateway().log);
-  ASSERT_TRUE(addr.ok()) << addr.status();
-  const std::string port = *addr;
+  EXPECT_TRUE(addr.ok()) << addr.status();
+  if (!addr.ok()) return 0;
+  *metrics_port = *addr;
   auto completion_tokens = [&]() {
-    auto text = ScrapeMetrics(port);
+    auto text = ScrapeMetrics(*metrics_port);
     return text.ok() ? SumSamples(*text, "moemesh_tokens_total", {{"kind", "completion"}}) : -1.0;
   };
   const double before = completion_tokens();
-  // A stream of up to 4000 tokens whose client hangs up after half a second.
   json req = {{"model", "tiny-moe"}, {"messages", Messages()}, {"max_tokens", 4000},
-              {"temperature", 0},    {"ignore_eos", true},     {"stream", true}};
-  const absl::Time start = absl::Now();
+              {"temperature", 0},    {"ignore_eos", true},     {"stream", stream}};
   Curl("POST", "/v1/chat/completions", req.dump(), kKey, "--max-time 0.5", /*expect_ok=*/false);
-  // The request ends (its completion tokens are counted when it ends) long before its 4000
-  // tokens: the count appears and then stops growing.
+  // The count appears when the request ends, then stops growing.
   double generated = 0, last = -1;
   for (int i = 0; i < 100 && !(generated > 0 && generated == last); ++i) {
     last = generated;
     absl::SleepFor(absl::Milliseconds(100));
     generated = completion_tokens() - before;
   }
+  return generated;
+}
+
+TEST_F(OpenAiApiTest, ClientThatDisconnectsMidStreamIsCancelled) {
+  const absl::Time start = absl::Now();
+  std::string port;
+  const double generated = TokensAfterClientLeaves(/*stream=*/true, &port);
   EXPECT_GT(generated, 0);
   EXPECT_LT(generated, 4000) << "the stream ran to its end although its client left";
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
@@ -302,24 +312,9 @@ TEST_F(OpenAiApiTest, ClientThatDisconnectsMidStreamIsCancelled) {
 // The same without streaming: nothing is written until the end, so the gateway watches the
 // connection itself and cancels the request when its client hangs up.
 TEST_F(OpenAiApiTest, ClientThatDisconnectsFromANonStreamingRequestIsCancelled) {
-  auto addr = MetricsAddressFromLog(mesh_->gateway().log);
-  ASSERT_TRUE(addr.ok()) << addr.status();
-  const std::string port = *addr;
-  auto completion_tokens = [&]() {
-    auto text = ScrapeMetrics(port);
-    return text.ok() ? SumSamples(*text, "moemesh_tokens_total", {{"kind", "completion"}}) : -1.0;
-  };
-  const double before = completion_tokens();
-  json req = {{"model", "tiny-moe"}, {"messages", Messages()}, {"max_tokens", 4000},
-              {"temperature", 0},    {"ignore_eos", true},     {"stream", false}};
   const absl::Time start = absl::Now();
-  Curl("POST", "/v1/chat/completions", req.dump(), kKey, "--max-time 0.5", /*expect_ok=*/false);
-  double generated = 0, last = -1;
-  for (int i = 0; i < 100 && !(generated > 0 && generated == last); ++i) {
-    last = generated;
-    absl::SleepFor(absl::Milliseconds(100));
-    generated = completion_tokens() - before;
-  }
+  std::string port;
+  const double generated = TokensAfterClientLeaves(/*stream=*/false, &port);
   EXPECT_GT(generated, 0) << "the request did not end within 10 s of its client leaving";
   EXPECT_LT(generated, 4000) << "the request ran to its end although its client left";
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
