@@ -28,10 +28,16 @@ bool Same(const Tensor& a, const Tensor& b) {
 }
 
 // Answers StartForward from a thread of its own after `delay`, like a network call, and counts
-// how many calls were in flight at once.
+// how many calls were in flight at once. Until two calls have been in flight together, a call
+// waits (up to `pair_timeout`, none by default) for a second one to start before it answers:
+// whether the engine overlaps its micro-batches must not depend on how fast this machine runs the
+// other micro-batch's attention. An engine that serialises them waits out the timeout once and is
+// seen.
 class DelayedMoe final : public MoeLayer {
  public:
-  DelayedMoe(MoeLayer* inner, absl::Duration delay) : inner_(inner), delay_(delay) {}
+  DelayedMoe(MoeLayer* inner, absl::Duration delay,
+             absl::Duration pair_timeout = absl::ZeroDuration())
+      : inner_(inner), delay_(delay), pair_timeout_(pair_timeout) {}
   ~DelayedMoe() override {
     for (auto& t : threads_) t.join();
   }
@@ -46,6 +52,13 @@ class DelayedMoe final : public MoeLayer {
     }
     absl::MutexLock lock(&threads_mu_);
     threads_.emplace_back([this, layer, hidden, opts, done = std::move(done)] {
+      {
+        absl::MutexLock lock(&mu_);
+        const auto paired = +[](int* m) { return *m >= 2; };
+        if (!gave_up_) {
+          gave_up_ = !mu_.AwaitWithTimeout(absl::Condition(paired, &max_in_flight_), pair_timeout_);
+        }
+      }
       absl::SleepFor(delay_);
       absl::StatusOr<Tensor> r = inner_->Forward(layer, hidden, opts);
       {
@@ -62,9 +75,10 @@ class DelayedMoe final : public MoeLayer {
 
  private:
   MoeLayer* inner_;
-  const absl::Duration delay_;
+  const absl::Duration delay_, pair_timeout_;
   absl::Mutex mu_;
   int in_flight_ = 0, max_in_flight_ = 0;
+  bool gave_up_ = false;  // a wait timed out: the engine did not overlap; stop waiting
   absl::Mutex threads_mu_;
   std::vector<std::thread> threads_;
 };
@@ -147,7 +161,7 @@ TEST_P(MicroBatchTest, LogitsAreBitwiseEqualForOneTwoAndThreeMicroBatches) {
 TEST_P(MicroBatchTest, TwoCallsAreInFlightAtOnceAndTheLogitsDoNotChange) {
   const std::vector<Tensor> one = Run(*model_->engine);
   // The same dense weights over an MoE layer that answers late from another thread.
-  DelayedMoe delayed(model_->moe.get(), absl::Milliseconds(2));
+  DelayedMoe delayed(model_->moe.get(), absl::Milliseconds(2), absl::Seconds(10));
   auto e = Engine::Load(*model_->checkpoint, model_->config, model_->backend.get(), &delayed);
   ASSERT_TRUE(e.ok()) << e.status();
   ASSERT_TRUE((*e)->set_micro_batches(2).ok());
