@@ -77,7 +77,7 @@ TEST(MatMulTest, EveryIsaMatchesTheScalarReferenceBitwise) {
     IsaGuard guard(isa);
     ASSERT_EQ(ActiveIsa(), isa);
     for (DType dt : kDTypes) {
-      for (int64_t k : {1, 15, 16, 17, 100, 256}) {
+      for (int64_t k : {1, 7, 8, 9, 15, 16, 17, 100, 256}) {
         for (int64_t n : {1, 7, 40}) {
           const int block = (dt == DType::kF8E4M3 && k >= 32) ? 32 : 16;
           const Weight w = MakeWeight(dt, n, k, static_cast<uint32_t>(k * 31 + n), block);
@@ -104,12 +104,12 @@ TEST(MatMulTest, EveryIsaMatchesTheScalarReferenceBitwise) {
 TEST(MatMulTest, Avx512TilingMatchesTheScalarReferenceBitwise) {
   if (DetectedIsa() < Isa::kAvx2) GTEST_SKIP() << "needs AVX2";
   for (DType dt : kDTypes) {
-    for (int64_t k : {1, 15, 16, 17, 100, 256}) {
+    for (int64_t k : {1, 7, 8, 9, 15, 16, 17, 100, 256}) {
       for (int64_t n : {1, 3, 7, 8, 9, 40, 70}) {
         const int block = (dt == DType::kF8E4M3 && k >= 32) ? 32 : 16;
         const Weight w = MakeWeight(dt, n, k, static_cast<uint32_t>(k * 17 + n), block);
         std::vector<float> scratch(internal::kPanelRows * k + internal::kLanes);
-        for (int64_t m : {1, 2, 3, 4, 5, 7, 8, 9, 13, 33}) {
+        for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 33}) {
           const std::vector<float> x = RandomX(m * k, static_cast<uint32_t>(m + 100));
           for (bool acc : {false, true}) {
             std::vector<float> y(m * n, 0.5f), ref(m * n, 0.5f);
@@ -125,6 +125,31 @@ TEST(MatMulTest, Avx512TilingMatchesTheScalarReferenceBitwise) {
           }
         }
       }
+    }
+  }
+}
+
+// Attention's dot products and updates: every level gives the scalar result, bitwise.
+TEST(MatMulTest, DotAndAxpyAreTheSameAtEveryIsa) {
+  for (int64_t n : {1, 5, 8, 13, 64, 100}) {
+    const std::vector<float> a = RandomX(n, 1), b = RandomX(n, 2);
+    std::vector<float> want_y;
+    float want = 0;
+    for (Isa isa : Levels()) {
+      IsaGuard guard(isa);
+      const float d = Dot(a.data(), b.data(), n);
+      std::vector<float> y = b;
+      Axpy(0.37f, a.data(), y.data(), n);
+      if (isa == Isa::kScalar) {
+        want = d;
+        want_y = y;
+        float lanes[8] = {};
+        for (int64_t c = 0; c < n; ++c) lanes[c % 8] = std::fma(a[c], b[c], lanes[c % 8]);
+        EXPECT_EQ(d, internal::ReduceLanes(lanes)) << "n=" << n;
+        for (int64_t i = 0; i < n; ++i) EXPECT_EQ(y[i], std::fma(0.37f, a[i], b[i]));
+      }
+      EXPECT_EQ(std::memcmp(&d, &want, 4), 0) << IsaName(isa) << " n=" << n;
+      EXPECT_TRUE(BitwiseEqual(y, want_y)) << IsaName(isa) << " n=" << n;
     }
   }
 }

@@ -103,11 +103,7 @@ class CpuBackend final : public ComputeBackend {
     const int64_t visible = s.ctx - s.num_new + i + 1;
     float mx = -INFINITY;
     for (int64_t j = 0; j < visible; ++j) {
-      const float* kj = kg + j * s.k_stride;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < s.qk_dim; ++d) dot += qh[d] * kj[d];
-      scores[j] = dot * s.scale;
+      scores[j] = cpu::Dot(qh, kg + j * s.k_stride, s.qk_dim) * s.scale;
       mx = std::max(mx, scores[j]);
     }
     float sum = 0;
@@ -118,10 +114,7 @@ class CpuBackend final : public ComputeBackend {
     const float inv = 1.0f / sum;
     for (int64_t d = 0; d < s.v_dim; ++d) oh[d] = 0.0f;
     for (int64_t j = 0; j < visible; ++j) {
-      const float p = scores[j] * inv;
-      const float* vj = vg + j * s.v_stride;
-#pragma omp simd
-      for (int64_t d = 0; d < s.v_dim; ++d) oh[d] += p * vj[d];
+      cpu::Axpy(scores[j] * inv, vg + j * s.v_stride, oh, s.v_dim);
     }
   }
 

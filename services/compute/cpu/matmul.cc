@@ -32,8 +32,8 @@ std::atomic<int> g_isa{-1};
 std::atomic<int64_t> g_blas_min_rows{0};
 
 internal::RowsFn RowsFor(const Weight& w) {
-  // The vector decoders take FP8 scales per 8 or 16 columns.
-  const bool fp8_ok = w.dtype != DType::kF8E4M3 || w.block_cols % kLanes == 0;
+  // The vector decoders take one FP8 scale per 8 (AVX2) or 16 (AVX-512) columns.
+  const bool fp8_ok = w.dtype != DType::kF8E4M3 || w.block_cols % 16 == 0;
   switch (ActiveIsa()) {
     case Isa::kAvx512:
       if (fp8_ok) return internal::RowsAvx512;
@@ -148,6 +148,23 @@ void RowsScalar(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t 
 }
 
 }  // namespace internal
+
+float Dot(const float* a, const float* b, int64_t n) {
+  if (ActiveIsa() != Isa::kScalar) return internal::DotAvx2(a, b, n);
+  float lanes[kLanes] = {};
+  for (int64_t c0 = 0; c0 < n; c0 += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {  // the last chunk zero-padded, as the vector kernels do
+      const int64_t c = c0 + l;
+      lanes[l] = std::fma(c < n ? a[c] : 0.0f, c < n ? b[c] : 0.0f, lanes[l]);
+    }
+  }
+  return internal::ReduceLanes(lanes);
+}
+
+void Axpy(float alpha, const float* x, float* y, int64_t n) {
+  if (ActiveIsa() != Isa::kScalar) return internal::AxpyAvx2(alpha, x, y, n);
+  for (int64_t i = 0; i < n; ++i) y[i] = std::fma(alpha, x[i], y[i]);
+}
 
 void MatMulReference(const float* x, int64_t m, const Weight& w, float* y, bool accumulate) {
   std::vector<float> scratch(w.cols + kLanes);

@@ -10,10 +10,10 @@
 // (kernel_threads.h).
 //
 // Batch invariance, by construction: every output element y[i, j] is the same sequence of
-// floating-point operations whatever m, i, the tiling or the thread split: 16 partial sums,
-// lane l accumulating x[i, c] · w[j, c] for c ≡ l (mod 16) in increasing c with fused
+// floating-point operations whatever m, i, the tiling or the thread split: 8 partial sums,
+// lane l accumulating x[i, c] · w[j, c] for c ≡ l (mod 8) in increasing c with fused
 // multiply-adds (the last chunk zero-padded), then the fixed tree
-// ((l0+l8)+(l4+l12)) + ((l2+l10)+(l6+l14)) + … shown in ReduceLanes. The scalar, AVX2 and
+// ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)) shown in ReduceLanes. The scalar, AVX2 and
 // AVX-512 kernels all follow it, so they give bitwise identical results and a request's
 // outputs never depend on its neighbours. The one exception is opt-in: with
 // set_blas_min_rows(r > 0), calls with m >= r go to OpenBLAS sgemm (faster for long prefill
@@ -59,6 +59,12 @@ void GateUpSilu(const float* x, int64_t m, const Weight& w1, const Weight& w3, f
 // workspace: m * inter floats.
 void ExpertFfn(const float* x, int64_t m, const Weight& w1, const Weight& w3, const Weight& w2,
                float* workspace, float* y);
+
+// dot(a, b) over n floats in the canonical order above (8 lanes of fused multiply-adds, then
+// the fixed tree), at every instruction-set level.
+float Dot(const float* a, const float* b, int64_t n);
+// y[i] = fma(alpha, x[i], y[i]) for i < n, at every level.
+void Axpy(float alpha, const float* x, float* y, int64_t n);
 
 // The reference the kernels are tested against: plain loops in the canonical order above,
 // one output at a time, single-threaded. Same arguments as MatMul.

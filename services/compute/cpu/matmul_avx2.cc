@@ -51,11 +51,11 @@ void DecodeRow(const Weight& w, int64_t j, float* out) {
   }
 }
 
-// 16 registers: a 3 × 2 tile holds 12 accumulators, 2 weight slices and 1 x slice; one x row
-// against 4 weight rows holds 8 + 4 + 1.
-constexpr int kTileRows = 3;
-constexpr int kTileCols = 2;
-constexpr int kDecodeCols = 4;
+// 16 registers: a 4 × 3 tile holds 12 accumulators, 3 weight slices and 1 x slice; one x row
+// against 4 weight rows holds 4 + 4 + 1.
+constexpr int kTileRows = 4;
+constexpr int kTileCols = 3;
+constexpr int kDecodeCols = 8;
 
 #include "services/compute/cpu/matmul_tile.inc"
 
@@ -64,6 +64,31 @@ constexpr int kDecodeCols = 4;
 void RowsAvx2(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1, float* y,
               int64_t ldy, bool accumulate, float* scratch) {
   RowsTiled<kTileRows, kTileCols, kDecodeCols>(x, m, w, n0, n1, y, ldy, accumulate, scratch);
+}
+
+float DotAvx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
+  if (c < n) {
+    const __m256i m = TailMask8(n - c);
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(a + c, m), _mm256_maskload_ps(b + c, m), acc);
+  }
+  return Reduce8(acc);
+}
+
+void AxpyAvx2(float alpha, const float* x, float* y, int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    _mm256_storeu_ps(y + c, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + c), _mm256_loadu_ps(y + c)));
+  }
+  if (c < n) {
+    const __m256i m = TailMask8(n - c);
+    _mm256_maskstore_ps(
+        y + c, m, _mm256_fmadd_ps(a, _mm256_maskload_ps(x + c, m), _mm256_maskload_ps(y + c, m)));
+  }
 }
 
 void RowsAvx2WithAvx512Tiles(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1,

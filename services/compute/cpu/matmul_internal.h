@@ -13,8 +13,9 @@
 
 namespace moemesh::cpu::internal {
 
-inline constexpr int kLanes = 16;
-inline constexpr int64_t kPanelRows = 16;
+inline constexpr int kLanes = 8;
+// Weight rows per panel: a multiple of both tile widths (3 on AVX2, 4 on AVX-512).
+inline constexpr int64_t kPanelRows = 24;
 
 using RowsFn = void (*)(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1,
                         float* y, int64_t ldy, bool accumulate, float* scratch);
@@ -26,21 +27,24 @@ void RowsAvx2(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1
 void RowsAvx512(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1, float* y,
                 int64_t ldy, bool accumulate, float* scratch);
 
-// The AVX-512 kernel's tile shape (32 registers: a 4 × 3 tile holds 24 accumulators, 3 weight
-// slices and 1 x slice; one x row against 8 weight rows holds 16 + 8 + 1).
-inline constexpr int kAvx512TileRows = 4;
-inline constexpr int kAvx512TileCols = 3;
+// The AVX-512 kernel's tile shape (32 registers: a 6 × 4 tile holds 24 accumulators, 4 weight
+// slices and 1 x slice; one x row against 8 weight rows holds 8 + 8 + 1).
+inline constexpr int kAvx512TileRows = 6;
+inline constexpr int kAvx512TileCols = 4;
 inline constexpr int kAvx512DecodeCols = 8;
 // The AVX-512 kernel's tiling run with AVX2 instructions (same arithmetic: both compute in
 // 256-bit vectors). Lets a machine without AVX-512 test the AVX-512 kernel's tiling logic.
 void RowsAvx2WithAvx512Tiles(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1,
                              float* y, int64_t ldy, bool accumulate, float* scratch);
 
-// The canonical reduction of 16 partial sums.
+// Dot and Axpy of matmul.h with AVX2 + FMA.
+float DotAvx2(const float* a, const float* b, int64_t n);
+void AxpyAvx2(float alpha, const float* x, float* y, int64_t n);
+
+// The canonical reduction of 8 partial sums: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
 inline float ReduceLanes(const float* l) {
-  float t[8], u[4], v[2];
-  for (int i = 0; i < 8; ++i) t[i] = l[i] + l[i + 8];
-  for (int i = 0; i < 4; ++i) u[i] = t[i] + t[i + 4];
+  float u[4], v[2];
+  for (int i = 0; i < 4; ++i) u[i] = l[i] + l[i + 4];
   for (int i = 0; i < 2; ++i) v[i] = u[i] + u[i + 2];
   return v[0] + v[1];
 }
