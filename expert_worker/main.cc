@@ -45,7 +45,7 @@ ABSL_FLAG(double, drain_seconds, 10, "grace period for in-flight calls on SIGTER
 ABSL_FLAG(std::string, backend, "cpu",
           "compute backend: cpu | cuda (cuda needs a CUDA build and a GPU)");
 ABSL_FLAG(int, device, 0, "CUDA device for --backend cuda");
-ABSL_FLAG(int, kernel_threads, 0, "CPU kernel threads (0: one per core)");
+ABSL_FLAG(int, kernel_threads, 0, "CPU kernel threads (0: one per CPU this process may run on)");
 ABSL_FLAG(int64_t, blas_min_rows, 0,
           "products of at least this many rows go to OpenBLAS (faster prefill, but a request's "
           "logits then depend on what it is batched with); 0: never, every kernel is "

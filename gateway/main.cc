@@ -58,7 +58,7 @@ ABSL_FLAG(int, max_step_tokens, 256, "prefill chunk budget per engine step");
 ABSL_FLAG(int, micro_batches, 1,
           "split each step into this many micro-batches whose attention overlaps the others' "
           "MoE calls (1: one call per layer for the whole batch; 2: ping-pong)");
-ABSL_FLAG(int, kernel_threads, 0, "CPU kernel threads (0: one per core)");
+ABSL_FLAG(int, kernel_threads, 0, "CPU kernel threads (0: one per CPU this process may run on)");
 ABSL_FLAG(int, max_running, 64, "sequences batched together");
 ABSL_FLAG(int, max_waiting, 1024, "waiting requests before RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_queued, -1, "deprecated name of --max_waiting");

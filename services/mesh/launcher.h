@@ -66,7 +66,7 @@ struct MeshOptions {
   // CPU lists ("0", "1", "2-3"); empty: unpinned. The gateway and router share
   // `gateway_cpus`, the workers `worker_cpus` (sched_setaffinity in the child before exec).
   std::string gateway_cpus, worker_cpus;
-  // --kernel_threads for the gateway and workers (0: theirs, one per core).
+  // --kernel_threads for the gateway and workers (0: theirs, one per CPU each may run on).
   int kernel_threads = 0;
 };
 

@@ -4,6 +4,8 @@
 // weights.
 #include "services/compute/cpu/matmul.h"
 
+#include <sched.h>
+
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -263,6 +265,23 @@ TEST(MatMulTest, BlasPathAgreesWithinRounding) {
     set_blas_min_rows(0);
     for (int64_t i = 0; i < m * n; ++i) EXPECT_NEAR(y[i], ref[i], 1e-4f * (1 + std::fabs(ref[i])));
   }
+}
+
+// The default pool size follows the CPUs the process may run on (taskset, a container's
+// cpuset), not the machine's: a worker pinned to one CPU gets one thread.
+TEST(KernelThreadsTest, DefaultFollowsTheAffinityMask) {
+  cpu_set_t all;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(all), &all), 0);
+  EXPECT_EQ(DefaultKernelThreads(), CPU_COUNT(&all));
+  int first = 0;
+  while (!CPU_ISSET(first, &all)) ++first;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first, &one);
+  ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+  const int pinned = DefaultKernelThreads();
+  ASSERT_EQ(sched_setaffinity(0, sizeof(all), &all), 0);
+  EXPECT_EQ(pinned, 1);
 }
 
 TEST(KernelThreadsTest, CoversEveryIndexOnceAndNests) {

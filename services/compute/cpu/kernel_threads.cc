@@ -1,5 +1,7 @@
 #include "services/compute/cpu/kernel_threads.h"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -78,10 +80,21 @@ KernelThreads::KernelThreads(int threads) : impl_(new Impl) {
 
 KernelThreads::~KernelThreads() = default;
 
+int DefaultKernelThreads() {
+  // The CPUs this process may run on (taskset, a container's cpuset), not the machine's: more
+  // threads than that would only take turns on the same cores inside every parallel region.
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 KernelThreads& KernelThreads::Get() {
   static KernelThreads* pool = [] {
     int t = g_requested_threads.load();
-    if (t <= 0) t = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (t <= 0) t = DefaultKernelThreads();
     return new KernelThreads(t);
   }();
   return *pool;

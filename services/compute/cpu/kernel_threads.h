@@ -9,7 +9,7 @@
 // cores and never deadlocks. OpenBLAS keeps its own threads; the kernels never call BLAS from
 // inside a region, so the two pools are never busy at once within one call.
 //
-// Thread-safe. The pool starts on first use with hardware_concurrency() threads (caller
+// Thread-safe. The pool starts on first use with DefaultKernelThreads() threads (caller
 // included) unless SetThreads ran before.
 #pragma once
 
@@ -17,6 +17,10 @@
 #include <functional>
 
 namespace moemesh::cpu {
+
+// The number of CPUs in this process's affinity mask (taskset, a container's cpuset), else
+// hardware_concurrency().
+int DefaultKernelThreads();
 
 class KernelThreads {
  public:
