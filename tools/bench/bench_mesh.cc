@@ -264,6 +264,9 @@ double Mean(const std::vector<double>& v) {
 struct InprocResult {
   double load_s = 0, prefill_s = 0, decode_tps = 0, itl_ms = 0;
   std::vector<int32_t> tokens;  // greedy continuation of decode prompt 0
+  // Aggregate decode tokens/s of C streams in one batch (each --concurrency C > 1), as the mesh
+  // streams: their own prompts, prefilled together, then --decode steps.
+  std::map<int, double> batched_tps;
 };
 
 absl::StatusOr<InprocResult> RunInproc(const Options& o, const std::string& dir) {
@@ -306,6 +309,29 @@ absl::StatusOr<InprocResult> RunInproc(const Options& o, const std::string& dir)
   }
   r.itl_ms = Mean(gaps);
   r.decode_tps = o.decode > 1 ? (o.decode - 1) / absl::ToDoubleSeconds(last - first) : 0;
+  for (int c : o.concurrency) {
+    if (c <= 1 || o.decode <= 1) continue;
+    std::vector<std::unique_ptr<Sequence>> seqs;
+    std::vector<std::vector<int32_t>> feeds;
+    for (int s = 0; s < c; ++s) {
+      seqs.push_back(e.NewSequence());
+      feeds.push_back(PromptTokens(o.decode_prompt, s + 1, vocab));
+    }
+    absl::Time start;
+    for (int i = 0; i < o.decode; ++i) {
+      std::vector<StepInput> ins;
+      for (int s = 0; s < c; ++s) ins.push_back(StepInput{seqs[s].get(), feeds[s], false});
+      auto out = e.Step(ins);
+      if (!out.ok()) return out.status();
+      for (int s = 0; s < c; ++s) {
+        const Tensor& t = (*out)[s];
+        feeds[s] = {Argmax(t.span().subspan(t.numel() - vocab, vocab))};
+      }
+      if (i == 0) start = absl::Now();  // after the prefill step, as decode_tps
+    }
+    r.batched_tps[c] =
+        static_cast<double>(c) * (o.decode - 1) / absl::ToDoubleSeconds(absl::Now() - start);
+  }
   return r;
 }
 
@@ -949,10 +975,21 @@ int Run(const Options& o) {
   if (inproc) {
     std::printf("| single process | 1 | %.2f | %.1f | - | 1 |\n", inproc->decode_tps,
                 inproc->itl_ms);
+    for (const auto& [c, tps] : inproc->batched_tps) {
+      std::printf("| single process | %d | %.2f | - | - | %d |\n", c, tps, c);
+    }
   }
   for (const DecodeRow& r : rows) {
     std::printf("| mesh | %d | %.2f | %.1f | %.1f | %.1f |\n", r.concurrency, r.tokens_per_s,
                 r.itl_ms, r.ttft_ms, r.tokens_per_step);
+  }
+  if (inproc) {
+    std::printf("\n| streams | mesh / single process (aggregate decode tokens/s) |\n|---|---|\n");
+    for (const DecodeRow& r : rows) {
+      const double engine =
+          r.concurrency == 1 ? inproc->decode_tps : inproc->batched_tps[r.concurrency];
+      if (engine > 0) std::printf("| %d | %.2f |\n", r.concurrency, r.tokens_per_s / engine);
+    }
   }
   if (inproc && !rows.empty() && rows[0].concurrency == 1) {
     std::printf("\ngreedy tokens, mesh (1 stream) vs single process: %s\n",
@@ -984,7 +1021,14 @@ int Run(const Options& o) {
                            {"ttft_ms", r.ttft_ms},
                            {"tokens_per_step", r.tokens_per_step}});
   }
-  if (inproc) j["greedy_tokens_match_inproc"] = tokens_match;
+  if (inproc) {
+    j["greedy_tokens_match_inproc"] = tokens_match;
+    j["inproc"]["decode"] = nlohmann::json::array();
+    j["inproc"]["decode"].push_back({{"concurrency", 1}, {"tokens_per_s", inproc->decode_tps}});
+    for (const auto& [c, tps] : inproc->batched_tps) {
+      j["inproc"]["decode"].push_back({{"concurrency", c}, {"tokens_per_s", tps}});
+    }
+  }
   j["wire"] = {{"gateway_router_bytes_per_token_layer", gr},
                {"router_worker_bytes_per_send", wb.router_worker},
                {"sends_per_token_layer", wb.sends_per_token},
