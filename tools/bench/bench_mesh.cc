@@ -867,10 +867,12 @@ int Run(const Options& o) {
   {
     auto channel = MakeChannel((*mesh)->gateway_address());
     auto stub = v1::Gateway::NewStub(channel);
-    const std::vector<int32_t> prompt = PromptTokens(o.prompt, 0, cfg.vocab_size);
     std::fprintf(stderr, "prefill ...\n");
-    // One unmeasured round first: the workers fault their weights in.
+    // One unmeasured round first: the workers fault their weights in. Every Score and Generate
+    // has a prompt of its own: a repeated one would be served from the gateway's prefix cache.
     for (int rep = 0; rep <= o.repeats; ++rep) {
+      const std::vector<int32_t> prompt = PromptTokens(o.prompt, 1000 + 2 * rep, cfg.vocab_size);
+      const std::vector<int32_t> prompt2 = PromptTokens(o.prompt, 1001 + 2 * rep, cfg.vocab_size);
       grpc::ClientContext ctx;
       v1::ScoreRequest req;
       req.mutable_tokens()->Add(prompt.begin(), prompt.end());
@@ -884,7 +886,7 @@ int Run(const Options& o) {
       }
       if (rep > 0) score_s = std::min(score_s, took);
       const absl::Time b = absl::Now();
-      StreamResult g = RunStream(stub.get(), prompt, 1, b);
+      StreamResult g = RunStream(stub.get(), prompt2, 1, b);
       if (!g.status.ok()) {
         std::fprintf(stderr, "Generate: %s\n", g.status.error_message().c_str());
         return 1;
