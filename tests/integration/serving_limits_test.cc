@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "services/engine/inproc.h"
 #include "services/engine/score_outputs.h"
@@ -18,6 +19,23 @@ namespace moemesh::testing {
 namespace {
 
 constexpr int kVocab = 128;
+
+// The gateway's metrics once it is idle: the scheduler publishes the KV cache gauges (and the
+// step's preemption and prefix counts) in its on_step, which runs after the step's last token
+// callback, so a scrape right after a response can still show the blocks of that request in
+// use. Scrapes until no block is used (at most 10 s) and returns the last scrape.
+absl::StatusOr<std::string> ScrapeWhenIdle(const std::string& metrics_address) {
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  while (true) {
+    auto text = ScrapeMetrics(metrics_address);
+    if (!text.ok()) return text;
+    if (SumSamples(*text, "moemesh_kv_cache_blocks", {{"state", "used"}}) == 0.0 ||
+        absl::Now() > give_up) {
+      return text;
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+}
 
 std::vector<int32_t> Tokens(int n, int salt) {
   std::vector<int32_t> t;
@@ -36,7 +54,10 @@ TEST(ServingLimitsTest, SmallKvCacheSurvivesLoadAndLimitsAreRefused) {
   const int64_t blocks = 14;  // 224 tokens, against about 1,000 wanted at once below
 
   // 16 requests: 8 distinct prompts of 40..75 tokens, each sent twice (the second shares
-  // its whole prompt with the first), 24 tokens each.
+  // its whole prompt with the first), 24 tokens each. Eight clients run at once, each sending
+  // a prompt and then, once that has finished, its repeat: the eight in flight want far more
+  // blocks than the pool has (preemptions), and every repeat comes after its original has
+  // registered its blocks (not before, as it could when all 16 raced).
   const int kMax = 24;
   std::vector<std::vector<int32_t>> prompts;
   for (int i = 0; i < 16; ++i) prompts.push_back(Tokens(40 + 5 * (i % 8), 100 + i % 8));
@@ -54,10 +75,11 @@ TEST(ServingLimitsTest, SmallKvCacheSurvivesLoadAndLimitsAreRefused) {
   std::vector<absl::StatusOr<std::vector<int32_t>>> got(prompts.size(),
                                                         absl::UnknownError("not run"));
   std::vector<std::thread> threads;
-  for (size_t i = 0; i < prompts.size(); ++i) {
+  for (size_t i = 0; i < prompts.size() / 2; ++i) {
     threads.emplace_back([&, i] {
       auto gw = GatewayClient(address);
       got[i] = GenerateViaGateway(gw.get(), prompts[i], kMax, absl::Seconds(120));
+      got[i + 8] = GenerateViaGateway(gw.get(), prompts[i + 8], kMax, absl::Seconds(120));
     });
   }
   for (auto& t : threads) t.join();
@@ -112,7 +134,17 @@ TEST(ServingLimitsTest, SmallKvCacheSurvivesLoadAndLimitsAreRefused) {
 
   auto address_m = MetricsAddressFromLog((*mesh)->gateway().log);
   ASSERT_TRUE(address_m.ok()) << address_m.status();
-  auto text = ScrapeMetrics(*address_m);
+  // Under load a repeat's cached blocks may already have been evicted by the other clients;
+  // on an idle gateway they cannot be: prompts[3] again, right after the request above, must
+  // find every full block of its prompt but the one holding its last token (55 tokens: 3 of 16).
+  auto before = ScrapeWhenIdle(*address_m);
+  ASSERT_TRUE(before.ok()) << before.status();
+  const double hit_before = SumSamples(*before, "moemesh_prefix_cache_hit_tokens_total");
+  auto repeat = GenerateViaGateway(gw.get(), prompts[3], kMax);
+  ASSERT_TRUE(repeat.ok()) << repeat.status();
+  EXPECT_EQ(*repeat, want[3]);
+
+  auto text = ScrapeWhenIdle(*address_m);
   ASSERT_TRUE(text.ok()) << text.status();
   const double preemptions = SumSamples(*text, "moemesh_preemptions_total");
   const double query = SumSamples(*text, "moemesh_prefix_cache_query_tokens_total");
@@ -121,6 +153,8 @@ TEST(ServingLimitsTest, SmallKvCacheSurvivesLoadAndLimitsAreRefused) {
             << hit << " of " << query << " tokens)\n";
   EXPECT_GT(preemptions, 0) << "the cache was meant to run out";
   EXPECT_GT(hit, 0) << "repeated prompts should have hit the prefix cache";
+  EXPECT_EQ(hit - hit_before, static_cast<double>((prompts[3].size() - 1) / 16 * 16))
+      << "a repeat on an idle gateway finds its prompt's blocks cached";
   EXPECT_EQ(SumSamples(*text, "moemesh_kv_cache_blocks", {{"state", "total"}}),
             static_cast<double>(blocks));
   EXPECT_EQ(SumSamples(*text, "moemesh_kv_cache_blocks", {{"state", "used"}}), 0.0)

@@ -86,6 +86,13 @@ Tensor Hidden() {
   return t;
 }
 
+// Connects the layer's channel before a test starts its clock: the first attempt would otherwise
+// include the TCP and HTTP/2 connect, which on a loaded machine can take longer than a short
+// attempt timeout. Waiting for the channel sends no Forward, so the scripted router counts nothing.
+void Connect(RemoteMoeLayer& layer) {
+  ASSERT_TRUE(layer.WaitForReady(absl::Seconds(30))) << "router channel did not connect";
+}
+
 CallOptions Deadline(absl::Duration d) {
   CallOptions o;
   o.deadline = absl::Now() + d;
@@ -94,7 +101,13 @@ CallOptions Deadline(absl::Duration d) {
 
 TEST(RemoteMoeLayerRetryTest, TransientFailuresAreRetriedUntilTheRouterAnswers) {
   RouterFixture f({grpc::StatusCode::UNAVAILABLE, grpc::StatusCode::RESOURCE_EXHAUSTED});
-  RemoteMoeLayer layer(f.host->address(), DType::kF32, FastRetries());
+  // The channel's own retry policy may back off up to 150 ms between the failures inside one
+  // layer attempt; a 300 ms attempt timeout could then expire while the third call is being
+  // answered and the layer would call a fourth time. Nothing here needs a short attempt.
+  RemoteMoeLayerOptions o = FastRetries();
+  o.attempt_timeout = absl::Seconds(2);
+  RemoteMoeLayer layer(f.host->address(), DType::kF32, o);
+  ASSERT_NO_FATAL_FAILURE(Connect(layer));
   auto out = layer.Forward(0, Hidden(), Deadline(absl::Seconds(60)));
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_EQ(out->shape(), Hidden().shape());
@@ -106,6 +119,7 @@ TEST(RemoteMoeLayerRetryTest, TransientFailuresAreRetriedUntilTheRouterAnswers) 
 TEST(RemoteMoeLayerRetryTest, BadRequestsAreNotRetried) {
   RouterFixture f({grpc::StatusCode::INVALID_ARGUMENT});
   RemoteMoeLayer layer(f.host->address(), DType::kF32, FastRetries());
+  ASSERT_NO_FATAL_FAILURE(Connect(layer));
   auto out = layer.Forward(0, Hidden(), Deadline(absl::Seconds(60)));
   EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(f.service.calls(), 1);
@@ -116,6 +130,8 @@ TEST(RemoteMoeLayerRetryTest, ASilentRouterCostsBoundedAttemptsAndLeaksNoAddress
                    grpc::StatusCode::DEADLINE_EXCEEDED, grpc::StatusCode::DEADLINE_EXCEEDED,
                    grpc::StatusCode::DEADLINE_EXCEEDED});
   RemoteMoeLayer layer(f.host->address(), DType::kF32, FastRetries());
+  ASSERT_NO_FATAL_FAILURE(Connect(
+      layer));  // each of the four 300 ms attempts reaches the router, none spent connecting
   // No step deadline: the layer's default applies; the attempts end it first.
   auto out = layer.Forward(0, Hidden(), CallOptions{});
   EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded) << out.status();
@@ -131,7 +147,10 @@ TEST(RemoteMoeLayerRetryTest, TheStepDeadlineEndsRetries) {
   RemoteMoeLayerOptions o = FastRetries();
   o.attempt_timeout = absl::Seconds(30);
   RemoteMoeLayer layer(f.host->address(), DType::kF32, o);
-  auto out = layer.Forward(0, Hidden(), Deadline(absl::Milliseconds(300)));
+  ASSERT_NO_FATAL_FAILURE(Connect(layer));
+  // The step's deadline (2 s) is far shorter than the attempt timeout (30 s): the one attempt
+  // ends with the step, and no retry follows although attempts are left.
+  auto out = layer.Forward(0, Hidden(), Deadline(absl::Seconds(2)));
   EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded) << out.status();
   EXPECT_EQ(f.service.calls(), 1);
 }

@@ -334,27 +334,33 @@ TEST_F(ServingTest, ShortRequestsFirstTokenDoesNotWaitForAHugePrefill) {
 TEST_F(ServingTest, CancellationFreesBlocksAtTheNextStep) {
   auto m = Load(*model_);
   Bound(*m->engine, 64);
-  absl::Notification started, done;
+  absl::Notification done;
   Scheduler sched(m->engine.get(), SchedulerOptions{});
   GenerationRequest r;
   r.prompt = Prompt(40, 5);
   r.max_tokens = 900;  // fits: 40 + 899 tokens < 64 blocks of 16
   r.cancel = std::make_shared<CancelFlag>();
+  // The request is cancelled from its own third token's callback, between steps: cancelled
+  // from the test thread instead, it could run to its 900th token before a starved test
+  // thread got to cancel it.
+  int64_t used_while_running = -1;
+  int64_t tokens_at_end = -1;
   ASSERT_TRUE(sched
                   .Submit(r,
                           [&](const GenerationEvent& ev) {
                             if (ev.done) {
                               EXPECT_EQ(ev.status.code(), absl::StatusCode::kCancelled);
+                              tokens_at_end = ev.completion_tokens;
                               done.Notify();
                             } else if (ev.completion_tokens == 3) {
-                              started.Notify();
+                              used_while_running = m->engine->kv_cache().stats().used_blocks;
+                              r.cancel->Cancel();
                             }
                           })
                   .ok());
-  started.WaitForNotification();
-  EXPECT_GT(m->engine->kv_cache().stats().used_blocks, 0);
-  r.cancel->Cancel();
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_GT(used_while_running, 0);
+  EXPECT_EQ(tokens_at_end, 3) << "the cancelled request kept generating";
   EXPECT_EQ(m->engine->kv_cache().stats().used_blocks, 0);
 }
 

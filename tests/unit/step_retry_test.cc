@@ -4,7 +4,9 @@
 // error that retrying cannot fix.
 #include <atomic>
 #include <map>
+#include <thread>
 
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
@@ -15,18 +17,25 @@
 namespace moemesh::testing {
 namespace {
 
-// The in-process MoE layer, failing the calls a script says to fail.
+// The in-process MoE layer, failing the calls a script says to fail. The script is changed
+// from the test thread while the scheduler's thread calls Forward, so it is read and written
+// under one lock: a call sees the old script or the new one, never a mix of the two (such as
+// the old range with the new OK status, which would "fail" a call with an OK status).
 class FlakyMoe final : public MoeLayer {
  public:
   explicit FlakyMoe(MoeLayer* inner) : inner_(inner) {}
   absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden,
                                  const CallOptions& opts) override {
     const int n = calls_.fetch_add(1);
-    if (n >= fail_from_.load() && n < fail_until_.load()) return status_;
+    {
+      absl::MutexLock lock(&mu_);
+      if (n >= fail_from_ && n < fail_until_) return status_;
+    }
     return inner_->Forward(layer, hidden, opts);
   }
   // Calls [from, until) fail with `status`.
   void FailCalls(int from, int until, absl::Status status) {
+    absl::MutexLock lock(&mu_);
     status_ = std::move(status);
     fail_from_ = from;
     fail_until_ = until;
@@ -35,8 +44,11 @@ class FlakyMoe final : public MoeLayer {
 
  private:
   MoeLayer* inner_;
-  std::atomic<int> calls_{0}, fail_from_{0}, fail_until_{0};
-  absl::Status status_;
+  std::atomic<int> calls_{0};
+  absl::Mutex mu_;
+  int fail_from_ ABSL_GUARDED_BY(mu_) = 0;
+  int fail_until_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status status_ ABSL_GUARDED_BY(mu_);
 };
 
 class StepRetryTest : public ::testing::Test {
