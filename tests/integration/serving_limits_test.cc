@@ -124,7 +124,9 @@ TEST(ServingLimitsTest, SmallKvCacheSurvivesLoadAndLimitsAreRefused) {
         EXPECT_EQ(resp.top(i).ids(k), ref->top_ids[i][k]) << i << "," << k;
         EXPECT_NEAR(resp.top(i).log_probs(k), ref->top_log_probs[i][k], 1e-4);
       }
-      if (i < 29) EXPECT_NEAR(resp.token_log_probs(i), ref->token_log_probs[i], 1e-4);
+      if (i < 29) {
+        EXPECT_NEAR(resp.token_log_probs(i), ref->token_log_probs[i], 1e-4);
+      }
     }
   }
   // The gateway is still there and still right.
