@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 
@@ -221,12 +222,17 @@ TEST(DeadlinePropagationTest, ScoreDeadlineReachesTheRouterMidStep) {
            SumSamples(*text, "moemesh_requests_total", {{"method", "Forward"}, {"code", "OK"}});
   };
 
-  // How long a warm Score takes here (not asserted; it only places the deadlines).
+  // How long a warm Score takes here (not asserted; it only places the deadlines). The fastest
+  // of three: one slowed by a burst of load elsewhere would place every deadline late, past
+  // the end of the step.
   auto full = ScoreViaGateway(gw.get(), prompt);
   ASSERT_TRUE(full.ok()) << full.status();
-  const absl::Time t0 = absl::Now();
-  ASSERT_TRUE(ScoreViaGateway(gw.get(), prompt).ok());
-  const absl::Duration took = absl::Now() - t0;
+  absl::Duration took = absl::InfiniteDuration();
+  for (int i = 0; i < 3; ++i) {
+    const absl::Time t0 = absl::Now();
+    ASSERT_TRUE(ScoreViaGateway(gw.get(), prompt).ok());
+    took = std::min(took, absl::Now() - t0);
+  }
 
   // Most of a step is inside router calls, so a deadline placed inside the step usually cuts
   // one short; a few placements make a miss (the deadline falling in the gateway's own
