@@ -45,6 +45,11 @@ std::unique_ptr<v1::ExpertWorker::Stub> WorkerClient(const std::string& address)
   return v1::ExpertWorker::NewStub(MakeChannel(address));
 }
 
+void WaitForReady(grpc::ClientContext* ctx, absl::Duration timeout) {
+  ctx->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  ctx->set_wait_for_ready(true);
+}
+
 absl::StatusOr<Tensor> ScoreViaGateway(v1::Gateway::Stub* stub, const std::vector<int32_t>& tokens,
                                        absl::Duration timeout) {
   grpc::ClientContext ctx;

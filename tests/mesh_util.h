@@ -24,6 +24,12 @@ std::unique_ptr<v1::Gateway::Stub> GatewayClient(const std::string& address);
 std::unique_ptr<v1::Router::Stub> RouterClient(const std::string& address);
 std::unique_ptr<v1::ExpertWorker::Stub> WorkerClient(const std::string& address);
 
+// Gives a call that is meant to reach the server `timeout` as its deadline and makes it wait
+// for the channel to connect within that deadline. Without wait-for-ready a call fails at once
+// with UNAVAILABLE when a connection attempt fails, as a first one on a fresh channel can on a
+// loaded machine. Not for calls that must fail fast (probes of a server that refuses them).
+void WaitForReady(grpc::ClientContext* ctx, absl::Duration timeout = absl::Seconds(60));
+
 // Score through the gateway: [n, vocab] logits.
 absl::StatusOr<Tensor> ScoreViaGateway(v1::Gateway::Stub* stub, const std::vector<int32_t>& tokens,
                                        absl::Duration timeout = absl::Seconds(60));

@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 
@@ -41,19 +42,27 @@ struct StreamOptions {
   std::atomic<int>* progress = nullptr;  // bumped for every token received
 };
 
-// Streams a greedy generation from the gateway at `address` on a channel of its own.
+// Streams a greedy generation from the gateway at `address` on a channel of its own. The
+// channel connects before the call starts, so that all of `o.timeout` is spent on the request
+// and none on a first connection (which a loaded machine can be slow to make, or refuse once).
 Stream RunStream(const std::string& address, const std::vector<int32_t>& prompt,
                  const StreamOptions& o) {
-  auto gw = GatewayClient(address);
+  Stream s;
+  auto channel = MakeChannel(address);
+  if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(60)))) {
+    s.status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "no connection to the gateway in 60 s");
+    return s;
+  }
+  auto gw = v1::Gateway::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + o.timeout));
+  ctx.set_wait_for_ready(true);
   v1::GenerateRequest req;
   req.mutable_prompt_tokens()->mutable_ids()->Add(prompt.begin(), prompt.end());
   req.set_max_tokens(o.max_tokens);
   req.set_ignore_eos(true);
   auto reader = gw->Generate(&ctx, req);
   v1::GenerateResponse resp;
-  Stream s;
   bool cancelled = false;
   while (reader->Read(&resp)) {
     s.tokens.insert(s.tokens.end(), resp.token_ids().begin(), resp.token_ids().end());
@@ -86,6 +95,19 @@ grpc::StatusCode ProbeNewConnection(const std::string& address) {
   v1::ModelInfoRequest req;
   v1::ModelInfoResponse resp;
   return stub->ModelInfo(&ctx, req, &resp).error_code();
+}
+
+// ProbeNewConnection until one answers OK, for up to `patience`: a server that accepts new
+// connections can still have one attempt refused on a loaded machine. Returns the last code.
+grpc::StatusCode ProbeNewConnectionUntilOk(const std::string& address,
+                                           absl::Duration patience = absl::Seconds(10)) {
+  const absl::Time give_up = absl::Now() + patience;
+  grpc::StatusCode code = ProbeNewConnection(address);
+  while (code != grpc::StatusCode::OK && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(100));
+    code = ProbeNewConnection(address);
+  }
+  return code;
 }
 
 // Waits (bounded) for `pid`, a child of this process, to exit WITHOUT reaping it, so that
@@ -140,7 +162,9 @@ TEST_F(DeadlineCancelTest, ShortDeadlineEndsTheRequestAndTheMeshKeepsServing) {
   ASSERT_TRUE(metrics.ok()) << metrics.status();
 
   // 2000 tokens need 8000 router round trips (and twice as many worker calls): far more
-  // than 200 ms on any machine.
+  // than 200 ms on any machine. RunStream connects before the call starts, so the 200 ms run
+  // from a connected channel: the request always reaches the gateway (which then counts its
+  // prompt when it drops it), even where a first connection takes longer than that.
   const int kLong = 2000;
   StreamOptions so;
   so.max_tokens = kLong;
@@ -198,12 +222,17 @@ TEST(DeadlinePropagationTest, ScoreDeadlineReachesTheRouterMidStep) {
            SumSamples(*text, "moemesh_requests_total", {{"method", "Forward"}, {"code", "OK"}});
   };
 
-  // How long a warm Score takes here (not asserted; it only places the deadlines).
+  // How long a warm Score takes here (not asserted; it only places the deadlines). The fastest
+  // of three: one slowed by a burst of load elsewhere would place every deadline late, past
+  // the end of the step.
   auto full = ScoreViaGateway(gw.get(), prompt);
   ASSERT_TRUE(full.ok()) << full.status();
-  const absl::Time t0 = absl::Now();
-  ASSERT_TRUE(ScoreViaGateway(gw.get(), prompt).ok());
-  const absl::Duration took = absl::Now() - t0;
+  absl::Duration took = absl::InfiniteDuration();
+  for (int i = 0; i < 3; ++i) {
+    const absl::Time t0 = absl::Now();
+    ASSERT_TRUE(ScoreViaGateway(gw.get(), prompt).ok());
+    took = std::min(took, absl::Now() - t0);
+  }
 
   // Most of a step is inside router calls, so a deadline placed inside the step usually cuts
   // one short; a few placements make a miss (the deadline falling in the gateway's own
@@ -308,7 +337,7 @@ TEST_F(DeadlineCancelTest, GatewaySigtermDrainsInFlightStreamsAndRefusesNewConne
   auto mesh = Mesh::Start(TestMeshOptions(*model_, dir_->Join("work-drain-gateway"), 2));
   ASSERT_TRUE(mesh.ok()) << mesh.status();
   const std::string gw_address = (*mesh)->gateway_address();
-  ASSERT_EQ(ProbeNewConnection(gw_address), grpc::StatusCode::OK);
+  ASSERT_EQ(ProbeNewConnectionUntilOk(gw_address), grpc::StatusCode::OK);
 
   const int kStreams = 6, kMax = 160;
   std::vector<std::vector<int32_t>> prompts;

@@ -25,7 +25,9 @@ Stream RunStream(const std::string& address, const std::vector<int32_t>& prompt,
                  std::atomic<int>* progress) {
   auto gw = GatewayClient(address);
   grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(120)));
+  // Each stream opens a channel of its own: it waits for the connection (a first attempt can
+  // fail on a loaded machine) instead of failing at once with UNAVAILABLE.
+  WaitForReady(&ctx, absl::Seconds(120));
   v1::GenerateRequest req;
   req.mutable_prompt_tokens()->mutable_ids()->Add(prompt.begin(), prompt.end());
   req.set_max_tokens(max_tokens);

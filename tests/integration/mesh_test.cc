@@ -162,9 +162,13 @@ TEST_F(MeshTest, BadLayerOrExpertGetsAClearErrorAndServiceContinues) {
   const int64_t h = inproc_->config.hidden_size;
   Tensor x = Tensor::FromVector({2, h}, RandomFloats(2 * h, 3));
 
+  // Every call below must reach its server, whose answer is checked: each waits (within a
+  // deadline) for its channel to connect rather than failing at once with UNAVAILABLE if a
+  // first connection attempt fails on a loaded machine.
   auto router = RouterClient((*mesh)->router_address());
   {
     grpc::ClientContext ctx;
+    WaitForReady(&ctx, absl::Seconds(120));
     v1::ForwardRequest req;
     req.set_layer(99);
     TensorToProto(x, DType::kF32, req.mutable_hidden());
@@ -175,6 +179,7 @@ TEST_F(MeshTest, BadLayerOrExpertGetsAClearErrorAndServiceContinues) {
   }
   {
     grpc::ClientContext ctx;
+    WaitForReady(&ctx, absl::Seconds(120));
     v1::ForwardRequest req;
     req.set_layer(0);
     TensorToProto(Tensor::FromVector({2, h + 1}, RandomFloats(2 * (h + 1), 3)), DType::kF32,
@@ -188,6 +193,7 @@ TEST_F(MeshTest, BadLayerOrExpertGetsAClearErrorAndServiceContinues) {
   auto worker = WorkerClient(w0.address);
   auto run = [&](int layer, int expert, grpc::Status* status, v1::RunExpertsResponse* resp) {
     grpc::ClientContext ctx;
+    WaitForReady(&ctx, absl::Seconds(120));
     v1::RunExpertsRequest req;
     req.set_layer(layer);
     TensorToProto(x, DType::kF32, req.mutable_tokens());
@@ -212,6 +218,7 @@ TEST_F(MeshTest, BadLayerOrExpertGetsAClearErrorAndServiceContinues) {
       << s.error_message();
   {
     grpc::ClientContext ctx;
+    WaitForReady(&ctx, absl::Seconds(120));
     v1::RunExpertsRequest req;
     req.set_layer(0);
     TensorToProto(x, DType::kF32, req.mutable_tokens());

@@ -16,11 +16,19 @@
 namespace moemesh::testing {
 namespace {
 
-// ModelInfo over a channel with these credentials.
-grpc::Status Probe(const std::string& address, std::shared_ptr<grpc::ChannelCredentials> creds) {
+// ModelInfo over a new channel with these credentials. A probe meant to be refused fails fast
+// (a refused handshake ends it with UNAVAILABLE at once); one meant to be accepted passes
+// `accepted` and waits for the connection (up to 60 s), since a first connection attempt can
+// fail on a loaded machine for reasons that have nothing to do with the certificates.
+grpc::Status Probe(const std::string& address, std::shared_ptr<grpc::ChannelCredentials> creds,
+                   bool accepted = false) {
   auto stub = v1::Gateway::NewStub(grpc::CreateChannel(address, creds));
   grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  if (accepted) {
+    WaitForReady(&ctx, absl::Seconds(60));
+  } else {
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  }
   v1::ModelInfoResponse resp;
   return stub->ModelInfo(&ctx, v1::ModelInfoRequest(), &resp);
 }
@@ -64,7 +72,7 @@ TEST(TlsTest, MutualTlsMeshGivesTheSameTokensAndRefusesStrangers) {
   }
 
   const TlsConfig good = Load(pki + "/node.crt", pki + "/node.key", pki + "/ca.crt");
-  EXPECT_TRUE(Probe(addr, ChannelCredentials(good)).ok());
+  EXPECT_TRUE(Probe(addr, ChannelCredentials(good), /*accepted=*/true).ok());
   // Plaintext, no client certificate, another CA's certificate, the wrong key: all refused.
   EXPECT_FALSE(Probe(addr, grpc::InsecureChannelCredentials()).ok());
   grpc::SslCredentialsOptions server_only;

@@ -100,7 +100,9 @@ class OpenAiApiTest : public ::testing::Test {
     auto stub = GatewayClient(mesh_->gateway_address());
     grpc::ClientContext ctx;
     ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kKey));
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+    // A new channel: wait for it to connect rather than fail at once if a first connection
+    // attempt fails on a loaded machine.
+    WaitForReady(&ctx, absl::Seconds(60));
     auto reader = stub->Generate(&ctx, req);
     v1::GenerateResponse resp;
     std::string text;
@@ -263,6 +265,7 @@ TEST_F(OpenAiApiTest, Curl) {
   // The gRPC API wants the key too.
   auto stub = GatewayClient(mesh_->gateway_address());
   grpc::ClientContext ctx;
+  WaitForReady(&ctx, absl::Seconds(60));  // the refusal must come from the gateway
   v1::ModelInfoResponse info;
   EXPECT_EQ(stub->ModelInfo(&ctx, v1::ModelInfoRequest(), &info).error_code(),
             grpc::StatusCode::UNAUTHENTICATED);

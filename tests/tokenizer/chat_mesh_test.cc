@@ -48,7 +48,7 @@ absl::StatusOr<Reply> ChatViaGateway(v1::Gateway::Stub* stub, const nlohmann::js
                                      int max_tokens, std::vector<std::string> stop = {},
                                      bool ignore_eos = false) {
   grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(120)));
+  WaitForReady(&ctx, absl::Seconds(120));
   v1::GenerateRequest req;
   for (const auto& m : messages) {
     v1::ChatMessage* pm = req.mutable_chat()->add_messages();
@@ -115,11 +115,15 @@ TEST_P(ChatMeshTest, ChatThroughTheMeshMatchesTheSingleProcess) {
 
   auto mesh = Mesh::Start(TestMeshOptions(model, dir.Join("mesh"), /*groups=*/2));
   ASSERT_TRUE(mesh.ok()) << mesh.status();
+  // Every call waits (within a deadline) for the channel to connect: the first on a new channel
+  // would otherwise fail at once with UNAVAILABLE if a connection attempt fails on a loaded
+  // machine.
   auto stub = GatewayClient((*mesh)->gateway_address());
 
   // ModelInfo tells what the text side has.
   {
     grpc::ClientContext ctx;
+    WaitForReady(&ctx, absl::Seconds(60));
     v1::ModelInfoResponse info;
     ASSERT_TRUE(stub->ModelInfo(&ctx, v1::ModelInfoRequest(), &info).ok());
     EXPECT_TRUE(info.has_tokenizer());
@@ -130,6 +134,7 @@ TEST_P(ChatMeshTest, ChatThroughTheMeshMatchesTheSingleProcess) {
   // Tokenize and Detokenize agree with the in-process tokenizer.
   {
     grpc::ClientContext ctx;
+    WaitForReady(&ctx, absl::Seconds(60));
     v1::TokenizeRequest req;
     for (const auto& m : chat) {
       auto* pm = req.mutable_chat()->add_messages();
@@ -140,6 +145,7 @@ TEST_P(ChatMeshTest, ChatThroughTheMeshMatchesTheSingleProcess) {
     ASSERT_TRUE(stub->Tokenize(&ctx, req, &resp).ok());
     EXPECT_EQ(std::vector<int32_t>(resp.ids().begin(), resp.ids().end()), *want_prompt);
     grpc::ClientContext ctx2;
+    WaitForReady(&ctx2, absl::Seconds(60));
     v1::DetokenizeRequest dreq;
     dreq.mutable_ids()->Add(want_prompt->begin(), want_prompt->end());
     v1::DetokenizeResponse dresp;
