@@ -397,12 +397,10 @@ TEST_F(DeadlineCancelTest, GatewaySigtermDrainsInFlightStreamsAndRefusesNewConne
   EXPECT_TRUE(stopped.ok()) << stopped;
 }
 
-// DISABLED until the router retries worker-side cancellations: about one run in four, a call
-// that reaches the draining worker as it shuts down comes back CANCELLED (gRPC cancels calls
-// the server had not yet matched), ReplicaSet::Try (services/rpc/remote_expert_group.cc)
-// retries only UNAVAILABLE and DEADLINE_EXCEEDED, and the whole step's batch fails. Treating
-// a CANCELLED the caller did not ask for as retriable makes this pass reliably; then drop the
-// prefix.
+// A worker drained by SIGTERM mid-generation loses nothing. A call that reaches the draining
+// worker as it shuts down can come back CANCELLED (gRPC cancels calls the server had not yet
+// matched); ReplicaSet::Try (services/rpc/remote_expert_group.cc) retries a CANCELLED the caller
+// did not ask for on the other replica, and the gateway retries a failed step as well.
 TEST_F(DeadlineCancelTest, WorkerSigtermLosesNoRequest) {
   MeshOptions o = TestMeshOptions(*model_, dir_->Join("work-drain-worker"), 2, 2);
   o.metrics = true;
@@ -448,8 +446,8 @@ TEST_F(DeadlineCancelTest, WorkerSigtermLosesNoRequest) {
       << Tail(victim->log);
   const auto exited = (*mesh)->Reap();
   EXPECT_NE(std::find(exited.begin(), exited.end(), "worker-g1-r0"), exited.end());
-  // The router met the draining replica (it prefers replica 0 when both are idle) and
-  // retried those calls on replica 1 of the group.
+  // The router met the draining replica (equally loaded replicas take turns) and retried
+  // those calls on replica 1 of the group.
   auto router_metrics = MetricsAddressFromLog((*mesh)->router().log);
   ASSERT_TRUE(router_metrics.ok()) << router_metrics.status();
   auto text = ScrapeMetrics(*router_metrics);

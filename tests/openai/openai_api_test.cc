@@ -71,7 +71,9 @@ class OpenAiApiTest : public ::testing::Test {
     base_ = new std::string(absl::StrCat("http://127.0.0.1:", std::stoi(ReadFileOrDie(port_file))));
   }
   static void TearDownTestSuite() {
-    if (mesh_ != nullptr) EXPECT_TRUE(mesh_->Stop().ok());
+    if (mesh_ != nullptr) {
+      EXPECT_TRUE(mesh_->Stop().ok());
+    }
     delete mesh_;
     delete base_;
     delete model_;
@@ -90,7 +92,9 @@ class OpenAiApiTest : public ::testing::Test {
     if (!body.empty()) absl::StrAppend(&cmd, " --data-binary @", body_file);
     absl::StrAppend(&cmd, " ", *base_, path);
     auto [rc, out] = Shell(cmd);
-    if (expect_ok) EXPECT_EQ(rc, 0) << cmd;
+    if (expect_ok) {
+      EXPECT_EQ(rc, 0) << cmd;
+    }
     const size_t nl = out.rfind('\n');
     return {std::atoi(out.c_str() + nl + 1), out.substr(0, nl)};
   }
