@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -168,6 +169,44 @@ TEST(F8E4M3Test, KnownEncodings) {
   EXPECT_TRUE(std::isnan(F8E4M3ToFloat(0x7F)));
   EXPECT_TRUE(std::isnan(F8E4M3ToFloat(0xFF)));
   EXPECT_TRUE(std::isnan(F8E4M3ToFloat(FloatToF8E4M3(std::numeric_limits<float>::quiet_NaN()))));
+}
+
+// The binary search gives what a scan of every code gives (nearest value, ties to the even
+// code), at every code, at every midpoint and one float either side, and at random magnitudes.
+TEST(F8E4M3Test, EncodingEqualsAScanOfAllCodes) {
+  auto scan = [](float f) -> uint8_t {
+    if (std::isnan(f)) return 0x7f;
+    const uint8_t sign = std::signbit(f) ? 0x80 : 0;
+    const float a = std::fabs(f);
+    if (a >= 448.0f) return sign | 0x7e;
+    uint8_t best = 0;
+    float best_err = a;
+    for (int c = 1; c <= 0x7e; ++c) {
+      const float err = std::fabs(F8E4M3ToFloat(static_cast<uint8_t>(c)) - a);
+      if (err < best_err || (err == best_err && (c & 1) == 0)) {
+        best_err = err;
+        best = static_cast<uint8_t>(c);
+      }
+    }
+    return sign | best;
+  };
+  std::vector<float> probes;
+  for (int c = 0; c < 0x7e; ++c) {
+    const float v = F8E4M3ToFloat(static_cast<uint8_t>(c));
+    const float mid = (v + F8E4M3ToFloat(static_cast<uint8_t>(c + 1))) / 2;
+    for (float p : {v, mid}) {
+      probes.push_back(p);
+      probes.push_back(std::nextafter(p, 0.0f));
+      probes.push_back(std::nextafter(p, 1000.0f));
+    }
+  }
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> exponent(-14.0f, 9.5f);
+  for (int i = 0; i < 20000; ++i) probes.push_back(std::exp2(exponent(rng)));
+  for (float p : probes) {
+    ASSERT_EQ(FloatToF8E4M3(p), scan(p)) << p;
+    ASSERT_EQ(FloatToF8E4M3(-p), scan(-p)) << -p;
+  }
 }
 
 TEST(F8E4M3Test, SaturatesAndRoundsToNearestEven) {
