@@ -156,6 +156,22 @@ TEST(MatMulTest, DotAndAxpyAreTheSameAtEveryIsa) {
   }
 }
 
+// FP8 blocks 48 wide (a multiple of 16 that is not a power of two: the in-place decode path
+// divides instead of shifting), rows 48 high, at every level.
+TEST(MatMulTest, Fp8BlocksNotAPowerOfTwoMatchTheReference) {
+  const Weight w = MakeWeight(DType::kF8E4M3, 100, 150, 9, /*block=*/48);
+  for (Isa isa : Levels()) {
+    IsaGuard guard(isa);
+    for (int64_t m : {1, 2, 3, 7}) {
+      const std::vector<float> x = RandomX(m * 150, static_cast<uint32_t>(m + 40));
+      std::vector<float> y(m * 100), ref(m * 100);
+      MatMul(x.data(), m, w, y.data());
+      MatMulReference(x.data(), m, w, ref.data(), false);
+      EXPECT_TRUE(BitwiseEqual(y, ref)) << IsaName(isa) << " m=" << m;
+    }
+  }
+}
+
 // FP8 blocks whose width is not a multiple of 16 take the scalar path at every level.
 TEST(MatMulTest, Fp8OddBlocksMatchTheReference) {
   const Weight w = MakeWeight(DType::kF8E4M3, 20, 50, 7, /*block=*/12);
