@@ -592,10 +592,9 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
     mo.worker_cpus = o.worker_cpus;
     mo.kernel_threads = 1;
   }
-  // Every prompt is prefilled whole in the step it joins: the CPU attention kernel rounds a
-  // prompt differently when it is cut into other chunks, and the scheduler's chunks depend
-  // on when requests arrive, so smaller budgets make greedy tokens depend on timing (with
-  // one micro-batch as much as with two).
+  // Every prompt is prefilled whole in the step it joins, so that every setting runs the same
+  // steps (the scheduler's chunks depend on when requests arrive; the logits would not, the
+  // kernels being chunk-invariant, but the step structure and with it the profile would).
   mo.gateway_args = {absl::StrCat("--max_step_tokens=", std::max(o.prompt * o.streams, 256)),
                      absl::StrCat("--max_running=", std::max(64, o.streams))};
   auto mesh_or = Mesh::Start(mo);
