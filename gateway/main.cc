@@ -57,7 +57,12 @@ ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (-1: off, 0: pick one
 ABSL_FLAG(int, max_step_tokens, 256, "prefill chunk budget per engine step");
 ABSL_FLAG(int, micro_batches, 1,
           "split each step into this many micro-batches whose attention overlaps the others' "
-          "MoE calls (1: one call per layer for the whole batch; 2: ping-pong)");
+          "MoE calls (1: one call per layer for the whole batch; 2: ping-pong; see "
+          "--micro_batch_policy)");
+ABSL_FLAG(std::string, micro_batch_policy, "adaptive",
+          "with --micro_batches > 1: 'adaptive' runs each step whole or split, whichever has been "
+          "faster per token for steps of its size (splitting re-reads the experts' weights, "
+          "which costs when there is no latency to hide); 'always' splits every step");
 ABSL_FLAG(int, kernel_threads, 0, "CPU kernel threads (0: one per CPU this process may run on)");
 ABSL_FLAG(int, max_running, 64, "sequences batched together");
 ABSL_FLAG(int, max_waiting, 1024, "waiting requests before RESOURCE_EXHAUSTED");
@@ -157,6 +162,7 @@ struct Options {
   KvCacheOptions kv;
   int64_t blas_min_rows = 0;
   int micro_batches = 1;
+  MicroBatchPolicy micro_batch_policy = MicroBatchPolicy::kAdaptive;
   int kernel_threads = 0;
 };
 
@@ -244,6 +250,14 @@ absl::StatusOr<Options> GetOptions() {
   o.micro_batches = absl::GetFlag(FLAGS_micro_batches);
   if (o.micro_batches < 1 || o.micro_batches > 8)
     return absl::InvalidArgumentError("--micro_batches must be in 1..8");
+  if (const std::string p = absl::GetFlag(FLAGS_micro_batch_policy); p == "adaptive") {
+    o.micro_batch_policy = MicroBatchPolicy::kAdaptive;
+  } else if (p == "always") {
+    o.micro_batch_policy = MicroBatchPolicy::kAlways;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--micro_batch_policy must be adaptive or always, got '", p, "'"));
+  }
   o.kernel_threads = absl::GetFlag(FLAGS_kernel_threads);
   if (o.kernel_threads < 0) return absl::InvalidArgumentError("--kernel_threads must be >= 0");
   if (o.sched.max_step_tokens < 1 || o.sched.max_running < 1 || o.sched.max_waiting < 1 ||
@@ -339,6 +353,7 @@ absl::Status Run(const Options& o) {
   }
   RETURN_IF_ERROR(engine->ConfigureKvCache(o.kv));
   RETURN_IF_ERROR(engine->set_micro_batches(o.micro_batches));
+  engine->set_micro_batch_policy(o.micro_batch_policy);
   std::fprintf(stderr, "gateway: KV cache of %lld bytes (%lld blocks of %d tokens, %s)\n",
                static_cast<long long>(o.kv.bytes),
                static_cast<long long>(engine->kv_cache().total_blocks()), o.kv.block_tokens,

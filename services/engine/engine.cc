@@ -416,6 +416,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
   // Memory the system refuses fails the step, not the process.
   absl::StatusOr<std::vector<Tensor>> out;
   const absl::Time start = absl::Now();
+  step_split_arm_ = -1;
   try {
     out = StepImpl(inputs, opts);
   } catch (const std::bad_alloc&) {
@@ -424,12 +425,54 @@ absl::StatusOr<std::vector<Tensor>> Engine::Step(absl::Span<const StepInput> inp
   // The gather scratch is as large as the longest context of one layer; past 64 MiB it is
   // given back rather than kept for the next step.
   if (ctx_.capacity() > (size_t{16} << 20)) std::vector<float>().swap(ctx_);
+  const double wall_s = absl::ToDoubleSeconds(absl::Now() - start);
+  if (out.ok() && step_split_arm_ >= 0) RecordSplit(step_tokens_, step_split_arm_, wall_s);
   {
     absl::MutexLock lock(&profile_mu_);
     ++profile_.steps;
-    profile_.wall_s += absl::ToDoubleSeconds(absl::Now() - start);
+    profile_.wall_s += wall_s;
   }
   return out;
+}
+
+namespace {
+int SplitBucketOf(int64_t tokens) {
+  int b = 0;
+  while (b < 39 && (int64_t{2} << b) <= tokens) ++b;
+  return b;
+}
+}  // namespace
+
+int Engine::ChooseSplit(int64_t tokens) {
+  absl::MutexLock lock(&split_mu_);
+  SplitBucket& b = split_buckets_[SplitBucketOf(tokens)];
+  ++b.steps;
+  constexpr int64_t kTries = 3, kExploreEvery = 16;
+  if (b.arm[0].runs < kTries || b.arm[1].runs < kTries) {
+    return b.arm[0].runs <= b.arm[1].runs ? 0 : 1;  // alternate until both are known
+  }
+  const int best = b.arm[0].seconds_per_token <= b.arm[1].seconds_per_token ? 0 : 1;
+  return b.steps % kExploreEvery == 0 ? 1 - best : best;
+}
+
+void Engine::RecordSplit(int64_t tokens, int arm, double seconds) {
+  absl::MutexLock lock(&split_mu_);
+  SplitArm& a = split_buckets_[SplitBucketOf(tokens)].arm[arm];
+  double v = seconds / static_cast<double>(tokens);
+  // One stalled step (a page fault, a descheduled thread) moves the average at most to 1.25×.
+  if (a.runs > 0) v = std::min(v, 2 * a.seconds_per_token);
+  a.seconds_per_token = a.runs == 0 ? v : 0.75 * a.seconds_per_token + 0.25 * v;
+  ++a.runs;
+}
+
+std::pair<int64_t, int64_t> Engine::adaptive_split_counts() const {
+  absl::MutexLock lock(&split_mu_);
+  std::pair<int64_t, int64_t> c{0, 0};
+  for (const SplitBucket& b : split_buckets_) {
+    c.first += b.arm[0].runs;
+    c.second += b.arm[1].runs;
+  }
+  return c;
 }
 
 absl::Status Engine::set_micro_batches(int n) {
@@ -507,7 +550,14 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
   // equal. A sequence's chunk is never cut: the CPU attention kernel's reductions depend on
   // how many new rows a call has (BLAS for several, plain loops for one), so a cut chunk
   // would not give bitwise the same rows.
-  const int nparts = static_cast<int>(std::min<size_t>(micro_batches_, inputs.size()));
+  int want_parts = micro_batches_;
+  if (micro_batches_ > 1 && inputs.size() > 1 &&
+      micro_batch_policy_ == MicroBatchPolicy::kAdaptive) {
+    step_split_arm_ = ChooseSplit(t);  // Step records how long the choice took
+    step_tokens_ = t;
+    if (step_split_arm_ == 0) want_parts = 1;
+  }
+  const int nparts = static_cast<int>(std::min<size_t>(want_parts, inputs.size()));
   std::vector<int64_t> before(inputs.size() + 1, 0);  // tokens before input i
   for (size_t i = 0; i < inputs.size(); ++i)
     before[i + 1] = before[i] + static_cast<int64_t>(inputs[i].tokens.size());

@@ -25,6 +25,13 @@
 // (the ping-pong of MegaScale-Infer, DeepSeek's dual micro-batch overlap). Every kernel is
 // row-invariant, so the logits are the same whatever B.
 //
+// Splitting is not free: each part reads the experts' weights again, and on shared cores (or
+// with little network latency to hide) a decode step can be slower split than whole. With
+// MicroBatchPolicy::kAdaptive, each step of a multi-input batch is run whole or split by which
+// has been faster per token for steps of about its size (power-of-two buckets of the token
+// count): each choice is tried three times per bucket, then the faster one is kept, and every
+// 16th step of the bucket tries the other again so that the choice follows the load.
+//
 // Threading: Step may be called by one thread at a time; the Sequence objects passed to it
 // must not be touched by others meanwhile. Sequences may be made and destroyed on any thread.
 // Loading is thread-compatible.
@@ -32,6 +39,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -87,6 +95,11 @@ struct StepProfile {
   double busy_s() const { return wall_s - moe_wait_s; }
 };
 
+enum class MicroBatchPolicy {
+  kAlways,    // every step of more than one input is split into micro_batches() parts
+  kAdaptive,  // whole or split, whichever has been faster for steps of that size
+};
+
 struct StepInput {
   Sequence* seq = nullptr;
   absl::Span<const int32_t> tokens;  // appended at positions seq->length() ...
@@ -140,6 +153,10 @@ class Engine {
   // INVALID_ARGUMENT outside [1, 8]. Not to be called while a Step runs.
   [[nodiscard]] absl::Status set_micro_batches(int n);
   int micro_batches() const { return micro_batches_; }
+  // How micro_batches() > 1 is used (default kAlways). Not to be called while a Step runs.
+  void set_micro_batch_policy(MicroBatchPolicy p) { micro_batch_policy_ = p; }
+  // Steps run whole / split by the adaptive policy since start. Thread-safe.
+  std::pair<int64_t, int64_t> adaptive_split_counts() const;
   // Totals since start. Thread-safe.
   StepProfile profile() const;
 
@@ -180,6 +197,24 @@ class Engine {
   std::vector<float> ctx_;  // Step scratch: one sequence's gathered context of one layer
   std::vector<std::unique_ptr<Layer>> layers_;
   int micro_batches_ = 1;
+  MicroBatchPolicy micro_batch_policy_ = MicroBatchPolicy::kAlways;
+  // The adaptive policy's record: per bucket of step sizes, for "whole" (0) and "split" (1),
+  // how often each ran and a moving average of its seconds per token.
+  struct SplitArm {
+    int64_t runs = 0;
+    double seconds_per_token = 0;
+  };
+  struct SplitBucket {
+    SplitArm arm[2];
+    int64_t steps = 0;
+  };
+  // Picks whole (0) or split (1) for a step of `tokens` tokens.
+  int ChooseSplit(int64_t tokens);
+  void RecordSplit(int64_t tokens, int arm, double seconds);
+  int step_split_arm_ = -1;  // the choice in the running Step (-1: none made)
+  int64_t step_tokens_ = 0;
+  mutable absl::Mutex split_mu_;
+  std::vector<SplitBucket> split_buckets_ ABSL_GUARDED_BY(split_mu_) = std::vector<SplitBucket>(40);
   mutable absl::Mutex profile_mu_;
   StepProfile profile_ ABSL_GUARDED_BY(profile_mu_);
 };

@@ -46,7 +46,9 @@ TEST_P(MicroBatchMeshTest, LogitsAndGreedyTokensMatchSingleProcess) {
     o.worker_cpus = "1";
     o.kernel_threads = 1;
   }
-  o.gateway_args = {"--max_step_tokens=16"};  // longer prompts are prefilled in chunks
+  // Longer prompts are prefilled in chunks; every step of several inputs is split (the
+  // gateway's default, adaptive, may run some whole).
+  o.gateway_args = {"--max_step_tokens=16", "--micro_batch_policy=always"};
   auto mesh = Mesh::Start(o);
   ASSERT_TRUE(mesh.ok()) << mesh.status();
   auto gw = GatewayClient((*mesh)->gateway_address());

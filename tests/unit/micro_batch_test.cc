@@ -175,6 +175,96 @@ TEST_P(MicroBatchTest, TwoCallsAreInFlightAtOnceAndTheLogitsDoNotChange) {
   EXPECT_LE(prof.moe_wait_s, prof.wall_s);
 }
 
+// An MoE layer whose calls take `per_call + per_row · rows` each, answered from a thread of
+// their own; with `serial`, one call at a time (splitting then doubles the MoE time), without,
+// calls overlap (splitting then halves the longest call).
+class CostlyMoe final : public MoeLayer {
+ public:
+  CostlyMoe(MoeLayer* inner, absl::Duration per_call, absl::Duration per_row, bool serial)
+      : inner_(inner), per_call_(per_call), per_row_(per_row), serial_(serial) {}
+  ~CostlyMoe() override {
+    for (auto& t : threads_) t.join();
+  }
+  absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden,
+                                 const CallOptions& opts) override {
+    return inner_->Forward(layer, hidden, opts);
+  }
+  void StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) override {
+    absl::MutexLock lock(&threads_mu_);
+    threads_.emplace_back([this, layer, hidden, opts, done = std::move(done)] {
+      absl::StatusOr<Tensor> r;
+      {
+        std::unique_ptr<absl::MutexLock> one_at_a_time;
+        if (serial_) one_at_a_time = std::make_unique<absl::MutexLock>(&serial_mu_);
+        absl::SleepFor(per_call_ + per_row_ * hidden.dim(0));
+        r = inner_->Forward(layer, hidden, opts);
+      }
+      done(std::move(r));
+    });
+  }
+
+ private:
+  MoeLayer* inner_;
+  const absl::Duration per_call_, per_row_;
+  const bool serial_;
+  absl::Mutex serial_mu_;
+  absl::Mutex threads_mu_;
+  std::vector<std::thread> threads_;
+};
+
+// Decode steps of six sequences with the adaptive policy over `moe`: the logits equal a plain
+// engine's, bitwise, whichever way each step ran. Returns {steps run whole, steps split}.
+std::pair<int64_t, int64_t> RunAdaptive(InprocModel& m, MoeLayer* moe) {
+  auto e = Engine::Load(*m.checkpoint, m.config, m.backend.get(), moe);
+  EXPECT_TRUE(e.ok()) << e.status();
+  if (!e.ok()) return {0, 0};
+  EXPECT_TRUE((*e)->set_micro_batches(2).ok());
+  (*e)->set_micro_batch_policy(MicroBatchPolicy::kAdaptive);
+  Engine& plain = *m.engine;
+  EXPECT_TRUE(plain.set_micro_batches(1).ok());
+  std::vector<std::unique_ptr<Sequence>> a, b;
+  std::vector<std::vector<int32_t>> feed;
+  for (int i = 0; i < 6; ++i) {
+    a.push_back((*e)->NewSequence());
+    b.push_back(plain.NewSequence());
+    feed.push_back({static_cast<int32_t>(3 + i), static_cast<int32_t>(40 + i)});
+  }
+  for (int step = 0; step < 40; ++step) {
+    std::vector<StepInput> ia, ib;
+    for (int i = 0; i < 6; ++i) {
+      ia.push_back({a[i].get(), feed[i], false});
+      ib.push_back({b[i].get(), feed[i], false});
+    }
+    auto ra = (*e)->Step(ia);
+    auto rb = plain.Step(ib);
+    EXPECT_TRUE(ra.ok() && rb.ok());
+    if (!ra.ok() || !rb.ok()) return {0, 0};
+    for (int i = 0; i < 6; ++i) {
+      EXPECT_TRUE(Same((*ra)[i], (*rb)[i])) << "step " << step << ", sequence " << i;
+      feed[i] = {static_cast<int32_t>((step * 7 + i * 13) % 128)};
+    }
+  }
+  return (*e)->adaptive_split_counts();
+}
+
+TEST_P(MicroBatchTest, AdaptivePolicyRunsStepsWholeWhenSplittingCosts) {
+  // Calls one at a time, each with a fixed cost: two calls per layer take twice as long.
+  CostlyMoe moe(model_->moe.get(), absl::Milliseconds(8), absl::ZeroDuration(), /*serial=*/true);
+  const auto [whole, split] = RunAdaptive(*model_, &moe);
+  EXPECT_EQ(whole + split, 40);
+  // Three tries each, then the faster one, and every 16th step of the bucket the other (35 and
+  // 5 when every measurement is clean; the margin allows for a stalled step on a loaded machine).
+  EXPECT_GE(whole, 2 * split) << whole << " whole, " << split << " split";
+}
+
+TEST_P(MicroBatchTest, AdaptivePolicySplitsStepsWhenSplittingPays) {
+  // Calls overlap and cost per row: two half-size calls in flight at once take half as long.
+  CostlyMoe moe(model_->moe.get(), absl::ZeroDuration(), absl::Milliseconds(2), /*serial=*/false);
+  const auto [whole, split] = RunAdaptive(*model_, &moe);
+  EXPECT_EQ(whole + split, 40);
+  EXPECT_GE(split, 2 * whole) << whole << " whole, " << split << " split";
+}
+
 TEST_P(MicroBatchTest, SchedulerGreedyTokensAreTheSameWithTwoMicroBatches) {
   auto generate = [&](int micro) {
     EXPECT_TRUE(model_->engine->set_micro_batches(micro).ok());

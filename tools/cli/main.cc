@@ -115,7 +115,8 @@ ABSL_FLAG(int64_t, kv_cache_bytes, -1,
 ABSL_FLAG(std::string, kv_cache_dtype, "", "up: the gateway's KV cache dtype, f32 | bf16");
 ABSL_FLAG(int, micro_batches, 1,
           "up: micro-batches per gateway step (2: one half's attention overlaps the other's "
-          "MoE call)");
+          "MoE call; the gateway splits a step only when that has been faster, see its "
+          "--micro_batch_policy)");
 ABSL_FLAG(int64_t, added_latency_us, 0,
           "up: one-way latency added on every hop inside the mesh (testbed; delaying proxies)");
 ABSL_FLAG(std::string, gateway_cpus, "", "up: pin the gateway and router to these CPUs (\"0\")");
