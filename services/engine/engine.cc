@@ -449,7 +449,9 @@ int Engine::ChooseSplit(int64_t tokens) {
   ++b.steps;
   constexpr int64_t kTries = 3, kExploreEvery = 16;
   if (b.arm[0].runs < kTries || b.arm[1].runs < kTries) {
-    return b.arm[0].runs <= b.arm[1].runs ? 0 : 1;  // alternate until both are known
+    // Alternate until both are known, split first: what was asked for, and a size that comes
+    // rarely (a large prefill step) should not run whole for want of a measurement.
+    return b.arm[1].runs <= b.arm[0].runs ? 1 : 0;
   }
   const int best = b.arm[0].seconds_per_token <= b.arm[1].seconds_per_token ? 0 : 1;
   return b.steps % kExploreEvery == 0 ? 1 - best : best;

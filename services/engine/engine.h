@@ -29,8 +29,9 @@
 // with little network latency to hide) a decode step can be slower split than whole. With
 // MicroBatchPolicy::kAdaptive, each step of a multi-input batch is run whole or split by which
 // has been faster per token for steps of about its size (power-of-two buckets of the token
-// count): each choice is tried three times per bucket, then the faster one is kept, and every
-// 16th step of the bucket tries the other again so that the choice follows the load.
+// count): the two are tried in turn, split first, three times each per bucket, then the faster
+// one is kept, and every 16th step of the bucket tries the other again so that the choice
+// follows the load.
 //
 // Threading: Step may be called by one thread at a time; the Sequence objects passed to it
 // must not be touched by others meanwhile. Sequences may be made and destroyed on any thread.
