@@ -27,18 +27,24 @@ bool Same(const Tensor& a, const Tensor& b) {
   return a.numel() == b.numel() && std::memcmp(a.data(), b.data(), a.numel() * 4) == 0;
 }
 
-// Answers StartForward from a thread of its own after `delay`, like a network call, and counts
-// how many calls were in flight at once. Until two calls have been in flight together, a call
-// waits (up to `pair_timeout`, none by default) for a second one to start before it answers:
-// whether the engine overlaps its micro-batches must not depend on how fast this machine runs the
-// other micro-batch's attention. An engine that serialises them waits out the timeout once and is
-// seen.
-class DelayedMoe final : public MoeLayer {
+// Answers StartForward from a thread of its own, like a network call, after `per_call` +
+// `per_row` · rows; with `serial`, one call at a time (splitting a step then doubles the MoE
+// time), otherwise calls overlap. Counts how many calls were in flight at once. Until two calls
+// have been in flight together, a call waits (up to `pair_timeout`, none by default) for a second
+// one to start before it answers: whether the engine overlaps its micro-batches must not depend
+// on how fast this machine runs the other micro-batch's attention. An engine that serialises
+// them waits out the timeout once and is seen.
+struct LateMoeOptions {
+  absl::Duration per_call = absl::ZeroDuration();
+  absl::Duration per_row = absl::ZeroDuration();
+  bool serial = false;
+  absl::Duration pair_timeout = absl::ZeroDuration();
+};
+
+class LateMoe final : public MoeLayer {
  public:
-  DelayedMoe(MoeLayer* inner, absl::Duration delay,
-             absl::Duration pair_timeout = absl::ZeroDuration())
-      : inner_(inner), delay_(delay), pair_timeout_(pair_timeout) {}
-  ~DelayedMoe() override {
+  LateMoe(MoeLayer* inner, LateMoeOptions o) : inner_(inner), o_(o) {}
+  ~LateMoe() override {
     for (auto& t : threads_) t.join();
   }
   absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden,
@@ -56,11 +62,17 @@ class DelayedMoe final : public MoeLayer {
         absl::MutexLock lock(&mu_);
         const auto paired = +[](int* m) { return *m >= 2; };
         if (!gave_up_) {
-          gave_up_ = !mu_.AwaitWithTimeout(absl::Condition(paired, &max_in_flight_), pair_timeout_);
+          gave_up_ =
+              !mu_.AwaitWithTimeout(absl::Condition(paired, &max_in_flight_), o_.pair_timeout);
         }
       }
-      absl::SleepFor(delay_);
-      absl::StatusOr<Tensor> r = inner_->Forward(layer, hidden, opts);
+      absl::StatusOr<Tensor> r;
+      {
+        std::unique_ptr<absl::MutexLock> one_at_a_time;
+        if (o_.serial) one_at_a_time = std::make_unique<absl::MutexLock>(&serial_mu_);
+        absl::SleepFor(o_.per_call + o_.per_row * hidden.dim(0));
+        r = inner_->Forward(layer, hidden, opts);
+      }
       {
         absl::MutexLock lock(&mu_);
         --in_flight_;
@@ -75,10 +87,11 @@ class DelayedMoe final : public MoeLayer {
 
  private:
   MoeLayer* inner_;
-  const absl::Duration delay_, pair_timeout_;
+  const LateMoeOptions o_;
   absl::Mutex mu_;
   int in_flight_ = 0, max_in_flight_ = 0;
   bool gave_up_ = false;  // a wait timed out: the engine did not overlap; stop waiting
+  absl::Mutex serial_mu_;
   absl::Mutex threads_mu_;
   std::vector<std::thread> threads_;
 };
@@ -161,7 +174,8 @@ TEST_P(MicroBatchTest, LogitsAreBitwiseEqualForOneTwoAndThreeMicroBatches) {
 TEST_P(MicroBatchTest, TwoCallsAreInFlightAtOnceAndTheLogitsDoNotChange) {
   const std::vector<Tensor> one = Run(*model_->engine);
   // The same dense weights over an MoE layer that answers late from another thread.
-  DelayedMoe delayed(model_->moe.get(), absl::Milliseconds(2), absl::Seconds(10));
+  LateMoe delayed(model_->moe.get(),
+                  {.per_call = absl::Milliseconds(2), .pair_timeout = absl::Seconds(10)});
   auto e = Engine::Load(*model_->checkpoint, model_->config, model_->backend.get(), &delayed);
   ASSERT_TRUE(e.ok()) << e.status();
   ASSERT_TRUE((*e)->set_micro_batches(2).ok());
@@ -174,43 +188,6 @@ TEST_P(MicroBatchTest, TwoCallsAreInFlightAtOnceAndTheLogitsDoNotChange) {
   EXPECT_GT(prof.moe_wait_s, 0);
   EXPECT_LE(prof.moe_wait_s, prof.wall_s);
 }
-
-// An MoE layer whose calls take `per_call + per_row · rows` each, answered from a thread of
-// their own; with `serial`, one call at a time (splitting then doubles the MoE time), without,
-// calls overlap (splitting then halves the longest call).
-class CostlyMoe final : public MoeLayer {
- public:
-  CostlyMoe(MoeLayer* inner, absl::Duration per_call, absl::Duration per_row, bool serial)
-      : inner_(inner), per_call_(per_call), per_row_(per_row), serial_(serial) {}
-  ~CostlyMoe() override {
-    for (auto& t : threads_) t.join();
-  }
-  absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden,
-                                 const CallOptions& opts) override {
-    return inner_->Forward(layer, hidden, opts);
-  }
-  void StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) override {
-    absl::MutexLock lock(&threads_mu_);
-    threads_.emplace_back([this, layer, hidden, opts, done = std::move(done)] {
-      absl::StatusOr<Tensor> r;
-      {
-        std::unique_ptr<absl::MutexLock> one_at_a_time;
-        if (serial_) one_at_a_time = std::make_unique<absl::MutexLock>(&serial_mu_);
-        absl::SleepFor(per_call_ + per_row_ * hidden.dim(0));
-        r = inner_->Forward(layer, hidden, opts);
-      }
-      done(std::move(r));
-    });
-  }
-
- private:
-  MoeLayer* inner_;
-  const absl::Duration per_call_, per_row_;
-  const bool serial_;
-  absl::Mutex serial_mu_;
-  absl::Mutex threads_mu_;
-  std::vector<std::thread> threads_;
-};
 
 // Decode steps of six sequences with the adaptive policy over `moe`: the logits equal a plain
 // engine's, bitwise, whichever way each step ran. Returns {steps run whole, steps split}.
@@ -249,7 +226,7 @@ std::pair<int64_t, int64_t> RunAdaptive(InprocModel& m, MoeLayer* moe) {
 
 TEST_P(MicroBatchTest, AdaptivePolicyRunsStepsWholeWhenSplittingCosts) {
   // Calls one at a time, each with a fixed cost: two calls per layer take twice as long.
-  CostlyMoe moe(model_->moe.get(), absl::Milliseconds(8), absl::ZeroDuration(), /*serial=*/true);
+  LateMoe moe(model_->moe.get(), {.per_call = absl::Milliseconds(8), .serial = true});
   const auto [whole, split] = RunAdaptive(*model_, &moe);
   EXPECT_EQ(whole + split, 40);
   // Three tries each, then the faster one, and every 16th step of the bucket the other (35 and
@@ -259,7 +236,7 @@ TEST_P(MicroBatchTest, AdaptivePolicyRunsStepsWholeWhenSplittingCosts) {
 
 TEST_P(MicroBatchTest, AdaptivePolicySplitsStepsWhenSplittingPays) {
   // Calls overlap and cost per row: two half-size calls in flight at once take half as long.
-  CostlyMoe moe(model_->moe.get(), absl::ZeroDuration(), absl::Milliseconds(2), /*serial=*/false);
+  LateMoe moe(model_->moe.get(), {.per_row = absl::Milliseconds(2)});
   const auto [whole, split] = RunAdaptive(*model_, &moe);
   EXPECT_EQ(whole + split, 40);
   EXPECT_GE(split, 2 * whole) << whole << " whole, " << split << " split";
@@ -323,7 +300,7 @@ TEST(SharedExpertsLayerTest, StartForwardEqualsForward) {
   auto group = LocalExpertGroup::Load(*(*m)->checkpoint, (*m)->config, keys, (*m)->backend.get());
   ASSERT_TRUE(group.ok()) << group.status();
   // Sync and async forms of the same layer, the routed half answering late from a thread.
-  DelayedMoe delayed((*m)->moe.get(), absl::Milliseconds(1));
+  LateMoe delayed((*m)->moe.get(), {.per_call = absl::Milliseconds(1)});
   SharedExpertsLayer layer(&delayed, *std::move(group));
   const int l = (*m)->config.MoeLayers().front();
   Tensor h = Tensor::FromVector({5, 80}, moemesh::testing::RandomFloats(5 * 80, 3));
