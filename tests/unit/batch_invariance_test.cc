@@ -22,7 +22,23 @@ struct Case {
   bool deepseek = false;  // MLA, shared experts, sigmoid group-limited routing
 };
 
-class BatchInvarianceTest : public ::testing::TestWithParam<Case> {};
+class BatchInvarianceTest : public ::testing::TestWithParam<Case> {
+ protected:
+  // The case's model in `dir`: wide enough that the kernels use full 8-lane chunks, tails and
+  // several row tiles.
+  static absl::StatusOr<std::unique_ptr<InprocModel>> LoadModel(const TempDir& dir, uint64_t seed) {
+    GeneratorOptions o;
+    o.config = GetParam().deepseek
+                   ? SmallDeepseekConfig(/*vocab=*/128, /*hidden=*/80)
+                   : SmallMixtralConfig(/*vocab=*/128, /*hidden=*/72, /*inter=*/100, /*layers=*/2);
+    o.seed = seed;
+    o.dtype = GetParam().dtype;
+    const std::string path = moemesh::testing::MakeModel(dir, "m", o);
+    InprocOptions io;
+    io.groups = GetParam().groups;
+    return InprocModel::Load(path, io);
+  }
+};
 
 bool Same(const Tensor& a, const Tensor& b) {
   return a.numel() == b.numel() && std::memcmp(a.data(), b.data(), a.numel() * 4) == 0;
@@ -36,20 +52,10 @@ std::vector<int32_t> RandomTokens(std::mt19937& rng, int n, int vocab) {
 
 TEST_P(BatchInvarianceTest, LogitsAreBitwiseEqualAloneInABatchAndInMicroBatches) {
   TempDir dir;
-  GeneratorOptions o;
-  // Wide enough that the kernels use full 16-lane chunks, tails and several row tiles.
-  o.config = GetParam().deepseek
-                 ? SmallDeepseekConfig(/*vocab=*/128, /*hidden=*/80)
-                 : SmallMixtralConfig(/*vocab=*/128, /*hidden=*/72, /*inter=*/100, /*layers=*/2);
-  o.seed = 3;
-  o.dtype = GetParam().dtype;
-  const std::string path = moemesh::testing::MakeModel(dir, "m", o);
-  InprocOptions io;
-  io.groups = GetParam().groups;
-  auto m = InprocModel::Load(path, io);
+  auto m = LoadModel(dir, /*seed=*/3);
   ASSERT_TRUE(m.ok()) << m.status();
   Engine& e = *(*m)->engine;
-  const int vocab = o.config.vocab_size;
+  const int vocab = e.config().vocab_size;
   std::mt19937 rng(11);
 
   const std::vector<int32_t> probe = RandomTokens(rng, 6, vocab);
@@ -125,21 +131,12 @@ TEST_P(BatchInvarianceTest, LogitsAreBitwiseEqualAloneInABatchAndInMicroBatches)
 // one query row at a time in the same order; every other kernel is row-invariant).
 TEST_P(BatchInvarianceTest, LogitsAreBitwiseEqualWhateverThePromptChunking) {
   TempDir dir;
-  GeneratorOptions o;
-  o.config = GetParam().deepseek
-                 ? SmallDeepseekConfig(/*vocab=*/128, /*hidden=*/80)
-                 : SmallMixtralConfig(/*vocab=*/128, /*hidden=*/72, /*inter=*/100, /*layers=*/2);
-  o.seed = 5;
-  o.dtype = GetParam().dtype;
-  const std::string path = moemesh::testing::MakeModel(dir, "m", o);
-  InprocOptions io;
-  io.groups = GetParam().groups;
-  auto m = InprocModel::Load(path, io);
+  auto m = LoadModel(dir, /*seed=*/5);
   ASSERT_TRUE(m.ok()) << m.status();
   Engine& e = *(*m)->engine;
   std::mt19937 rng(23);
-  const std::vector<int32_t> prompt = RandomTokens(rng, 37, o.config.vocab_size);
-  const std::vector<int32_t> next = RandomTokens(rng, 3, o.config.vocab_size);
+  const std::vector<int32_t> prompt = RandomTokens(rng, 37, e.config().vocab_size);
+  const std::vector<int32_t> next = RandomTokens(rng, 3, e.config().vocab_size);
 
   // Logits after the prompt, then after each of `next`.
   auto run = [&](const std::vector<int>& chunks) {
