@@ -1,6 +1,7 @@
 #include "tests/mesh_util.h"
 
 #include <cstdlib>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -89,6 +90,20 @@ absl::StatusOr<std::vector<int32_t>> GenerateViaGateway(v1::Gateway::Stub* stub,
   if (!s.ok()) return FromGrpcStatus(s);
   if (!finished) return absl::InternalError("stream ended without a finish reason");
   return out;
+}
+
+std::vector<absl::StatusOr<std::vector<int32_t>>> GenerateConcurrentlyViaGateway(
+    const std::string& address, const std::vector<std::vector<int32_t>>& prompts, int max_tokens) {
+  std::vector<absl::StatusOr<std::vector<int32_t>>> got(prompts.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto gw = GatewayClient(address);
+      got[i] = GenerateViaGateway(gw.get(), prompts[i], max_tokens);
+    });
+  }
+  for (auto& t : threads) t.join();
+  return got;
 }
 
 std::vector<std::vector<int32_t>> GenerateInproc(const std::string& model,

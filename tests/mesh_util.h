@@ -37,6 +37,10 @@ absl::StatusOr<Tensor> ScoreViaGateway(v1::Gateway::Stub* stub, const std::vecto
 absl::StatusOr<std::vector<int32_t>> GenerateViaGateway(
     v1::Gateway::Stub* stub, const std::vector<int32_t>& prompt, int max_tokens,
     absl::Duration timeout = absl::Seconds(120));
+// GenerateViaGateway of every prompt at once, each on a client (and connection) of its own,
+// so that the gateway batches them into shared steps.
+std::vector<absl::StatusOr<std::vector<int32_t>>> GenerateConcurrentlyViaGateway(
+    const std::string& address, const std::vector<std::vector<int32_t>>& prompts, int max_tokens);
 // Greedy generation in process (the yardstick), one sequence at a time.
 std::vector<std::vector<int32_t>> GenerateInproc(const std::string& model,
                                                  const std::vector<std::vector<int32_t>>& prompts,

@@ -1,6 +1,5 @@
 // The mesh contract for DeepseekV3ForCausalLM: MLA attention and dense layers in the gateway,
 // sigmoid group-limited gating in the router, routed and shared experts in the workers.
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
@@ -55,15 +54,7 @@ TEST_P(DeepseekMeshTest, LogitsAndGreedyTokensMatchSingleProcess) {
     prompts.push_back(p);
   }
   const auto want = GenerateInproc(model, prompts, 10);
-  std::vector<absl::StatusOr<std::vector<int32_t>>> got(prompts.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    threads.emplace_back([&, i] {
-      auto client = GatewayClient((*mesh)->gateway_address());
-      got[i] = GenerateViaGateway(client.get(), prompts[i], 10);
-    });
-  }
-  for (auto& t : threads) t.join();
+  const auto got = GenerateConcurrentlyViaGateway((*mesh)->gateway_address(), prompts, 10);
   for (size_t i = 0; i < prompts.size(); ++i) {
     ASSERT_TRUE(got[i].ok()) << got[i].status();
     EXPECT_EQ(*got[i], want[i]) << "prompt " << i;

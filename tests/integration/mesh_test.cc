@@ -107,15 +107,7 @@ TEST_F(MeshTest, ConcurrentGreedyGenerationMatchesSingleProcess) {
   for (int i = 0; i < 8; ++i) prompts.push_back(Tokens(1 + i * 5, i));
   const int kMax = 12;
   const auto want = GenerateInproc(*model_, prompts, kMax);
-  std::vector<absl::StatusOr<std::vector<int32_t>>> got(prompts.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    threads.emplace_back([&, i] {
-      auto gw = GatewayClient((*mesh)->gateway_address());
-      got[i] = GenerateViaGateway(gw.get(), prompts[i], kMax);
-    });
-  }
-  for (auto& t : threads) t.join();
+  const auto got = GenerateConcurrentlyViaGateway((*mesh)->gateway_address(), prompts, kMax);
   for (size_t i = 0; i < prompts.size(); ++i) {
     ASSERT_TRUE(got[i].ok()) << got[i].status();
     EXPECT_EQ(*got[i], want[i]) << "prompt " << i;

@@ -65,15 +65,7 @@ TEST_P(MicroBatchMeshTest, LogitsAndGreedyTokensMatchSingleProcess) {
   std::vector<std::vector<int32_t>> prompts;
   for (int i = 0; i < 6; ++i) prompts.push_back(Tokens(3 + 5 * i, 100 + i));
   const auto want = GenerateInproc(model, prompts, 8);
-  std::vector<absl::StatusOr<std::vector<int32_t>>> got(prompts.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    threads.emplace_back([&, i] {
-      auto stub = GatewayClient((*mesh)->gateway_address());
-      got[i] = GenerateViaGateway(stub.get(), prompts[i], 8);
-    });
-  }
-  for (auto& t : threads) t.join();
+  const auto got = GenerateConcurrentlyViaGateway((*mesh)->gateway_address(), prompts, 8);
   for (size_t i = 0; i < prompts.size(); ++i) {
     ASSERT_TRUE(got[i].ok()) << got[i].status();
     EXPECT_EQ(*got[i], want[i]) << "stream " << i;
