@@ -10,6 +10,7 @@
 #include "services/engine/sampler.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/tensor_proto.h"
+#include "tests/test_util.h"
 
 namespace moemesh::testing {
 namespace {
@@ -90,6 +91,16 @@ absl::StatusOr<std::vector<int32_t>> GenerateViaGateway(v1::Gateway::Stub* stub,
   if (!s.ok()) return FromGrpcStatus(s);
   if (!finished) return absl::InternalError("stream ended without a finish reason");
   return out;
+}
+
+void ExpectScoreMatchesEngine(v1::Gateway::Stub* gw, Engine& engine,
+                              const std::vector<int32_t>& tokens) {
+  auto got = ScoreViaGateway(gw, tokens);
+  ASSERT_TRUE(got.ok()) << got.status();
+  auto want = engine.Score(tokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+  ASSERT_EQ(got->shape(), want->shape());
+  EXPECT_LE(MaxAbsDiff(got->data(), want->data(), got->numel()), 1e-4) << "n=" << tokens.size();
 }
 
 std::vector<absl::StatusOr<std::vector<int32_t>>> GenerateConcurrentlyViaGateway(

@@ -11,6 +11,7 @@
 #include "moemesh/v1/expert_worker.grpc.pb.h"
 #include "moemesh/v1/gateway.grpc.pb.h"
 #include "moemesh/v1/router.grpc.pb.h"
+#include "services/engine/engine.h"
 #include "services/mesh/launcher.h"
 #include "services/tensor/tensor.h"
 
@@ -33,6 +34,10 @@ void WaitForReady(grpc::ClientContext* ctx, absl::Duration timeout = absl::Secon
 // Score through the gateway: [n, vocab] logits.
 absl::StatusOr<Tensor> ScoreViaGateway(v1::Gateway::Stub* stub, const std::vector<int32_t>& tokens,
                                        absl::Duration timeout = absl::Seconds(60));
+// Scores `tokens` through the gateway and in `engine` (the single process): same shape, logits
+// within 1e-4 (the mesh's contract). Failures are recorded with the token count.
+void ExpectScoreMatchesEngine(v1::Gateway::Stub* gw, Engine& engine,
+                              const std::vector<int32_t>& tokens);
 // Greedy generation through the gateway, collecting the streamed ids.
 absl::StatusOr<std::vector<int32_t>> GenerateViaGateway(
     v1::Gateway::Stub* stub, const std::vector<int32_t>& prompt, int max_tokens,

@@ -39,12 +39,7 @@ TEST_P(DeepseekMeshTest, LogitsAndGreedyTokensMatchSingleProcess) {
   for (int n : {1, 9, 33}) {
     std::vector<int32_t> tokens;
     for (int i = 0; i < n; ++i) tokens.push_back((i * 53 + n) % 128);
-    auto got = ScoreViaGateway(gw.get(), tokens);
-    ASSERT_TRUE(got.ok()) << got.status();
-    auto want = (*inproc)->engine->Score(tokens);
-    ASSERT_TRUE(want.ok()) << want.status();
-    ASSERT_EQ(got->shape(), want->shape());
-    EXPECT_LE(MaxAbsDiff(got->data(), want->data(), got->numel()), 1e-4) << "n=" << n;
+    ExpectScoreMatchesEngine(gw.get(), *(*inproc)->engine, tokens);
   }
   // Greedy generation of concurrent prompts (batched together in the gateway).
   std::vector<std::vector<int32_t>> prompts;

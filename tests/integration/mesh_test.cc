@@ -68,12 +68,7 @@ TEST_P(MeshLayoutTest, LogitsMatchSingleProcess) {
   auto gw = GatewayClient((*mesh)->gateway_address());
   for (int n : {1, 7, 40}) {
     const std::vector<int32_t> tokens = Tokens(n, n);
-    auto got = ScoreViaGateway(gw.get(), tokens);
-    ASSERT_TRUE(got.ok()) << got.status();
-    auto want = inproc_->engine->Score(tokens);
-    ASSERT_TRUE(want.ok()) << want.status();
-    ASSERT_EQ(got->shape(), want->shape());
-    EXPECT_LE(MaxAbsDiff(got->data(), want->data(), got->numel()), 1e-4) << "n=" << n;
+    ExpectScoreMatchesEngine(gw.get(), *inproc_->engine, tokens);
   }
   EXPECT_TRUE((*mesh)->Stop().ok());
 }

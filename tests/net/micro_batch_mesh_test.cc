@@ -54,12 +54,7 @@ TEST_P(MicroBatchMeshTest, LogitsAndGreedyTokensMatchSingleProcess) {
   auto gw = GatewayClient((*mesh)->gateway_address());
   for (int n : {1, 7, 40}) {
     const std::vector<int32_t> tokens = Tokens(n, n);
-    auto got = ScoreViaGateway(gw.get(), tokens);
-    ASSERT_TRUE(got.ok()) << got.status();
-    auto want = (*inproc)->engine->Score(tokens);
-    ASSERT_TRUE(want.ok()) << want.status();
-    ASSERT_EQ(got->shape(), want->shape());
-    EXPECT_LE(MaxAbsDiff(got->data(), want->data(), got->numel()), 1e-4) << "n=" << n;
+    ExpectScoreMatchesEngine(gw.get(), *(*inproc)->engine, tokens);
   }
   // Concurrent streams share steps, so the gateway splits real batches.
   std::vector<std::vector<int32_t>> prompts;
