@@ -156,6 +156,35 @@ TEST(MatMulTest, DotAndAxpyAreTheSameAtEveryIsa) {
   }
 }
 
+// Attention's batched loops: bitwise the one-row calls, at every level, for key / value widths
+// with and without a tail, row counts around the 4-row groups, and strided rows.
+TEST(MatMulTest, DotRowsAndAxpyRowsAreTheOneRowCalls) {
+  for (int64_t n : {1, 5, 8, 13, 64, 100, 130}) {
+    for (int64_t rows : {1, 3, 4, 7, 33}) {
+      const int64_t stride = n + 3;
+      const std::vector<float> q = RandomX(n, 3), kv = RandomX(rows * stride, 4);
+      const std::vector<float> p = RandomX(rows, 5), y0 = RandomX(n, 6);
+      for (Isa isa : Levels()) {
+        IsaGuard guard(isa);
+        std::vector<float> scores(rows), want_scores(rows);
+        DotRows(q.data(), kv.data(), stride, rows, n, 0.125f, scores.data());
+        std::vector<float> y = y0, want_y = y0;
+        AxpyRows(p.data(), 0.37f, kv.data(), stride, rows, n, y.data());
+        {
+          IsaGuard scalar(Isa::kScalar);
+          for (int64_t j = 0; j < rows; ++j) {
+            want_scores[j] = Dot(q.data(), kv.data() + j * stride, n) * 0.125f;
+            Axpy(p[j] * 0.37f, kv.data() + j * stride, want_y.data(), n);
+          }
+        }
+        EXPECT_TRUE(BitwiseEqual(scores, want_scores))
+            << IsaName(isa) << " n=" << n << " rows=" << rows;
+        EXPECT_TRUE(BitwiseEqual(y, want_y)) << IsaName(isa) << " n=" << n << " rows=" << rows;
+      }
+    }
+  }
+}
+
 // FP8 blocks 48 wide (a multiple of 16 that is not a power of two: the in-place decode path
 // divides instead of shifting), rows 48 high, at every level.
 TEST(MatMulTest, Fp8BlocksNotAPowerOfTwoMatchTheReference) {

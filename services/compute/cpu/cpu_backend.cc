@@ -101,11 +101,9 @@ class CpuBackend final : public ComputeBackend {
     const float* vg = v + g * s.v_dim;
     float* oh = out + i * s.heads * s.v_dim + h * s.v_dim;
     const int64_t visible = s.ctx - s.num_new + i + 1;
+    cpu::DotRows(qh, kg, s.k_stride, visible, s.qk_dim, s.scale, scores);
     float mx = -INFINITY;
-    for (int64_t j = 0; j < visible; ++j) {
-      scores[j] = cpu::Dot(qh, kg + j * s.k_stride, s.qk_dim) * s.scale;
-      mx = std::max(mx, scores[j]);
-    }
+    for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, scores[j]);
     float sum = 0;
     for (int64_t j = 0; j < visible; ++j) {
       scores[j] = std::exp(scores[j] - mx);
@@ -113,9 +111,7 @@ class CpuBackend final : public ComputeBackend {
     }
     const float inv = 1.0f / sum;
     for (int64_t d = 0; d < s.v_dim; ++d) oh[d] = 0.0f;
-    for (int64_t j = 0; j < visible; ++j) {
-      cpu::Axpy(scores[j] * inv, vg + j * s.v_stride, oh, s.v_dim);
-    }
+    cpu::AxpyRows(scores, inv, vg, s.v_stride, visible, s.v_dim, oh);
   }
 
  public:

@@ -166,6 +166,19 @@ void Axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = std::fma(alpha, x[i], y[i]);
 }
 
+void DotRows(const float* q, const float* k, int64_t k_stride, int64_t rows, int64_t n, float scale,
+             float* out) {
+  if (ActiveIsa() != Isa::kScalar)
+    return internal::DotRowsAvx2(q, k, k_stride, rows, n, scale, out);
+  for (int64_t j = 0; j < rows; ++j) out[j] = Dot(q, k + j * k_stride, n) * scale;
+}
+
+void AxpyRows(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
+              int64_t n, float* y) {
+  if (ActiveIsa() != Isa::kScalar) return internal::AxpyRowsAvx2(p, scale, v, v_stride, rows, n, y);
+  for (int64_t j = 0; j < rows; ++j) Axpy(p[j] * scale, v + j * v_stride, y, n);
+}
+
 void MatMulReference(const float* x, int64_t m, const Weight& w, float* y, bool accumulate) {
   std::vector<float> scratch(w.cols + kLanes);
   internal::RowsScalar(x, m, w, 0, w.rows, y, w.rows, accumulate, scratch.data());

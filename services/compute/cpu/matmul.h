@@ -66,6 +66,17 @@ float Dot(const float* a, const float* b, int64_t n);
 // y[i] = fma(alpha, x[i], y[i]) for i < n, at every level.
 void Axpy(float alpha, const float* x, float* y, int64_t n);
 
+// Attention's inner loops, batched over key / value rows. Each result is bitwise what the
+// one-row calls give (the batching only keeps several rows' operations in flight at once and
+// y in registers), so a query row's output does not depend on which of these is used.
+//
+// out[j] = Dot(q, k + j * k_stride, n) * scale for j < rows.
+void DotRows(const float* q, const float* k, int64_t k_stride, int64_t rows, int64_t n, float scale,
+             float* out);
+// For j = 0, 1, ..., rows - 1 in turn: Axpy(p[j] * scale, v + j * v_stride, y, n).
+void AxpyRows(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
+              int64_t n, float* y);
+
 // The reference the kernels are tested against: plain loops in the canonical order above,
 // one output at a time, single-threaded. Same arguments as MatMul.
 void MatMulReference(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);

@@ -91,6 +91,104 @@ void AxpyAvx2(float alpha, const float* x, float* y, int64_t n) {
   }
 }
 
+// Four key rows at a time (four independent FMA chains instead of one whose latency bounds a
+// 64-wide dot product); each chain is DotAvx2's.
+void DotRowsAvx2(const float* q, const float* k, int64_t k_stride, int64_t rows, int64_t n,
+                 float scale, float* out) {
+  const int64_t full = n / 8 * 8;
+  const __m256i tail = TailMask8(n - full);
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) {
+    const float* k0 = k + j * k_stride;
+    __m256 a[4];
+    for (int r = 0; r < 4; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < full; c += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + c);
+      _Pragma("GCC unroll 8") for (int r = 0; r < 4; ++r) {
+        a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + r * k_stride + c), a[r]);
+      }
+    }
+    if (full < n) {
+      const __m256 qv = _mm256_maskload_ps(q + full, tail);
+      _Pragma("GCC unroll 8") for (int r = 0; r < 4; ++r) {
+        a[r] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + r * k_stride + full, tail), a[r]);
+      }
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < 4; ++r) out[j + r] = Reduce8(a[r]) * scale;
+  }
+  for (; j < rows; ++j) out[j] = DotAvx2(q, k + j * k_stride, n) * scale;
+}
+
+namespace {
+
+// y[0, 8G) (its first `valid` floats; the rest untouched) accumulated over every value row in
+// registers: per element the same fused multiply-adds, in the same order, as AxpyAvx2 row by row.
+template <int G>
+void AxpyRowsBlock(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
+                   int64_t valid, float* y) {
+  const bool masked = valid < 8 * G;
+  const __m256i last = TailMask8(valid - 8 * (G - 1));
+  __m256 acc[G];
+  _Pragma("GCC unroll 8") for (int g = 0; g < G; ++g) {
+    acc[g] =
+        masked && g == G - 1 ? _mm256_maskload_ps(y + 8 * g, last) : _mm256_loadu_ps(y + 8 * g);
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    const __m256 a = _mm256_set1_ps(p[j] * scale);
+    const float* vj = v + j * v_stride;
+    _Pragma("GCC unroll 8") for (int g = 0; g < G; ++g) {
+      const __m256 xv =
+          masked && g == G - 1 ? _mm256_maskload_ps(vj + 8 * g, last) : _mm256_loadu_ps(vj + 8 * g);
+      acc[g] = _mm256_fmadd_ps(a, xv, acc[g]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int g = 0; g < G; ++g) {
+    if (masked && g == G - 1) {
+      _mm256_maskstore_ps(y + 8 * g, last, acc[g]);
+    } else {
+      _mm256_storeu_ps(y + 8 * g, acc[g]);
+    }
+  }
+}
+
+}  // namespace
+
+// y in blocks of up to 64 floats (8 accumulators), each block over all value rows.
+void AxpyRowsAvx2(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
+                  int64_t n, float* y) {
+  for (int64_t d = 0; d < n; d += 64) {
+    const int64_t valid = n - d < 64 ? n - d : 64;
+    const float* vd = v + d;
+    float* yd = y + d;
+    switch ((valid + 7) / 8) {
+      case 1:
+        AxpyRowsBlock<1>(p, scale, vd, v_stride, rows, valid, yd);
+        break;
+      case 2:
+        AxpyRowsBlock<2>(p, scale, vd, v_stride, rows, valid, yd);
+        break;
+      case 3:
+        AxpyRowsBlock<3>(p, scale, vd, v_stride, rows, valid, yd);
+        break;
+      case 4:
+        AxpyRowsBlock<4>(p, scale, vd, v_stride, rows, valid, yd);
+        break;
+      case 5:
+        AxpyRowsBlock<5>(p, scale, vd, v_stride, rows, valid, yd);
+        break;
+      case 6:
+        AxpyRowsBlock<6>(p, scale, vd, v_stride, rows, valid, yd);
+        break;
+      case 7:
+        AxpyRowsBlock<7>(p, scale, vd, v_stride, rows, valid, yd);
+        break;
+      default:
+        AxpyRowsBlock<8>(p, scale, vd, v_stride, rows, valid, yd);
+        break;
+    }
+  }
+}
+
 void RowsAvx2WithAvx512Tiles(const float* x, int64_t m, const Weight& w, int64_t n0, int64_t n1,
                              float* y, int64_t ldy, bool accumulate, float* scratch) {
   RowsTiled<kAvx512TileRows, kAvx512TileCols, kAvx512DecodeCols>(x, m, w, n0, n1, y, ldy,

@@ -40,6 +40,11 @@ void RowsAvx2WithAvx512Tiles(const float* x, int64_t m, const Weight& w, int64_t
 // Dot and Axpy of matmul.h with AVX2 + FMA.
 float DotAvx2(const float* a, const float* b, int64_t n);
 void AxpyAvx2(float alpha, const float* x, float* y, int64_t n);
+// DotRows and AxpyRows of matmul.h with AVX2 + FMA.
+void DotRowsAvx2(const float* q, const float* k, int64_t k_stride, int64_t rows, int64_t n,
+                 float scale, float* out);
+void AxpyRowsAvx2(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
+                  int64_t n, float* y);
 
 // The canonical reduction of 8 partial sums: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
 inline float ReduceLanes(const float* l) {
