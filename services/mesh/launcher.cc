@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -19,6 +20,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "services/common/status_macros.h"
+#include "services/compute/cpu/kernel_threads.h"
 #include "services/model/config.h"
 #include "services/moe/local_expert_group.h"
 #include "services/rpc/tls.h"
@@ -173,6 +175,13 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
   const std::string metrics_flag = o.metrics ? "--metrics_port=0" : "--metrics_port=-1";
   const std::string shared_flag =
       absl::StrCat("--shared_experts=", o.shared_experts_in_gateway ? "gateway" : "mesh");
+  // Every step's MoE call reaches every group at once, so unpinned workers on this one host
+  // compute at the same time: each gets its share of the CPUs (all of them each would run
+  // `groups` times as many kernel threads as cores, preempting each other mid-region).
+  int worker_threads = o.kernel_threads;
+  if (worker_threads == 0 && o.worker_cpus.empty()) {
+    worker_threads = std::max(1, cpu::DefaultKernelThreads() / o.groups);
+  }
   for (int g = 0; g < o.groups; ++g) {
     std::string spec;
     if (!o.group_experts.empty()) {
@@ -187,7 +196,7 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
       const std::string name = absl::StrCat("worker-g", g, "-r", r);
       std::vector<std::string> args = {"--model=" + o.model, "--experts=" + spec, "--name=" + name,
                                        absl::StrCat("--top_k=", o.top_k), metrics_flag};
-      if (o.kernel_threads > 0) args.push_back(absl::StrCat("--kernel_threads=", o.kernel_threads));
+      if (worker_threads > 0) args.push_back(absl::StrCat("--kernel_threads=", worker_threads));
       args.insert(args.end(), o.worker_args.begin(), o.worker_args.end());
       ASSIGN_OR_RETURN(Process p,
                        m->Spawn(name, o.bin_dir + "/moemesh-expert-worker", args, o.worker_cpus));

@@ -100,6 +100,8 @@ ABSL_FLAG(bool, inproc, true, "also measure the single-process engine");
 ABSL_FLAG(std::string, bin_dir, "", "directory of the moemesh service binaries (default: ours)");
 ABSL_FLAG(std::string, work_dir, "", "logs and port files (default: a new /tmp/bench_mesh.*)");
 ABSL_FLAG(int, blas_threads, 0, "OPENBLAS_NUM_THREADS for the mesh processes (0: inherit)");
+ABSL_FLAG(int, worker_kernel_threads, 0,
+          "--kernel_threads of each expert worker (0: the launcher's default, CPUs / groups each)");
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
 ABSL_FLAG(bool, balanced, false,
           "use a generated model whose gateway and worker busy times are close (testbed)");
@@ -126,7 +128,7 @@ struct Options {
   std::string model, cache_dir, wire, bin_dir, work_dir, json;
   bool small = false, inproc = true;
   int groups = 2, replicas = 1, prompt = 512, decode = 64, decode_prompt = 16, repeats = 2;
-  int blas_threads = 0;
+  int blas_threads = 0, worker_kernel_threads = 0;
   std::vector<int> concurrency;
   bool balanced = false, pin = false;
   std::vector<int> latencies_us, micro_batches;
@@ -164,6 +166,8 @@ absl::StatusOr<Options> GetOptions() {
   o.bin_dir = absl::GetFlag(FLAGS_bin_dir);
   o.work_dir = absl::GetFlag(FLAGS_work_dir);
   o.blas_threads = absl::GetFlag(FLAGS_blas_threads);
+  o.worker_kernel_threads = absl::GetFlag(FLAGS_worker_kernel_threads);
+  if (o.worker_kernel_threads < 0) return absl::InvalidArgumentError("bad --worker_kernel_threads");
   o.json = absl::GetFlag(FLAGS_json);
   for (absl::string_view c :
        absl::StrSplit(absl::GetFlag(FLAGS_concurrency), ',', absl::SkipWhitespace())) {
@@ -812,7 +816,8 @@ int Run(const Options& o) {
                       {"decode_tokens", o.decode},
                       {"decode_prompt_tokens", o.decode_prompt},
                       {"cpus", std::thread::hardware_concurrency()},
-                      {"blas_threads", o.blas_threads}};
+                      {"blas_threads", o.blas_threads},
+                      {"worker_kernel_threads", o.worker_kernel_threads}};
 
   // 1. The single-process engine, alone on the machine.
   std::optional<InprocResult> inproc;
@@ -842,6 +847,9 @@ int Run(const Options& o) {
   mo.wire_dtype = o.wire;
   mo.metrics = true;
   mo.startup_timeout = absl::Seconds(600);
+  if (o.worker_kernel_threads > 0) {
+    mo.worker_args = {absl::StrCat("--kernel_threads=", o.worker_kernel_threads)};
+  }
   mo.gateway_args = {
       absl::StrCat("--max_step_tokens=", std::max(o.prompt, 256)),
       absl::StrCat("--max_running=",
