@@ -8,7 +8,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <random>
+#include <set>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -337,6 +340,29 @@ TEST(KernelThreadsTest, CoversEveryIndexOnceAndNests) {
     KernelThreads::Get().ParallelFor(3, 1, [](int64_t, int64_t) {});
   });
   for (int h : hits) ASSERT_EQ(h, 1);
+}
+
+// After the pool exists, SetThreads lowers (and restores) the threads a region uses: with one,
+// every chunk runs on the caller.
+TEST(KernelThreadsTest, SetThreadsAfterStartLimitsARegion) {
+  KernelThreads& pool = KernelThreads::Get();
+  const int size = pool.threads();
+  KernelThreads::SetThreads(1);
+  EXPECT_EQ(pool.threads(), 1);
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  std::vector<int> hits(64);
+  pool.ParallelFor(64, 1, [&](int64_t b, int64_t e) {
+    std::lock_guard<std::mutex> l(mu);
+    ids.insert(std::this_thread::get_id());
+    for (int64_t i = b; i < e; ++i) ++hits[i];
+  });
+  EXPECT_EQ(ids, std::set<std::thread::id>{std::this_thread::get_id()});
+  for (int h : hits) EXPECT_EQ(h, 1);
+  KernelThreads::SetThreads(size + 1);  // never more than the pool has
+  EXPECT_EQ(pool.threads(), size);
+  KernelThreads::SetThreads(0);
+  EXPECT_EQ(pool.threads(), size);
 }
 
 }  // namespace

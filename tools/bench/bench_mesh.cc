@@ -87,6 +87,9 @@ ABSL_FLAG(std::string, model, "", "model directory (default: generate the benchm
 ABSL_FLAG(std::string, cache_dir, "",
           "where a generated model is kept (default "
           "/tmp/moemesh-bench-model, or /tmp/moemesh-bench-model-small with --small)");
+ABSL_FLAG(std::string, model_dtype, "f32",
+          "dtype of a generated model's weights: f32 | bf16 (the cache directory gets a -bf16 "
+          "suffix)");
 ABSL_FLAG(bool, small, false, "use a smaller generated model (hidden 512, 4 layers, vocab 32000)");
 ABSL_FLAG(int, groups, 2, "expert groups");
 ABSL_FLAG(int, replicas, 1, "replicas per group");
@@ -125,7 +128,7 @@ namespace moemesh {
 namespace {
 
 struct Options {
-  std::string model, cache_dir, wire, bin_dir, work_dir, json;
+  std::string model, cache_dir, wire, bin_dir, work_dir, json, model_dtype = "f32";
   bool small = false, inproc = true;
   int groups = 2, replicas = 1, prompt = 512, decode = 64, decode_prompt = 16, repeats = 2;
   int blas_threads = 0, worker_kernel_threads = 0;
@@ -202,6 +205,10 @@ absl::StatusOr<Options> GetOptions() {
                       : absl::StrCat("/tmp/moemesh-bench-model-balanced-", balanced_layers, "l-",
                                      balanced_inter);
   }
+  o.model_dtype = absl::GetFlag(FLAGS_model_dtype);
+  if (o.model_dtype != "f32" && o.model_dtype != "bf16")
+    return absl::InvalidArgumentError("--model_dtype must be f32 or bf16");
+  if (o.model_dtype != "f32") o.cache_dir += "-" + o.model_dtype;
   if (o.wire != "f32" && o.wire != "bf16")
     return absl::InvalidArgumentError("--wire_dtype must be f32 or bf16");
   if (o.groups < 1 || o.replicas < 1)
@@ -237,6 +244,7 @@ absl::StatusOr<std::string> EnsureModel(const Options& o) {
              : o.small  ? SmallMixtralConfig(32000, 512, 1408, 4, 8, 2, 8, 2)
                         : SmallMixtralConfig(32000, 1024, 2816, 8, 16, 4, 8, 2);
   g.seed = 1;
+  if (o.model_dtype == "bf16") g.dtype = DType::kBF16;
   std::fprintf(stderr, "generating the benchmark model in %s ...\n", o.cache_dir.c_str());
   if (auto s = GenerateModel(g, o.cache_dir); !s.ok()) return s;
   return o.cache_dir;
@@ -683,25 +691,29 @@ int RunTestbed(const Options& o, const std::string& dir, const ModelConfig& cfg)
     ::setenv("OPENBLAS_NUM_THREADS", "1", 1);
   else if (o.blas_threads > 0)
     ::setenv("OPENBLAS_NUM_THREADS", absl::StrCat(o.blas_threads).c_str(), 1);
-  std::vector<TestbedRow> rows;
-  for (int lat : o.latencies_us) {
-    for (int mb : o.micro_batches) {
-      std::fprintf(stderr, "testbed: added latency %d us, %d micro-batch(es)%s ...\n", lat, mb,
-                   o.pin ? ", pinned" : "");
-      // Best of --repeats: other tenants of a small machine only ever slow a run down.
-      std::optional<TestbedRow> best;
-      for (int rep = 0; rep < o.repeats; ++rep) {
+  // Best of --repeats per setting: other tenants of a small machine only ever slow a run down.
+  // The settings take turns (every setting once, then again), so that a slow spell of the
+  // machine lands on all of them rather than on whichever ran during it.
+  std::vector<std::optional<TestbedRow>> best(o.latencies_us.size() * o.micro_batches.size());
+  for (int rep = 0; rep < o.repeats; ++rep) {
+    for (size_t li = 0; li < o.latencies_us.size(); ++li) {
+      for (size_t mi = 0; mi < o.micro_batches.size(); ++mi) {
+        const int lat = o.latencies_us[li], mb = o.micro_batches[mi];
+        std::fprintf(stderr, "testbed: added latency %d us, %d micro-batch(es)%s, run %d ...\n",
+                     lat, mb, o.pin ? ", pinned" : "", rep + 1);
         auto r = RunTestbedSetting(o, dir, cfg, lat, mb);
         if (!r.ok()) {
           std::fprintf(stderr, "%s\n", r.status().ToString().c_str());
           return 1;
         }
-        std::fprintf(stderr, "  run %d: %.2f s\n", rep + 1, r->wall_s);
-        if (!best || r->wall_s < best->wall_s) best = *std::move(r);
+        std::fprintf(stderr, "  %.2f s\n", r->wall_s);
+        std::optional<TestbedRow>& b = best[li * o.micro_batches.size() + mi];
+        if (!b || r->wall_s < b->wall_s) b = *std::move(r);
       }
-      rows.push_back(*std::move(best));
     }
   }
+  std::vector<TestbedRow> rows;
+  for (std::optional<TestbedRow>& b : best) rows.push_back(*std::move(b));
   std::printf(
       "\nmodel %s: %.0fM params, hidden %d, %d layers, %d heads (%d KV), %d experts of %d "
       "top-%d, vocab %d; %d group(s), wire %s; %d streams x %d-token prompts x %d tokens; %s\n\n",

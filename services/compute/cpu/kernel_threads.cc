@@ -102,7 +102,10 @@ KernelThreads& KernelThreads::Get() {
 
 void KernelThreads::SetThreads(int threads) { g_requested_threads.store(threads); }
 
-int KernelThreads::threads() const { return impl_->threads; }
+int KernelThreads::threads() const {
+  const int requested = g_requested_threads.load(std::memory_order_relaxed);
+  return requested > 0 && requested < impl_->threads ? requested : impl_->threads;
+}
 
 void KernelThreads::ParallelFor(int64_t n, int64_t grain,
                                 const std::function<void(int64_t, int64_t)>& fn) {
@@ -110,12 +113,13 @@ void KernelThreads::ParallelFor(int64_t n, int64_t grain,
   grain = std::max<int64_t>(1, grain);
   const int64_t chunks = (n + grain - 1) / grain;
   std::unique_lock<std::mutex> region(impl_->region, std::defer_lock);
-  if (chunks == 1 || impl_->threads == 1 || !region.try_lock()) {
+  const int threads = this->threads();
+  if (chunks == 1 || threads == 1 || !region.try_lock()) {
     for (int64_t b = 0; b < n; b += grain) fn(b, std::min(n, b + grain));
     return;
   }
   Impl& p = *impl_;
-  const int helpers = static_cast<int>(std::min<int64_t>(p.threads - 1, chunks - 1));
+  const int helpers = static_cast<int>(std::min<int64_t>(threads - 1, chunks - 1));
   p.fn = &fn;
   p.n = n;
   p.grain = grain;

@@ -25,9 +25,11 @@ int DefaultKernelThreads();
 class KernelThreads {
  public:
   static KernelThreads& Get();
-  // Threads a region uses, the caller included. Takes effect for regions started after it
-  // returns; call it before the first region for a fixed size (benchmarks, tests).
+  // Threads a region uses, the caller included. Before the pool's first use it sets the pool's
+  // size; after, it takes effect for regions started after it returns, up to that size (the
+  // pool never grows: a benchmark that compares sizes sets the largest first).
   static void SetThreads(int threads);
+  // Threads a region uses now: the pool's size, or less if SetThreads asked for less since.
   int threads() const;
 
   void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
