@@ -548,41 +548,44 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
       }
     }
   }
-  // The micro-batches: whole inputs, in order, cut where the token counts come closest to
-  // equal. A sequence's chunk is never cut: the CPU attention kernel's reductions depend on
-  // how many new rows a call has (BLAS for several, plain loops for one), so a cut chunk
-  // would not give bitwise the same rows.
+  // The micro-batches: the step's rows cut into nearly equal token counts, inputs in order. A
+  // prefill chunk that straddles a cut goes to both sides, its first rows in one part and the
+  // rest in the next: the later part's attention reads the earlier part's keys, which the
+  // earlier part writes first in every layer. Attention runs one query row at a time and every
+  // product is row-invariant, so where a step is cut changes no logit (micro_batch_test).
   int want_parts = micro_batches_;
-  if (micro_batches_ > 1 && inputs.size() > 1 &&
-      micro_batch_policy_ == MicroBatchPolicy::kAdaptive) {
+  if (micro_batches_ > 1 && t > 1 && micro_batch_policy_ == MicroBatchPolicy::kAdaptive) {
     step_split_arm_ = ChooseSplit(t);  // Step records how long the choice took
     step_tokens_ = t;
     if (step_split_arm_ == 0) want_parts = 1;
   }
-  const int nparts = static_cast<int>(std::min<size_t>(want_parts, inputs.size()));
-  std::vector<int64_t> before(inputs.size() + 1, 0);  // tokens before input i
-  for (size_t i = 0; i < inputs.size(); ++i)
-    before[i + 1] = before[i] + static_cast<int64_t>(inputs[i].tokens.size());
-  std::vector<size_t> cut(nparts + 1, 0);
-  cut[nparts] = inputs.size();
-  for (int p = 1; p < nparts; ++p) {
-    const int64_t target = t * p / nparts;
-    size_t best = cut[p - 1] + 1;
-    for (size_t c = best; c <= inputs.size() - (nparts - p); ++c) {
-      if (std::abs(before[c] - target) < std::abs(before[best] - target)) best = c;
-    }
-    cut[p] = best;
-  }
+  const int nparts = static_cast<int>(std::min<int64_t>(want_parts, t));
   std::vector<Part> parts(nparts);
-  for (int p = 0; p < nparts; ++p) {
-    Part& part = parts[p];
-    part.r0 = before[cut[p]];
-    part.r1 = before[cut[p + 1]];
-    for (size_t i = cut[p]; i < cut[p + 1]; ++i) {
-      part.inputs.push_back(inputs[i]);
-      part.starts.push_back(inputs[i].seq->length_);
+  {
+    size_t i = 0;     // the input being placed
+    int64_t off = 0;  // its tokens placed already
+    int64_t r = 0;    // rows placed
+    for (int p = 0; p < nparts; ++p) {
+      Part& part = parts[p];
+      part.r0 = r;
+      for (const int64_t end = t * (p + 1) / nparts; r < end;) {
+        const StepInput& in = inputs[i];
+        const int64_t size = static_cast<int64_t>(in.tokens.size());
+        const int64_t take = std::min(size - off, end - r);
+        StepInput piece = in;
+        piece.tokens = in.tokens.subspan(off, take);
+        part.inputs.push_back(piece);
+        part.starts.push_back(in.seq->length_ + off);
+        r += take;
+        off += take;
+        if (off == size) {
+          ++i;
+          off = 0;
+        }
+      }
+      part.r1 = r;
+      part.xn = Tensor::Zeros({part.r1 - part.r0, h});
     }
-    part.xn = Tensor::Zeros({part.r1 - part.r0, h});
   }
   double wait_s = 0;
   // Waits for a part's MoE call in flight and adds its result to the part's rows of x.

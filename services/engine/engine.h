@@ -17,9 +17,9 @@
 // sequences whose tokens start alike share the blocks of that prefix. Attention gathers a
 // sequence's blocks into F32 before the backend's kernel runs.
 //
-// Micro-batches (set_micro_batches): with B > 1, Step splits its inputs into up to B parts of
-// nearly equal token counts (whole inputs in order: decode tokens and prefill chunks alike)
-// and pipelines them layer by layer: while part A's MoE
+// Micro-batches (set_micro_batches): with B > 1, Step splits its rows into up to B parts of
+// nearly equal token counts (inputs in order; a prefill chunk may be cut between two parts, so
+// a lone long prompt overlaps too) and pipelines them layer by layer: while part A's MoE
 // call for layer L is in flight (MoeLayer::StartForward), part B's attention for layer L runs,
 // and so on round the parts, so the dense compute here overlaps the network and the experts
 // (the ping-pong of MegaScale-Infer, DeepSeek's dual micro-batch overlap). Every kernel is
@@ -27,7 +27,7 @@
 //
 // Splitting is not free: each part reads the experts' weights again, and on shared cores (or
 // with little network latency to hide) a decode step can be slower split than whole. With
-// MicroBatchPolicy::kAdaptive, each step of a multi-input batch is run whole or split by which
+// MicroBatchPolicy::kAdaptive, each step of more than one token is run whole or split by which
 // has been faster per token for steps of about its size (power-of-two buckets of the token
 // count): the two are tried in turn, split first, three times each per bucket, then the faster
 // one is kept, and every 16th step of the bucket tries the other again so that the choice
@@ -97,7 +97,7 @@ struct StepProfile {
 };
 
 enum class MicroBatchPolicy {
-  kAlways,    // every step of more than one input is split into micro_batches() parts
+  kAlways,    // every step of more than one token is split into micro_batches() parts
   kAdaptive,  // whole or split, whichever has been faster for steps of that size
 };
 

@@ -140,7 +140,8 @@ class MicroBatchTest : public ::testing::TestWithParam<Case> {
       for (Tensor& t : *r) all.push_back(t);
       for (auto& f : feed) f = tokens(1);
     }
-    // One prompt alone: one micro-batch whatever the setting.
+    // One prompt alone, every position's logits: with B micro-batches it is cut into B parts,
+    // the later ones attending to keys the earlier ones wrote in the same layer.
     auto solo = e.NewSequence();
     const std::vector<int32_t> p = tokens(33);
     StepInput in{solo.get(), p, true};
