@@ -151,6 +151,16 @@ void AxpyRowsBlock(const float* p, float scale, const float* v, int64_t v_stride
   }
 }
 
+// AxpyRowsBlock<groups> for run-time 1 <= groups <= G.
+template <int G>
+void AxpyRowsAny(int64_t groups, const float* p, float scale, const float* v, int64_t v_stride,
+                 int64_t rows, int64_t valid, float* y) {
+  if constexpr (G > 1) {
+    if (groups < G) return AxpyRowsAny<G - 1>(groups, p, scale, v, v_stride, rows, valid, y);
+  }
+  AxpyRowsBlock<G>(p, scale, v, v_stride, rows, valid, y);
+}
+
 }  // namespace
 
 // y in blocks of up to 64 floats (8 accumulators), each block over all value rows.
@@ -158,34 +168,7 @@ void AxpyRowsAvx2(const float* p, float scale, const float* v, int64_t v_stride,
                   int64_t n, float* y) {
   for (int64_t d = 0; d < n; d += 64) {
     const int64_t valid = n - d < 64 ? n - d : 64;
-    const float* vd = v + d;
-    float* yd = y + d;
-    switch ((valid + 7) / 8) {
-      case 1:
-        AxpyRowsBlock<1>(p, scale, vd, v_stride, rows, valid, yd);
-        break;
-      case 2:
-        AxpyRowsBlock<2>(p, scale, vd, v_stride, rows, valid, yd);
-        break;
-      case 3:
-        AxpyRowsBlock<3>(p, scale, vd, v_stride, rows, valid, yd);
-        break;
-      case 4:
-        AxpyRowsBlock<4>(p, scale, vd, v_stride, rows, valid, yd);
-        break;
-      case 5:
-        AxpyRowsBlock<5>(p, scale, vd, v_stride, rows, valid, yd);
-        break;
-      case 6:
-        AxpyRowsBlock<6>(p, scale, vd, v_stride, rows, valid, yd);
-        break;
-      case 7:
-        AxpyRowsBlock<7>(p, scale, vd, v_stride, rows, valid, yd);
-        break;
-      default:
-        AxpyRowsBlock<8>(p, scale, vd, v_stride, rows, valid, yd);
-        break;
-    }
+    AxpyRowsAny<8>((valid + 7) / 8, p, scale, v + d, v_stride, rows, valid, y + d);
   }
 }
 
