@@ -561,7 +561,9 @@ TEST(TokenizerLoadTest, WrongJsonTypesAreLoadErrors) {
   }
   // tokenizer_config.json too.
   auto t = Tokenizer::FromJson(good, R"({"bos_token": [1, 2], "chat_template": 5})", "cfg.json");
-  if (!t.ok()) EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
+  if (!t.ok()) {
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
+  }
 }
 
 }  // namespace

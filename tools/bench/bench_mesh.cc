@@ -42,8 +42,8 @@
 // that two micro-batches captured. --balanced uses a generated model whose gateway and worker
 // busy times are close (hidden 512, 8 heads, 8 KV heads, 4 layers, 8 experts of 640, top-2).
 //
-//   bench_mesh --balanced --added_latency_us 0,250,1000 --pin --micro_batches 1,2 \
-//              --streams 16 --prompt 512 --decode 32
+//   bench_mesh --balanced --added_latency_us 0,250,1000 --pin --micro_batches 1,2
+//              --streams 16 --prompt 512 --decode 32        (one command line)
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdlib.h>
