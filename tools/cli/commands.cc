@@ -193,11 +193,18 @@ struct Local {
   std::shared_ptr<const TextModel> text;
 };
 
+InprocOptions LocalOptions(const Common& c) {
+  InprocOptions o;
+  o.groups = c.groups;
+  o.top_k = c.top_k;
+  return o;
+}
+
 absl::StatusOr<Local> LoadLocal(const Common& c) {
   if (c.model.empty()) return absl::InvalidArgumentError("give --model DIR or --gateway ADDR");
   Local l;
   ASSIGN_OR_RETURN(l.text, TextModel::LoadDir(c.model));
-  ASSIGN_OR_RETURN(l.model, InprocModel::Load(c.model, InprocOptions{.groups = c.groups, .top_k = c.top_k}));
+  ASSIGN_OR_RETURN(l.model, InprocModel::Load(c.model, LocalOptions(c)));
   return l;
 }
 
@@ -352,7 +359,7 @@ absl::Status Score(const Common& c, const std::vector<int32_t>& tokens, bool log
   if (tokens.empty()) return absl::InvalidArgumentError("--tokens is required");
   if (!c.gateway.empty()) return ScoreViaGateway(c, tokens, logprobs, top_logprobs);
   if (c.model.empty()) return absl::InvalidArgumentError("give --model DIR or --gateway ADDR");
-  ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, InprocOptions{.groups = c.groups, .top_k = c.top_k}));
+  ASSIGN_OR_RETURN(auto m, InprocModel::Load(c.model, LocalOptions(c)));
   ASSIGN_OR_RETURN(Tensor logits, m->engine->Score(tokens));
   if (top_logprobs <= 0) {
     PrintScore(tokens, logits, logprobs);
