@@ -4,6 +4,7 @@
 #include "absl/time/clock.h"
 #include "services/rpc/request_validation.h"
 #include "services/rpc/tensor_proto.h"
+#include "services/rpc/wire_codec.h"
 
 namespace moemesh::expert_worker {
 
@@ -15,8 +16,8 @@ WorkerService::WorkerService(std::unique_ptr<LocalExpertGroup> group, WorkerInfo
       pool_(threads, max_queue) {}
 
 grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext* ctx,
-                                                    const v1::RunExpertsRequest* req,
-                                                    v1::RunExpertsResponse* resp) {
+                                                    const grpc::ByteBuffer* req,
+                                                    grpc::ByteBuffer* resp) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   const absl::Time received = absl::Now();
   auto fail = [&](const absl::Status& s) {
@@ -24,29 +25,28 @@ grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext*
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   };
+  ReceivedBytes bytes;
+  WireRunExpertsRequest parsed;
+  if (absl::Status s = bytes.Reset(*req); !s.ok()) return fail(s);
+  if (absl::Status s = ParseRunExpertsRequest(bytes.chunks(), &parsed); !s.ok()) return fail(s);
   // Validate before allocating anything the request's sizes decide.
-  if (absl::Status v = ValidateRunExpertsRequest(*req, group_->hidden(), info_.num_experts,
-                                                 info_.max_assignments_per_token);
+  if (absl::Status v =
+          ValidateRunExperts(parsed.tokens.shape, parsed.offsets, parsed.experts, parsed.weights,
+                             group_->hidden(), info_.num_experts, info_.max_assignments_per_token);
       !v.ok()) {
     return fail(v);
   }
   auto batch = std::make_shared<ExpertBatch>();
-  batch->layer = req->layer();
-  auto tokens = TensorFromProto(req->tokens(), "tokens", 2);
+  batch->layer = parsed.layer;
+  auto tokens = TensorFromWire(parsed.tokens, "tokens", 2);
   if (!tokens.ok()) return fail(tokens.status());
   batch->tokens = *std::move(tokens);
-  if (batch->tokens.rank() != 2)
-    return fail(absl::InvalidArgumentError("tokens must be [n, hidden]"));
-  if (req->experts_size() != req->weights_size()) {
-    return fail(absl::InvalidArgumentError(absl::StrCat(
-        "experts has ", req->experts_size(), " entries but weights has ", req->weights_size())));
+  batch->offsets = std::move(parsed.offsets);
+  batch->assignments.resize(parsed.experts.size());
+  for (size_t i = 0; i < parsed.experts.size(); ++i) {
+    batch->assignments[i] = {parsed.experts[i], parsed.weights[i]};
   }
-  batch->offsets.assign(req->offsets().begin(), req->offsets().end());
-  batch->assignments.resize(req->experts_size());
-  for (int i = 0; i < req->experts_size(); ++i) {
-    batch->assignments[i] = {req->experts(i), req->weights(i)};
-  }
-  auto out = ActivationDTypeFromProto(req->output_dtype());
+  auto out = ActivationDTypeFromProto(static_cast<v1::DType>(parsed.output_dtype));
   if (!out.ok()) return fail(out.status());
   const DType out_dtype = *out;
   const bool queued = pool_.TrySchedule([this, ctx, reactor, resp, batch, out_dtype, received] {
@@ -72,7 +72,7 @@ grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext*
       reactor->Finish(ToGrpcStatus(out.status()));
       return;
     }
-    TensorToProto(*out, out_dtype, resp->mutable_output());
+    *resp = EncodeOutputMessage(*out, out_dtype);
     reactor->Finish(grpc::Status::OK);
   });
   if (!queued) {

@@ -30,14 +30,18 @@ struct WorkerInfo {
   int num_experts = 0;  // routed experts per layer (ids 0 .. num_experts-1)
 };
 
-class WorkerService final : public v1::ExpertWorker::CallbackService {
+// RunExperts is a raw method: its messages are read and written by services/rpc/wire_codec.h,
+// straight between gRPC's buffers and tensors (the bytes are still a v1::RunExpertsRequest and
+// v1::RunExpertsResponse).
+class WorkerService final
+    : public v1::ExpertWorker::WithRawCallbackMethod_RunExperts<v1::ExpertWorker::CallbackService> {
  public:
   WorkerService(std::unique_ptr<LocalExpertGroup> group, WorkerInfo info, int threads,
                 size_t max_queue, Metrics* metrics);
 
   grpc::ServerUnaryReactor* RunExperts(grpc::CallbackServerContext* ctx,
-                                       const v1::RunExpertsRequest* req,
-                                       v1::RunExpertsResponse* resp) override;
+                                       const grpc::ByteBuffer* req,
+                                       grpc::ByteBuffer* resp) override;
   grpc::ServerUnaryReactor* Describe(grpc::CallbackServerContext* ctx,
                                      const v1::DescribeRequest* req,
                                      v1::DescribeResponse* resp) override;

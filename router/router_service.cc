@@ -4,6 +4,7 @@
 #include "absl/time/clock.h"
 #include "services/rpc/service_main.h"
 #include "services/rpc/tensor_proto.h"
+#include "services/rpc/wire_codec.h"
 
 namespace moemesh::router {
 
@@ -16,8 +17,8 @@ RouterService::RouterService(std::unique_ptr<MoeDispatcher> dispatcher,
       pool_(threads, max_queue) {}
 
 grpc::ServerUnaryReactor* RouterService::Forward(grpc::CallbackServerContext* ctx,
-                                                 const v1::ForwardRequest* req,
-                                                 v1::ForwardResponse* resp) {
+                                                 const grpc::ByteBuffer* req,
+                                                 grpc::ByteBuffer* resp) {
   auto* reactor = new CancellableUnaryReactor();
   const absl::Time received = absl::Now();
   auto finish = [this, reactor, received](const absl::Status& s) {
@@ -25,12 +26,20 @@ grpc::ServerUnaryReactor* RouterService::Forward(grpc::CallbackServerContext* ct
     metrics_->ObserveLatency("Forward", absl::ToDoubleSeconds(absl::Now() - received));
     reactor->Finish(ToGrpcStatus(s));
   };
-  auto hidden = TensorFromProto(req->hidden(), "hidden", 2);
+  ReceivedBytes bytes;
+  WireForwardRequest parsed;
+  absl::Status s = bytes.Reset(*req);
+  if (s.ok()) s = ParseForwardRequest(bytes.chunks(), &parsed);
+  if (!s.ok()) {
+    finish(s);
+    return reactor;
+  }
+  auto hidden = TensorFromWire(parsed.hidden, "hidden", 2);
   if (!hidden.ok()) {
     finish(hidden.status());
     return reactor;
   }
-  auto out_dtype_or = ActivationDTypeFromProto(req->output_dtype());
+  auto out_dtype_or = ActivationDTypeFromProto(static_cast<v1::DType>(parsed.output_dtype));
   if (!out_dtype_or.ok()) {
     finish(out_dtype_or.status());
     return reactor;
@@ -39,7 +48,7 @@ grpc::ServerUnaryReactor* RouterService::Forward(grpc::CallbackServerContext* ct
   CallOptions opts;
   opts.deadline = absl::FromChrono(ctx->deadline());
   opts.cancel = reactor->cancel();
-  const int layer = req->layer();
+  const int layer = parsed.layer;
   const bool queued = pool_.TrySchedule(
       [this, layer, h = *std::move(hidden), opts, resp, out_dtype, finish]() mutable {
         if (opts.cancel->cancelled()) {
@@ -52,7 +61,7 @@ grpc::ServerUnaryReactor* RouterService::Forward(grpc::CallbackServerContext* ct
                                     if (out.ok()) {
                                       metrics_->AddExpertTokens(layer, stats.expert_tokens);
                                       metrics_->AddTokenSends(stats.token_sends);
-                                      TensorToProto(*out, out_dtype, resp->mutable_output());
+                                      *resp = EncodeOutputMessage(*out, out_dtype);
                                     }
                                     finish(out.status());
                                   });

@@ -16,14 +16,18 @@
 
 namespace moemesh::router {
 
-class RouterService final : public v1::Router::CallbackService {
+// Forward is a raw method: its messages are read and written by services/rpc/wire_codec.h,
+// straight between gRPC's buffers and tensors (the bytes are still a v1::ForwardRequest and
+// v1::ForwardResponse).
+class RouterService final
+    : public v1::Router::WithRawCallbackMethod_Forward<v1::Router::CallbackService> {
  public:
   RouterService(std::unique_ptr<MoeDispatcher> dispatcher,
                 std::vector<std::shared_ptr<ReplicaSet>> groups, int threads, size_t max_queue,
                 Metrics* metrics);
 
-  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* ctx, const v1::ForwardRequest* req,
-                                    v1::ForwardResponse* resp) override;
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req,
+                                    grpc::ByteBuffer* resp) override;
   grpc::ServerUnaryReactor* Topology(grpc::CallbackServerContext* ctx,
                                      const v1::TopologyRequest* req,
                                      v1::TopologyResponse* resp) override;

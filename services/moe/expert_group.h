@@ -44,12 +44,20 @@ struct ExpertAssignment {
 
 // A batch of tokens for one group at one layer. Token i goes to the experts
 // assignments[offsets[i] .. offsets[i+1]); the result row i is Σ weight · expert(token i).
+// The tokens are `tokens`' rows in order, or, when `rows` is set, the rows it names: the
+// dispatcher shares the whole step's activations with every group instead of copying each
+// group's subset, and a remote group gathers them straight into its outgoing message.
 struct ExpertBatch {
   int layer = 0;
-  Tensor tokens;                 // [n, hidden] f32
+  Tensor tokens;                 // [T, hidden] f32
+  std::vector<int32_t> rows;     // empty: token i is tokens.row(i); else tokens.row(rows[i])
   std::vector<int32_t> offsets;  // n + 1 entries, offsets[0] = 0, non-decreasing
   std::vector<ExpertAssignment> assignments;
-  int64_t num_tokens() const { return tokens.empty() ? 0 : tokens.dim(0); }
+  int64_t num_tokens() const {
+    if (!rows.empty()) return static_cast<int64_t>(rows.size());
+    return tokens.empty() ? 0 : tokens.dim(0);
+  }
+  const float* token(int64_t i) const { return tokens.row(rows.empty() ? i : rows[i]); }
 };
 
 // Cancellation shared by everything a request started. Callbacks registered with OnCancel

@@ -20,7 +20,13 @@ absl::Status ValidateExpertBatch(const ExpertBatch& b, int64_t hidden, int num_e
         absl::StrCat("tokens must be [n, ", hidden, "], got ",
                      b.tokens.empty() ? "none" : b.tokens.ShapeString()));
   }
-  const int64_t n = b.tokens.dim(0);
+  const int64_t n = b.num_tokens();
+  for (size_t i = 0; i < b.rows.size(); ++i) {
+    if (b.rows[i] < 0 || b.rows[i] >= b.tokens.dim(0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token ", i, " names row ", b.rows[i], " of ", b.tokens.dim(0)));
+    }
+  }
   if (static_cast<int64_t>(b.offsets.size()) != n + 1 || b.offsets[0] != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "offsets must have ", n + 1, " entries starting at 0, got ", b.offsets.size()));
@@ -125,7 +131,7 @@ absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
     y.resize(m * hidden_);
     work.resize(2 * m * inter);
     for (int64_t r = 0; r < m; ++r) {
-      std::memcpy(x.data() + r * hidden_, b.tokens.row(rows[r].first), hidden_ * sizeof(float));
+      std::memcpy(x.data() + r * hidden_, b.token(rows[r].first), hidden_ * sizeof(float));
     }
     backend_->ExpertFfnW(x.data(), m, w.w1, w.w3, w.w2, work.data(), y.data());
     for (int64_t r = 0; r < m; ++r) {

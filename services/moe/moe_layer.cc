@@ -1,7 +1,6 @@
 #include "services/moe/moe_layer.h"
 
 #include <algorithm>
-#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -185,15 +184,10 @@ void MoeDispatcher::ForwardAsync(
     if (rows[g].empty()) continue;
     auto b = std::make_shared<ExpertBatch>();
     b->layer = layer;
-    const int64_t n = static_cast<int64_t>(rows[g].size());
-    if (n == t) {
-      b->tokens = hidden;  // every token, in order: shared, not copied
-    } else {
-      b->tokens = Tensor::Uninitialized({n, h});
-      for (int64_t r = 0; r < n; ++r) {
-        std::memcpy(b->tokens.mutable_row(r), hidden.row(rows[g][r]), h * sizeof(float));
-      }
-    }
+    // The step's activations are shared, not copied: every token in order as they are, a
+    // subset by its row indices (gathered where the rows are used or sent).
+    b->tokens = hidden;
+    if (static_cast<int64_t>(rows[g].size()) != t) b->rows = rows[g];
     b->offsets = std::move(offsets[g]);
     b->assignments = std::move(assigns[g]);
     batches[g] = std::move(b);

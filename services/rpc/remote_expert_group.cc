@@ -9,6 +9,7 @@
 #include "services/metrics/metrics.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/tensor_proto.h"
+#include "services/rpc/wire_codec.h"
 
 namespace moemesh {
 
@@ -21,15 +22,16 @@ GrpcExpertGroup::GrpcExpertGroup(std::string target, DType wire)
                                   .retry_service = multi_address_ ? "moemesh.v1.ExpertWorker" : "",
                                   .max_attempts = 3,
                                   .wait_for_ready = false})),
-      stub_(v1::ExpertWorker::NewStub(channel_)) {}
+      stub_(v1::ExpertWorker::NewStub(channel_)),
+      raw_(std::make_unique<grpc::GenericStub>(channel_)) {}
 
 namespace {
 
 // One RunExperts call in flight; owns the context and messages until the callback.
 struct Call {
   grpc::ClientContext ctx;
-  v1::RunExpertsRequest req;
-  v1::RunExpertsResponse resp;
+  grpc::ByteBuffer req;   // a v1::RunExpertsRequest
+  grpc::ByteBuffer resp;  // a v1::RunExpertsResponse
   std::shared_ptr<CancelFlag> cancel;
   int cancel_id = -1;
 };
@@ -39,16 +41,15 @@ struct Call {
 void GrpcExpertGroup::RunExpertsAsync(std::shared_ptr<const ExpertBatch> batch,
                                       const CallOptions& opts, ExpertDone done) {
   auto call = std::make_shared<Call>();
-  call->req.set_layer(batch->layer);
-  TensorToProto(batch->tokens, wire_, call->req.mutable_tokens());
-  call->req.mutable_offsets()->Add(batch->offsets.begin(), batch->offsets.end());
-  call->req.mutable_experts()->Reserve(static_cast<int>(batch->assignments.size()));
-  call->req.mutable_weights()->Reserve(static_cast<int>(batch->assignments.size()));
-  for (const ExpertAssignment& a : batch->assignments) {
-    call->req.add_experts(a.expert);
-    call->req.add_weights(a.weight);
+  std::vector<int32_t> experts(batch->assignments.size());
+  std::vector<float> weights(batch->assignments.size());
+  for (size_t i = 0; i < batch->assignments.size(); ++i) {
+    experts[i] = batch->assignments[i].expert;
+    weights[i] = batch->assignments[i].weight;
   }
-  call->req.set_output_dtype(DTypeToProto(wire_));
+  // The batch's rows are gathered and converted to the wire dtype straight into the message.
+  call->req = EncodeRunExpertsRequest(batch->layer, TensorRows{&batch->tokens, batch->rows},
+                                      batch->offsets, experts, weights, wire_, DTypeToProto(wire_));
   if (opts.deadline != absl::InfiniteFuture())
     call->ctx.set_deadline(absl::ToChronoTime(opts.deadline));
   if (opts.cancel) {
@@ -59,17 +60,17 @@ void GrpcExpertGroup::RunExpertsAsync(std::shared_ptr<const ExpertBatch> batch,
     });
   }
   outstanding_.fetch_add(1);
-  stub_->async()->RunExperts(&call->ctx, &call->req, &call->resp,
-                             [this, call, done = std::move(done)](grpc::Status s) {
-                               outstanding_.fetch_sub(1);
-                               if (call->cancel) call->cancel->RemoveCallback(call->cancel_id);
-                               if (!s.ok()) {
-                                 done(absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                                                   absl::StrCat(target_, ": ", s.error_message())));
-                                 return;
-                               }
-                               done(TensorFromProto(call->resp.output(), "expert output", 2));
-                             });
+  raw_->UnaryCall(&call->ctx, "/moemesh.v1.ExpertWorker/RunExperts", grpc::StubOptions(),
+                  &call->req, &call->resp, [this, call, done = std::move(done)](grpc::Status s) {
+                    outstanding_.fetch_sub(1);
+                    if (call->cancel) call->cancel->RemoveCallback(call->cancel_id);
+                    if (!s.ok()) {
+                      done(absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                                        absl::StrCat(target_, ": ", s.error_message())));
+                      return;
+                    }
+                    done(DecodeOutputMessage(call->resp, "expert output"));
+                  });
 }
 
 absl::StatusOr<v1::DescribeResponse> GrpcExpertGroup::Describe(absl::Duration timeout) {

@@ -23,6 +23,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "moemesh/v1/expert_worker.grpc.pb.h"
 #include "services/moe/expert_group.h"
@@ -48,7 +49,9 @@ class GrpcExpertGroup final : public ExpertGroup {
   const bool multi_address_;
   const DType wire_;
   std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::ExpertWorker::Stub> stub_;
+  std::unique_ptr<v1::ExpertWorker::Stub> stub_;  // Describe
+  // RunExperts goes out as bytes that services/rpc/wire_codec.h encodes and decodes.
+  std::unique_ptr<grpc::GenericStub> raw_;
   std::atomic<int64_t> outstanding_{0};
 };
 

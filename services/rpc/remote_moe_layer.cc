@@ -12,6 +12,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "services/rpc/server_host.h"
 #include "services/rpc/tensor_proto.h"
+#include "services/rpc/wire_codec.h"
 
 namespace moemesh {
 
@@ -34,6 +35,7 @@ RemoteMoeLayer::RemoteMoeLayer(const std::string& router_target, DType wire,
       options_(options),
       channel_(MakeChannel(router_target, RouterChannelOptions())),
       stub_(v1::Router::NewStub(channel_)),
+      raw_(std::make_unique<grpc::GenericStub>(channel_)),
       timer_(std::make_unique<RetryTimer>()) {}
 
 bool RemoteMoeLayer::WaitForReady(absl::Duration timeout) {
@@ -136,8 +138,8 @@ class RemoteMoeLayer::RetryTimer {
 // One Forward call and its attempts. The request is serialized once and reused by retries.
 struct RemoteMoeLayer::Call {
   int layer = 0;
-  v1::ForwardRequest req;
-  v1::ForwardResponse resp;
+  grpc::ByteBuffer req;   // a v1::ForwardRequest, encoded once (wire_codec.h)
+  grpc::ByteBuffer resp;  // a v1::ForwardResponse
   CallOptions opts;
   absl::Time deadline;
   MoeDone done;
@@ -158,9 +160,7 @@ absl::StatusOr<Tensor> RemoteMoeLayer::Forward(int layer, const Tensor& hidden,
 void RemoteMoeLayer::StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) {
   auto call = std::make_shared<Call>();
   call->layer = layer;
-  call->req.set_layer(layer);
-  TensorToProto(hidden, wire_, call->req.mutable_hidden());
-  call->req.set_output_dtype(DTypeToProto(wire_));
+  call->req = EncodeForwardRequest(layer, hidden, wire_, DTypeToProto(wire_));
   call->opts = opts;
   call->done = std::move(done);
   const absl::Time start = absl::Now();
@@ -182,14 +182,14 @@ void RemoteMoeLayer::Attempt(std::shared_ptr<Call> call) {
   ctx->set_wait_for_ready(true);
   if (call->opts.cancel) call->cancel_id = call->opts.cancel->OnCancel([ctx] { ctx->TryCancel(); });
   call->resp.Clear();
-  stub_->async()->Forward(ctx, &call->req, &call->resp,
-                          [this, call](grpc::Status s) { Finished(call, std::move(s)); });
+  raw_->UnaryCall(ctx, "/moemesh.v1.Router/Forward", grpc::StubOptions(), &call->req, &call->resp,
+                  [this, call](grpc::Status s) { Finished(call, std::move(s)); });
 }
 
 void RemoteMoeLayer::Finished(std::shared_ptr<Call> call, grpc::Status s) {
   if (call->opts.cancel) call->opts.cancel->RemoveCallback(call->cancel_id);
   if (s.ok()) {
-    call->done(TensorFromProto(call->resp.output(), "router output", 2));
+    call->done(DecodeOutputMessage(call->resp, "router output"));
     return;
   }
   const absl::StatusCode code = static_cast<absl::StatusCode>(s.error_code());

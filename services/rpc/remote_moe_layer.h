@@ -27,6 +27,7 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "moemesh/v1/router.grpc.pb.h"
 #include "services/moe/moe_layer.h"
@@ -72,7 +73,9 @@ class RemoteMoeLayer final : public MoeLayer {
   const DType wire_;
   const RemoteMoeLayerOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::Router::Stub> stub_;
+  std::unique_ptr<v1::Router::Stub> stub_;  // Topology
+  // Forward goes out as bytes that services/rpc/wire_codec.h encodes and decodes.
+  std::unique_ptr<grpc::GenericStub> raw_;
   std::atomic<int64_t> retries_{0};
   std::unique_ptr<RetryTimer> timer_;  // runs retries after their backoff
 };

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/types/span.h"
 #include "moemesh/v1/expert_worker.pb.h"
 
 namespace moemesh {
@@ -21,5 +22,11 @@ namespace moemesh {
 [[nodiscard]] absl::Status ValidateRunExpertsRequest(const v1::RunExpertsRequest& req,
                                                      int64_t hidden, int num_experts,
                                                      int max_per_token);
+// The same over the request's fields as plain arrays (a request parsed by wire_codec.h).
+[[nodiscard]] absl::Status ValidateRunExperts(absl::Span<const int64_t> token_shape,
+                                              absl::Span<const int32_t> offsets,
+                                              absl::Span<const int32_t> experts,
+                                              absl::Span<const float> weights, int64_t hidden,
+                                              int num_experts, int max_per_token);
 
 }  // namespace moemesh

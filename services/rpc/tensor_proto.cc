@@ -1,10 +1,13 @@
 #include "services/rpc/tensor_proto.h"
 
-#include <limits>
-
 #include "absl/strings/str_cat.h"
+#include "services/rpc/wire_codec.h"
 
 namespace moemesh {
+
+// wire_codec.cc reads and writes these values without the generated enum.
+static_assert(v1::DTYPE_F32 == 1 && v1::DTYPE_F16 == 2 && v1::DTYPE_BF16 == 3 &&
+              v1::DTYPE_F8_E4M3 == 4);
 
 absl::StatusOr<DType> DTypeFromProto(v1::DType d) {
   switch (d) {
@@ -64,31 +67,9 @@ void TensorToProto(const Tensor& t, DType wire, v1::Tensor* out) {
 }
 
 absl::StatusOr<Tensor> TensorFromProto(const v1::Tensor& p, absl::string_view what, int max_rank) {
-  auto dtype = DTypeFromProto(p.dtype());
-  if (!dtype.ok())
-    return absl::InvalidArgumentError(absl::StrCat(what, ": ", dtype.status().message()));
-  if (p.shape_size() == 0 || p.shape_size() > max_rank) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": rank ", p.shape_size(), " is not in [1, ", max_rank, "]"));
-  }
-  std::vector<int64_t> shape;
-  uint64_t n = 1;
-  for (int64_t d : p.shape()) {
-    if (d < 0 || (d > 0 && n > std::numeric_limits<uint32_t>::max() / static_cast<uint64_t>(d))) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": bad dimension ", d));
-    }
-    n *= static_cast<uint64_t>(d);
-    shape.push_back(d);
-  }
-  const uint64_t expect = n * DTypeSize(*dtype);
-  if (p.data().size() != expect) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": shape ", ShapeToString(shape), " of ",
-                                                   DTypeName(*dtype), " needs ", expect,
-                                                   " bytes, got ", p.data().size()));
-  }
-  Tensor t = Tensor::Uninitialized(std::move(shape));  // every element is written below
-  if (n > 0) ConvertToF32(*dtype, p.data().data(), n, t.mutable_data());
-  return t;
+  const absl::string_view data = p.data();
+  return TensorFromParts(p.dtype(), absl::MakeConstSpan(p.shape().data(), p.shape_size()),
+                         absl::MakeConstSpan(&data, 1), what, max_rank);
 }
 
 grpc::Status ToGrpcStatus(const absl::Status& s) {
