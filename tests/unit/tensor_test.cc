@@ -277,6 +277,54 @@ TEST(ConvertTest, LossyDTypesRound) {
 
 // ---- Tensor --------------------------------------------------------------------------------
 
+// The bulk BF16 conversions (vectorised, branch-free) give, element for element, what the
+// scalar FloatToBF16 / BF16ToFloat give: every BF16 code, and F32 bit patterns from every
+// class (random, ties, NaNs with payloads, infinities, subnormals, values that round up to
+// infinity), at lengths around the block size and at odd destination addresses.
+TEST(ConvertTest, BulkBF16EqualsTheScalarConversions) {
+  std::vector<uint16_t> codes(65536);
+  for (size_t i = 0; i < codes.size(); ++i) codes[i] = static_cast<uint16_t>(i);
+  std::vector<float> wide(codes.size());
+  ConvertToF32(DType::kBF16, codes.data(), codes.size(), wide.data());
+  for (size_t i = 0; i < codes.size(); ++i) {
+    const float want = BF16ToFloat(codes[i]);
+    ASSERT_EQ(std::memcmp(&wide[i], &want, 4), 0) << "code " << i;
+  }
+  std::mt19937 rng(7);
+  std::vector<uint32_t> bits;
+  for (uint32_t special : {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                           0x7f800001u, 0xffffffffu, 0x7f7fffffu, 0x00000001u, 0x807fffffu,
+                           0x3f808000u, 0x3f818000u, 0x3f807fffu, 0x7fff8000u, 0x7f7f8000u}) {
+    bits.push_back(special);
+  }
+  while (bits.size() < 5000) {
+    uint32_t x = static_cast<uint32_t>(rng());
+    if (rng() % 4 == 0) x = (x & 0xffff0000u) | 0x8000u;  // an exact tie
+    bits.push_back(x);
+  }
+  for (size_t n : {size_t{1}, size_t{255}, size_t{256}, size_t{257}, size_t{4999}}) {
+    for (size_t offset : {size_t{0}, size_t{1}}) {
+      std::vector<float> src(n);
+      std::memcpy(src.data(), bits.data(), 4 * n);
+      std::vector<uint8_t> out(2 * n + 1);
+      ConvertFromF32(DType::kBF16, src.data(), n, out.data() + offset);
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t got;
+        std::memcpy(&got, out.data() + offset + 2 * i, 2);
+        ASSERT_EQ(got, FloatToBF16(src[i])) << "bits " << std::hex << bits[i] << " n " << n;
+      }
+      std::vector<float> back(n);
+      ConvertToF32(DType::kBF16, out.data() + offset, n, back.data());
+      for (size_t i = 0; i < n; ++i) {
+        uint16_t code;
+        std::memcpy(&code, out.data() + offset + 2 * i, 2);
+        const float want = BF16ToFloat(code);
+        ASSERT_EQ(std::memcmp(&back[i], &want, 4), 0);
+      }
+    }
+  }
+}
+
 TEST(TensorTest, ZerosAndFromVector) {
   Tensor z = Tensor::Zeros({2, 3});
   EXPECT_EQ(z.rank(), 2);
