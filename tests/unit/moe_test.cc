@@ -2,6 +2,7 @@
 // per-token loop written here (weights read straight from the checkpoint, math in double).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "services/compute/backend.h"
@@ -271,8 +273,26 @@ TEST_F(MoeTest, MalformedBatchesAreInvalidArgument) {
   const std::vector<float> x = RandomFloats(3 * h + 3, 5);
   const ExpertBatch good = MakeBatch(0, x, h, {{{1, 0.5f}}, {{2, 0.5f}, {3, 0.5f}}});
   ASSERT_TRUE((*group)->Run(good).ok());
+  {
+    // The same tokens named as rows 2 and 0 of a wider tensor give the same result, bitwise.
+    ExpertBatch named = good;
+    named.tokens = Tensor::FromVector({3, h}, std::vector<float>(x.begin() + 3, x.end()));
+    std::memcpy(named.tokens.mutable_row(2), good.tokens.row(0), h * sizeof(float));
+    std::memcpy(named.tokens.mutable_row(0), good.tokens.row(1), h * sizeof(float));
+    named.rows = {2, 0};
+    absl::StatusOr<Tensor> a = (*group)->Run(good);
+    absl::StatusOr<Tensor> b = (*group)->Run(named);
+    ASSERT_TRUE(a.ok() && b.ok()) << b.status();
+    ASSERT_EQ(a->shape(), b->shape());
+    EXPECT_EQ(std::memcmp(a->data(), b->data(), a->numel() * sizeof(float)), 0);
+  }
 
   std::vector<std::pair<std::string, ExpertBatch>> bad;
+  for (std::vector<int32_t> rows : {std::vector<int32_t>{0, 2}, {-1, 0}, {0}, {1, 0, 1}}) {
+    ExpertBatch b = good;  // rows [0, 2) exist; one named row per offset interval
+    b.rows = rows;
+    bad.push_back({absl::StrCat("rows ", absl::StrJoin(rows, ",")), b});
+  }
   {
     ExpertBatch b = good;  // tokens of the wrong width
     b.tokens =
