@@ -562,6 +562,11 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
   const int nparts = static_cast<int>(std::min<int64_t>(want_parts, t));
   std::vector<Part> parts(nparts);
   {
+    const bool decode = t == static_cast<int64_t>(inputs.size());
+    absl::MutexLock lock(&profile_mu_);
+    ++profile_.by_parts[decode ? 0 : 1][nparts];
+  }
+  {
     size_t i = 0;     // the input being placed
     int64_t off = 0;  // its tokens placed already
     int64_t r = 0;    // rows placed

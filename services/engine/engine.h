@@ -94,6 +94,10 @@ struct StepProfile {
   double wall_s = 0;      // inside Step
   double moe_wait_s = 0;  // waiting for MoE results, with nothing else to compute
   double busy_s() const { return wall_s - moe_wait_s; }
+  // Steps that ran their layers, by kind (0: decode, every input one token; 1: with a prefill
+  // chunk) and by the micro-batches they were cut into (1 .. 8): whether the adaptive policy
+  // split them, for operators and benchmarks.
+  int64_t by_parts[2][9] = {};
 };
 
 enum class MicroBatchPolicy {

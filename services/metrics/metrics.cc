@@ -90,6 +90,12 @@ Metrics::Metrics(std::string service)
                            .Name("moemesh_gateway_moe_wait_seconds_total")
                            .Help("Engine thread time in steps waiting for MoE results")
                            .Register(*registry_);
+  gateway_steps_ = &BuildCounter()
+                        .Name("moemesh_gateway_steps_total")
+                        .Help(
+                            "Engine steps by kind (decode: one token per input; prefill: with "
+                            "a prefill chunk) and by the micro-batches they ran in")
+                        .Register(*registry_);
   ttft_ = &BuildHistogram()
                .Name("moemesh_time_to_first_token_seconds")
                .Help("Request arrival to first token")
@@ -265,6 +271,14 @@ void Metrics::ObserveStep(double seconds, int64_t tokens) {
 void Metrics::AddGatewayTime(double busy_seconds, double moe_wait_seconds) {
   gateway_busy_->Add({}).Increment(std::max(0.0, busy_seconds));
   gateway_moe_wait_->Add({}).Increment(std::max(0.0, moe_wait_seconds));
+}
+
+void Metrics::AddSteps(bool decode, int micro_batches, int64_t steps) {
+  if (steps <= 0) return;
+  gateway_steps_
+      ->Add(
+          {{"kind", decode ? "decode" : "prefill"}, {"micro_batches", absl::StrCat(micro_batches)}})
+      .Increment(static_cast<double>(steps));
 }
 
 void Metrics::ObserveTimeToFirstToken(double seconds) {

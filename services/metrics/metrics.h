@@ -22,6 +22,10 @@
 //                                                      steps (attention, norms, LM head, ...)
 //   moemesh_gateway_moe_wait_seconds_total             gateway: engine thread idle in steps,
 //                                                      waiting for MoE results
+//   moemesh_gateway_steps_total{kind=decode|prefill,   gateway: engine steps by kind (decode:
+//                               micro_batches}         one token per input) and by the
+//                                                      micro-batches they ran in (the adaptive
+//                                                      policy's choices)
 //   moemesh_time_to_first_token_seconds                gateway
 //   moemesh_http_requests_total{path,code}             gateway HTTP API, when the response ends
 //   moemesh_http_request_duration_seconds{path}        gateway HTTP API: receive → response end
@@ -88,6 +92,8 @@ class Metrics {
   void ObserveStep(double seconds, int64_t tokens);
   // Engine thread time in steps since the last call: computing, and waiting on MoE calls.
   void AddGatewayTime(double busy_seconds, double moe_wait_seconds);
+  // `steps` more engine steps of this kind that ran in `micro_batches` parts.
+  void AddSteps(bool decode, int micro_batches, int64_t steps);
   void ObserveTimeToFirstToken(double seconds);
   // Gateway HTTP API. `path` is one of the API's routes or "other".
   void CountHttpRequest(const std::string& path, int status);
@@ -119,6 +125,7 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* step_seconds_;
   prometheus::Family<prometheus::Counter>* gateway_busy_;
   prometheus::Family<prometheus::Counter>* gateway_moe_wait_;
+  prometheus::Family<prometheus::Counter>* gateway_steps_;
   prometheus::Family<prometheus::Histogram>* ttft_;
   prometheus::Family<prometheus::Counter>* http_requests_;
   prometheus::Family<prometheus::Histogram>* http_latency_;

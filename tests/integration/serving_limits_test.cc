@@ -161,6 +161,15 @@ TEST(ServingLimitsTest, SmallKvCacheSurvivesLoadAndLimitsAreRefused) {
             static_cast<double>(blocks));
   EXPECT_EQ(SumSamples(*text, "moemesh_kv_cache_blocks", {{"state", "used"}}), 0.0)
       << "every block came back";
+  // Steps by kind and by micro-batches: both kinds ran, and all of them whole (the default).
+  const double decode_steps =
+      SumSamples(*text, "moemesh_gateway_steps_total", {{"kind", "decode"}});
+  const double prefill_steps =
+      SumSamples(*text, "moemesh_gateway_steps_total", {{"kind", "prefill"}});
+  EXPECT_GT(decode_steps, 0);
+  EXPECT_GT(prefill_steps, 0);
+  EXPECT_EQ(SumSamples(*text, "moemesh_gateway_steps_total", {{"micro_batches", "1"}}),
+            decode_steps + prefill_steps);
   auto stopped = (*mesh)->Stop();
   EXPECT_TRUE(stopped.ok()) << stopped;
 }

@@ -222,7 +222,15 @@ std::pair<int64_t, int64_t> RunAdaptive(InprocModel& m, MoeLayer* moe) {
       feed[i] = {static_cast<int32_t>((step * 7 + i * 13) % 128)};
     }
   }
-  return (*e)->adaptive_split_counts();
+  // The profile counts the same choices by kind: the first step's two-token inputs are a
+  // prefill step, the other 39 decode steps.
+  const StepProfile p = (*e)->profile();
+  const auto counts = (*e)->adaptive_split_counts();
+  EXPECT_EQ(p.by_parts[1][1] + p.by_parts[1][2], 1);
+  EXPECT_EQ(p.by_parts[0][1] + p.by_parts[0][2], 39);
+  EXPECT_EQ(p.by_parts[0][1] + p.by_parts[1][1], counts.first);
+  EXPECT_EQ(p.by_parts[0][2] + p.by_parts[1][2], counts.second);
+  return counts;
 }
 
 TEST_P(MicroBatchTest, AdaptivePolicyRunsStepsWholeWhenSplittingCosts) {

@@ -525,7 +525,9 @@ struct TestbedRow {
   double gw_cpu_s = 0;       // CPU time of the gateway and the router processes
   double worker_cpu_s = 0;   // CPU time of every worker process
   double bench_cpu_s = 0;    // this process: the delaying proxies and the stream clients
-  int64_t tokens = 0;        // generated
+  // Engine steps by kind and how many of them ran split (the adaptive policy's choices).
+  double decode_steps = 0, decode_split = 0, prefill_steps = 0, prefill_split = 0;
+  int64_t tokens = 0;  // generated
   std::vector<std::vector<int32_t>> outputs;
   // Per step, ms: T wall; G the gateway side's busy time (CPU time of the gateway and router
   // processes, which share a CPU when pinned); E the workers' (CPU time of every worker);
@@ -560,6 +562,8 @@ double SelfCpuSeconds() {
 
 struct Scraped {
   double steps = 0, step_wall = 0, busy = 0, wait = 0, worker = 0;
+  // Engine steps by kind, and those of them cut into two or more micro-batches.
+  double decode = 0, decode_split = 0, prefill = 0, prefill_split = 0;
 };
 
 Scraped ScrapeAll(const std::string& gateway, const std::vector<std::string>& workers) {
@@ -569,6 +573,13 @@ Scraped ScrapeAll(const std::string& gateway, const std::vector<std::string>& wo
     s.step_wall = Sum(*t, "moemesh_step_duration_seconds_sum");
     s.busy = Sum(*t, "moemesh_gateway_busy_seconds_total");
     s.wait = Sum(*t, "moemesh_gateway_moe_wait_seconds_total");
+    for (const bool decode : {true, false}) {
+      const std::string kind = decode ? "kind=\"decode\"" : "kind=\"prefill\"";
+      const double all = Sum(*t, "moemesh_gateway_steps_total", {kind});
+      const double whole = Sum(*t, "moemesh_gateway_steps_total", {kind, "micro_batches=\"1\""});
+      (decode ? s.decode : s.prefill) = all;
+      (decode ? s.decode_split : s.prefill_split) = all - whole;
+    }
   } else {
     std::fprintf(stderr, "warning: %s\n", t.status().ToString().c_str());
   }
@@ -680,6 +691,10 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
   row.gw_busy_s = after.busy - before.busy;
   row.gw_wait_s = after.wait - before.wait;
   row.worker_busy_s = after.worker - before.worker;
+  row.decode_steps = after.decode - before.decode;
+  row.decode_split = after.decode_split - before.decode_split;
+  row.prefill_steps = after.prefill - before.prefill;
+  row.prefill_split = after.prefill_split - before.prefill_split;
   if (absl::Status s = mesh.Stop(); !s.ok())
     std::fprintf(stderr, "warning: mesh stop: %s\n", s.ToString().c_str());
   if (row.steps <= 0) return absl::InternalError("no engine steps were counted");
@@ -767,8 +782,20 @@ int RunTestbed(const Options& o, const std::string& dir, const ModelConfig& cfg)
                  {"workers_cpu_s", r.worker_cpu_s},
                  {"bench_cpu_s", r.bench_cpu_s},
                  {"rest_ms", r.R()},
+                 {"decode_steps", r.decode_steps},
+                 {"decode_steps_split", r.decode_split},
+                 {"prefill_steps", r.prefill_steps},
+                 {"prefill_steps_split", r.prefill_split},
                  {"generated_tokens", r.tokens},
                  {"greedy_equal_first", same}});
+  }
+  // Which steps ran split: with the adaptive policy, the engine's choice per step size.
+  std::printf(
+      "\n| added one-way latency | micro-batches | decode steps run split | prefill steps run "
+      "split |\n|---|---|---|---|\n");
+  for (const TestbedRow& r : rows) {
+    std::printf("| %d us | %d | %.0f of %.0f | %.0f of %.0f |\n", r.latency_us, r.micro,
+                r.decode_split, r.decode_steps, r.prefill_split, r.prefill_steps);
   }
   // The bound from each latency's one-micro-batch profile, and what the others captured.
   std::printf(
