@@ -5,6 +5,7 @@
 #include <climits>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include "absl/base/casts.h"
 #include "absl/strings/str_cat.h"
@@ -366,82 +367,77 @@ grpc::ByteBuffer OneSlice(size_t size, Fill fill) {
   return grpc::ByteBuffer(&slice, 1);
 }
 
+// Parses the message in `chunks` field by field: `on_field(reader, field number, wire type,
+// tag)` parses a field it knows and says whether that worked, or returns nullopt for one it does
+// not know (or knows with another wire type), which is skipped as protobuf skips unknown fields.
+template <typename OnField>
+absl::Status ParseFields(absl::Span<const absl::string_view> chunks, absl::string_view message,
+                         OnField on_field) {
+  Reader r(chunks);
+  uint32_t tag;
+  bool ok;
+  while (r.NextTag(&tag, &ok)) {
+    const std::optional<bool> known = on_field(r, tag >> 3, tag & 7, tag);
+    if (!(known.has_value() ? *known : r.SkipField(tag))) return Malformed(message);
+  }
+  return ok ? absl::OkStatus() : Malformed(message);
+}
+
 }  // namespace
 
 absl::Status ParseForwardRequest(absl::Span<const absl::string_view> chunks,
                                  WireForwardRequest* out) {
   *out = WireForwardRequest();
-  Reader r(chunks);
-  uint32_t tag;
-  bool ok;
-  while (r.NextTag(&tag, &ok)) {
-    const uint32_t field = tag >> 3, type = tag & 7;
-    bool good;
-    if (field == 1 && type == kVarint) {
-      good = ParseInt32Field(r, &out->layer);
-    } else if (field == 2 && type == kLengthDelimited) {
-      good = r.Message([&] { return ParseTensorBody(r, &out->hidden); });
-    } else if (field == 3 && type == kVarint) {
-      good = ParseInt32Field(r, &out->output_dtype);
-    } else {
-      good = r.SkipField(tag);
-    }
-    if (!good) return Malformed("ForwardRequest");
-  }
-  return ok ? absl::OkStatus() : Malformed("ForwardRequest");
+  return ParseFields(
+      chunks, "ForwardRequest",
+      [&](Reader& r, uint32_t field, uint32_t type, uint32_t tag) -> std::optional<bool> {
+        if (field == 1 && type == kVarint) return ParseInt32Field(r, &out->layer);
+        if (field == 2 && type == kLengthDelimited) {
+          return r.Message([&] { return ParseTensorBody(r, &out->hidden); });
+        }
+        if (field == 3 && type == kVarint) {
+          return ParseInt32Field(r, &out->output_dtype);
+        }
+        return std::nullopt;
+      });
 }
 
 absl::Status ParseRunExpertsRequest(absl::Span<const absl::string_view> chunks,
                                     WireRunExpertsRequest* out) {
   *out = WireRunExpertsRequest();
-  Reader r(chunks);
-  uint32_t tag;
-  bool ok;
-  while (r.NextTag(&tag, &ok)) {
-    const uint32_t field = tag >> 3, type = tag & 7;
-    bool good;
-    if (field == 1 && type == kVarint) {
-      good = ParseInt32Field(r, &out->layer);
-    } else if (field == 2 && type == kLengthDelimited) {
-      good = r.Message([&] { return ParseTensorBody(r, &out->tokens); });
-    } else if (field == 3 && (type == kVarint || type == kLengthDelimited)) {
-      good = ParseInt32s(r, tag, &out->offsets);
-    } else if (field == 4 && (type == kVarint || type == kLengthDelimited)) {
-      good = ParseInt32s(r, tag, &out->experts);
-    } else if (field == 5 && (type == kFixed32 || type == kLengthDelimited)) {
-      good = r.Repeated(tag, kFixed32, [&] {
-        uint32_t bits;
-        if (!r.in().ReadLittleEndian32(&bits)) return false;
-        float f;
-        std::memcpy(&f, &bits, 4);
-        out->weights.push_back(f);
-        return true;
+  return ParseFields(
+      chunks, "RunExpertsRequest",
+      [&](Reader& r, uint32_t field, uint32_t type, uint32_t tag) -> std::optional<bool> {
+        const bool scalars = type == kVarint || type == kLengthDelimited;
+        if (field == 1 && type == kVarint) return ParseInt32Field(r, &out->layer);
+        if (field == 2 && type == kLengthDelimited) {
+          return r.Message([&] { return ParseTensorBody(r, &out->tokens); });
+        }
+        if (field == 3 && scalars) return ParseInt32s(r, tag, &out->offsets);
+        if (field == 4 && scalars) return ParseInt32s(r, tag, &out->experts);
+        if (field == 5 && (type == kFixed32 || type == kLengthDelimited)) {
+          return r.Repeated(tag, kFixed32, [&] {
+            uint32_t bits;
+            if (!r.in().ReadLittleEndian32(&bits)) return false;
+            out->weights.push_back(absl::bit_cast<float>(bits));
+            return true;
+          });
+        }
+        if (field == 6 && type == kVarint) return ParseInt32Field(r, &out->output_dtype);
+        return std::nullopt;
       });
-    } else if (field == 6 && type == kVarint) {
-      good = ParseInt32Field(r, &out->output_dtype);
-    } else {
-      good = r.SkipField(tag);
-    }
-    if (!good) return Malformed("RunExpertsRequest");
-  }
-  return ok ? absl::OkStatus() : Malformed("RunExpertsRequest");
 }
 
 absl::Status ParseOutputMessage(absl::Span<const absl::string_view> chunks, WireTensor* out) {
   *out = WireTensor();
-  Reader r(chunks);
-  uint32_t tag;
-  bool ok;
-  while (r.NextTag(&tag, &ok)) {
-    bool good;
-    if (tag == ((1u << 3) | kLengthDelimited)) {
-      good = r.Message([&] { return ParseTensorBody(r, out); });
-    } else {
-      good = r.SkipField(tag);
-    }
-    if (!good) return Malformed("response");
-  }
-  return ok ? absl::OkStatus() : Malformed("response");
+  return ParseFields(
+      chunks, "response",
+      [&](Reader& r, uint32_t field, uint32_t type, uint32_t) -> std::optional<bool> {
+        if (field == 1 && type == kLengthDelimited) {
+          return r.Message([&] { return ParseTensorBody(r, out); });
+        }
+        return std::nullopt;
+      });
 }
 
 absl::StatusOr<Tensor> TensorFromParts(int32_t dtype_value, absl::Span<const int64_t> dims,
