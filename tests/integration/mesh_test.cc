@@ -10,9 +10,12 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "services/engine/inproc.h"
+#include "services/rpc/server_host.h"
 #include "services/rpc/tensor_proto.h"
 #include "tests/mesh_util.h"
 #include "tests/test_util.h"
@@ -222,6 +225,150 @@ TEST_F(MeshTest, BadLayerOrExpertGetsAClearErrorAndServiceContinues) {
   // Bad requests at the gateway are INVALID_ARGUMENT too.
   auto bad_tok = ScoreViaGateway(gw.get(), {1, 999});
   EXPECT_EQ(bad_tok.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE((*mesh)->Stop().ok());
+}
+
+// The router and the workers read their requests with services/rpc/wire_codec, not protobuf's
+// generated parser. A client may encode a message in any way protobuf accepts: fields out of
+// order, unpacked repeated fields, unknown fields, a message field sent in two pieces (merged).
+// Such requests, sent as raw bytes, get answers bitwise equal to the canonical encoding's.
+namespace wire {
+void Varint(uint64_t v, std::string* out) {
+  while (v >= 0x80) {
+    out->push_back(static_cast<char>(v | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<char>(v));
+}
+void Tag(int field, int type, std::string* out) { Varint((field << 3) | type, out); }
+void Bytes(int field, const std::string& b, std::string* out) {
+  Tag(field, 2, out);
+  Varint(b.size(), out);
+  out->append(b);
+}
+}  // namespace wire
+
+TEST_F(MeshTest, NonCanonicalEncodingsGetTheCanonicalAnswers) {
+  auto mesh = Mesh::Start(TestMeshOptions(*model_, dir_->Join("work-noncanonical"), 2));
+  ASSERT_TRUE(mesh.ok()) << mesh.status();
+  const int64_t h = inproc_->config.hidden_size;
+  const Tensor x = Tensor::FromVector({3, h}, RandomFloats(3 * h, 11));
+  const std::string data(reinterpret_cast<const char*>(x.data()), x.numel() * sizeof(float));
+  // Sends `bytes` to `method` as they are; returns the response's bytes.
+  auto raw = [&](const std::string& address, const std::string& method,
+                 const std::string& bytes) -> absl::StatusOr<std::string> {
+    grpc::GenericStub stub(MakeChannel(address));
+    grpc::ClientContext ctx;
+    WaitForReady(&ctx, absl::Seconds(120));
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer req(&slice, 1), resp;
+    absl::Notification done;
+    grpc::Status status;
+    stub.UnaryCall(&ctx, method, grpc::StubOptions(), &req, &resp, [&](grpc::Status s) {
+      status = std::move(s);
+      done.Notify();
+    });
+    done.WaitForNotification();
+    if (!status.ok()) return FromGrpcStatus(status);
+    std::vector<grpc::Slice> slices;
+    EXPECT_TRUE(resp.Dump(&slices).ok());
+    std::string out;
+    for (const grpc::Slice& sl : slices) {
+      out.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+    }
+    return out;
+  };
+  auto output = [&](const absl::StatusOr<std::string>& bytes) -> Tensor {
+    EXPECT_TRUE(bytes.ok()) << bytes.status();
+    v1::ForwardResponse r;
+    if (!bytes.ok() || !r.ParseFromString(*bytes)) return Tensor();
+    auto t = TensorFromProto(r.output(), "output", 2);
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? *t : Tensor();
+  };
+  auto same = [](const Tensor& a, const Tensor& b) {
+    return !a.empty() && a.shape() == b.shape() &&
+           std::memcmp(a.data(), b.data(), a.numel() * sizeof(float)) == 0;
+  };
+
+  // Router Forward, layer 1, F32 in and out.
+  v1::ForwardRequest canonical;
+  canonical.set_layer(1);
+  TensorToProto(x, DType::kF32, canonical.mutable_hidden());
+  canonical.set_output_dtype(v1::DTYPE_F32);
+  const Tensor want = output(
+      raw((*mesh)->router_address(), "/moemesh.v1.Router/Forward", canonical.SerializeAsString()));
+  ASSERT_FALSE(want.empty());
+  {
+    // Output dtype first, an unknown field, the tensor in two pieces (shape unpacked, then the
+    // data, then the dtype), the layer last.
+    std::string first, second, msg;
+    wire::Tag(2, 0, &first);
+    wire::Varint(3, &first);
+    wire::Tag(2, 0, &first);
+    wire::Varint(static_cast<uint64_t>(h), &first);
+    wire::Bytes(3, data, &second);
+    wire::Tag(1, 0, &second);
+    wire::Varint(v1::DTYPE_F32, &second);
+    wire::Tag(3, 0, &msg);
+    wire::Varint(v1::DTYPE_F32, &msg);
+    wire::Bytes(77, "not a field of ForwardRequest", &msg);
+    wire::Bytes(2, first, &msg);
+    wire::Bytes(2, second, &msg);
+    wire::Tag(1, 0, &msg);
+    wire::Varint(1, &msg);
+    v1::ForwardRequest check;  // protobuf reads it as the canonical request
+    ASSERT_TRUE(check.ParseFromString(msg));
+    check.DiscardUnknownFields();
+    ASSERT_TRUE(check.SerializeAsString() == canonical.SerializeAsString());
+    EXPECT_TRUE(
+        same(output(raw((*mesh)->router_address(), "/moemesh.v1.Router/Forward", msg)), want));
+  }
+
+  // Worker RunExperts: 3 tokens, experts 1 and 2 (group 0 holds 0-3).
+  v1::RunExpertsRequest run;
+  run.set_layer(0);
+  TensorToProto(x, DType::kF32, run.mutable_tokens());
+  for (int v : {0, 2, 3, 4}) run.add_offsets(v);
+  for (int e : {1, 2, 2, 1}) run.add_experts(e);
+  for (float w : {0.75f, 0.25f, 1.0f, 0.5f}) run.add_weights(w);
+  run.set_output_dtype(v1::DTYPE_F32);
+  const std::string worker = (*mesh)->workers()[0].address;
+  const Tensor want_run =
+      output(raw(worker, "/moemesh.v1.ExpertWorker/RunExperts", run.SerializeAsString()));
+  ASSERT_FALSE(want_run.empty());
+  {
+    // Every repeated field unpacked, in reverse field order.
+    std::string msg;
+    wire::Tag(6, 0, &msg);
+    wire::Varint(v1::DTYPE_F32, &msg);
+    for (float w : run.weights()) {
+      wire::Tag(5, 5, &msg);
+      msg.append(reinterpret_cast<const char*>(&w), 4);
+    }
+    for (int e : run.experts()) {
+      wire::Tag(4, 0, &msg);
+      wire::Varint(static_cast<uint64_t>(e), &msg);
+    }
+    for (int o : run.offsets()) {
+      wire::Tag(3, 0, &msg);
+      wire::Varint(static_cast<uint64_t>(o), &msg);
+    }
+    wire::Bytes(2, run.tokens().SerializeAsString(), &msg);
+    v1::RunExpertsRequest check;
+    ASSERT_TRUE(check.ParseFromString(msg));
+    ASSERT_TRUE(check.SerializeAsString() == run.SerializeAsString());
+    EXPECT_TRUE(same(output(raw(worker, "/moemesh.v1.ExpertWorker/RunExperts", msg)), want_run));
+  }
+  // Bytes protobuf rejects are INVALID_ARGUMENT, and the services keep serving.
+  auto bad = raw((*mesh)->router_address(), "/moemesh.v1.Router/Forward",
+                 canonical.SerializeAsString().substr(0, 40));
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << bad.status();
+  bad = raw(worker, "/moemesh.v1.ExpertWorker/RunExperts", std::string("\x12\x05\x08", 3));
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << bad.status();
+  EXPECT_TRUE(same(output(raw((*mesh)->router_address(), "/moemesh.v1.Router/Forward",
+                              canonical.SerializeAsString())),
+                   want));
   EXPECT_TRUE((*mesh)->Stop().ok());
 }
 
