@@ -174,7 +174,6 @@ void MoeDispatcher::ForwardAsync(
   }
 
   auto fan = std::make_shared<FanOut>();
-  fan->out = Tensor::Zeros({t, h});
   fan->partial.resize(ng);
   fan->stats = std::move(stats);
   fan->done = std::move(done);
@@ -196,7 +195,7 @@ void MoeDispatcher::ForwardAsync(
   fan->rows = std::move(rows);
   fan->pending = active;
   if (active == 0) {
-    fan->done(std::move(fan->out), fan->stats);
+    fan->done(Tensor::Zeros({t, h}), fan->stats);
     return;
   }
   auto finish = [fan, ng, h, t]() {
@@ -216,7 +215,9 @@ void MoeDispatcher::ForwardAsync(
         return;
       }
     }
-    // Combine in group order so the sum does not depend on which group answered first.
+    // Combine in group order so the sum does not depend on which group answered first. (The
+    // sum's buffer is made only here: one group that answered alone needs none.)
+    fan->out = Tensor::Zeros({t, h});
     absl::Status status;
     for (int g = 0; g < ng && status.ok(); ++g) {
       if (fan->rows[g].empty()) continue;
