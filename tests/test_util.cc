@@ -105,4 +105,22 @@ double MaxAbsDiff(const float* a, const float* b, size_t n) {
   return m;
 }
 
+void AppendVarint(uint64_t v, std::string* out) {
+  while (v >= 0x80) {
+    out->push_back(static_cast<char>(v | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<char>(v));
+}
+
+void AppendTag(int field, int wire_type, std::string* out) {
+  AppendVarint((static_cast<uint64_t>(field) << 3) | static_cast<uint64_t>(wire_type), out);
+}
+
+void AppendBytesField(int field, absl::string_view bytes, std::string* out) {
+  AppendTag(field, 2, out);
+  AppendVarint(bytes.size(), out);
+  out->append(bytes.data(), bytes.size());
+}
+
 }  // namespace moemesh::testing

@@ -56,4 +56,11 @@ std::vector<float> RandomFloats(size_t n, uint64_t seed, float scale = 1.0f);
 // Largest |a[i] - b[i]| over n values; infinity if any difference is NaN.
 double MaxAbsDiff(const float* a, const float* b, size_t n);
 
+// Protobuf wire-format pieces appended to `out`, for building messages by hand (non-canonical
+// or malformed encodings): a varint, a field's tag (wire type 0 varint, 1 fixed64,
+// 2 length-delimited, 3/4 group start/end, 5 fixed32), and a length-delimited field.
+void AppendVarint(uint64_t v, std::string* out);
+void AppendTag(int field, int wire_type, std::string* out);
+void AppendBytesField(int field, absl::string_view bytes, std::string* out);
+
 }  // namespace moemesh::testing

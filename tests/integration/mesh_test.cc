@@ -232,21 +232,6 @@ TEST_F(MeshTest, BadLayerOrExpertGetsAClearErrorAndServiceContinues) {
 // generated parser. A client may encode a message in any way protobuf accepts: fields out of
 // order, unpacked repeated fields, unknown fields, a message field sent in two pieces (merged).
 // Such requests, sent as raw bytes, get answers bitwise equal to the canonical encoding's.
-namespace wire {
-void Varint(uint64_t v, std::string* out) {
-  while (v >= 0x80) {
-    out->push_back(static_cast<char>(v | 0x80));
-    v >>= 7;
-  }
-  out->push_back(static_cast<char>(v));
-}
-void Tag(int field, int type, std::string* out) { Varint((field << 3) | type, out); }
-void Bytes(int field, const std::string& b, std::string* out) {
-  Tag(field, 2, out);
-  Varint(b.size(), out);
-  out->append(b);
-}
-}  // namespace wire
 
 TEST_F(MeshTest, NonCanonicalEncodingsGetTheCanonicalAnswers) {
   auto mesh = Mesh::Start(TestMeshOptions(*model_, dir_->Join("work-noncanonical"), 2));
@@ -303,20 +288,20 @@ TEST_F(MeshTest, NonCanonicalEncodingsGetTheCanonicalAnswers) {
     // Output dtype first, an unknown field, the tensor in two pieces (shape unpacked, then the
     // data, then the dtype), the layer last.
     std::string first, second, msg;
-    wire::Tag(2, 0, &first);
-    wire::Varint(3, &first);
-    wire::Tag(2, 0, &first);
-    wire::Varint(static_cast<uint64_t>(h), &first);
-    wire::Bytes(3, data, &second);
-    wire::Tag(1, 0, &second);
-    wire::Varint(v1::DTYPE_F32, &second);
-    wire::Tag(3, 0, &msg);
-    wire::Varint(v1::DTYPE_F32, &msg);
-    wire::Bytes(77, "not a field of ForwardRequest", &msg);
-    wire::Bytes(2, first, &msg);
-    wire::Bytes(2, second, &msg);
-    wire::Tag(1, 0, &msg);
-    wire::Varint(1, &msg);
+    AppendTag(2, 0, &first);
+    AppendVarint(3, &first);
+    AppendTag(2, 0, &first);
+    AppendVarint(static_cast<uint64_t>(h), &first);
+    AppendBytesField(3, data, &second);
+    AppendTag(1, 0, &second);
+    AppendVarint(v1::DTYPE_F32, &second);
+    AppendTag(3, 0, &msg);
+    AppendVarint(v1::DTYPE_F32, &msg);
+    AppendBytesField(77, "not a field of ForwardRequest", &msg);
+    AppendBytesField(2, first, &msg);
+    AppendBytesField(2, second, &msg);
+    AppendTag(1, 0, &msg);
+    AppendVarint(1, &msg);
     v1::ForwardRequest check;  // protobuf reads it as the canonical request
     ASSERT_TRUE(check.ParseFromString(msg));
     check.DiscardUnknownFields();
@@ -340,21 +325,21 @@ TEST_F(MeshTest, NonCanonicalEncodingsGetTheCanonicalAnswers) {
   {
     // Every repeated field unpacked, in reverse field order.
     std::string msg;
-    wire::Tag(6, 0, &msg);
-    wire::Varint(v1::DTYPE_F32, &msg);
+    AppendTag(6, 0, &msg);
+    AppendVarint(v1::DTYPE_F32, &msg);
     for (float w : run.weights()) {
-      wire::Tag(5, 5, &msg);
+      AppendTag(5, 5, &msg);
       msg.append(reinterpret_cast<const char*>(&w), 4);
     }
     for (int e : run.experts()) {
-      wire::Tag(4, 0, &msg);
-      wire::Varint(static_cast<uint64_t>(e), &msg);
+      AppendTag(4, 0, &msg);
+      AppendVarint(static_cast<uint64_t>(e), &msg);
     }
     for (int o : run.offsets()) {
-      wire::Tag(3, 0, &msg);
-      wire::Varint(static_cast<uint64_t>(o), &msg);
+      AppendTag(3, 0, &msg);
+      AppendVarint(static_cast<uint64_t>(o), &msg);
     }
-    wire::Bytes(2, run.tokens().SerializeAsString(), &msg);
+    AppendBytesField(2, run.tokens().SerializeAsString(), &msg);
     v1::RunExpertsRequest check;
     ASSERT_TRUE(check.ParseFromString(msg));
     ASSERT_TRUE(check.SerializeAsString() == run.SerializeAsString());

@@ -14,9 +14,14 @@
 #include "moemesh/v1/expert_worker.pb.h"
 #include "moemesh/v1/router.pb.h"
 #include "services/rpc/tensor_proto.h"
+#include "tests/test_util.h"
 
 namespace moemesh {
 namespace {
+
+using ::moemesh::testing::AppendBytesField;
+using ::moemesh::testing::AppendTag;
+using ::moemesh::testing::AppendVarint;
 
 std::string Flatten(const grpc::ByteBuffer& b) {
   ReceivedBytes bytes;
@@ -104,22 +109,6 @@ void ExpectOutputAgrees(const std::string& bytes, std::mt19937& rng) {
   const absl::Status s = ParseOutputMessage(chunks, &got);
   ASSERT_EQ(s.ok(), want_ok) << s << " for " << absl::BytesToHexString(bytes);
   if (want_ok) ExpectTensorEq(got, want.output());
-}
-
-// ---- protobuf wire-format building blocks, for non-canonical inputs ----------------------
-
-void Varint(uint64_t v, std::string* out) {
-  while (v >= 0x80) {
-    out->push_back(static_cast<char>(v | 0x80));
-    v >>= 7;
-  }
-  out->push_back(static_cast<char>(v));
-}
-void Tag(int field, int type, std::string* out) { Varint((field << 3) | type, out); }
-void Bytes(int field, const std::string& b, std::string* out) {
-  Tag(field, 2, out);
-  Varint(b.size(), out);
-  out->append(b);
 }
 
 constexpr DType kWires[] = {DType::kF32, DType::kF16, DType::kBF16};
@@ -248,46 +237,46 @@ TEST(WireCodecTest, NonCanonicalEncodingsParseAsProtobufParsesThem) {
     // Fields out of order, an unpacked shape, unknown fields of every wire type (a group with
     // a nested group and fields inside), a repeated layer (the last one wins).
     std::string tensor;
-    Bytes(3, std::string(8, '\x3f'), &tensor);
-    Tag(2, 0, &tensor);
-    Varint(2, &tensor);
-    Tag(9, 1, &tensor);
+    AppendBytesField(3, std::string(8, '\x3f'), &tensor);
+    AppendTag(2, 0, &tensor);
+    AppendVarint(2, &tensor);
+    AppendTag(9, 1, &tensor);
     tensor.append(8, '\x01');
-    Tag(2, 0, &tensor);
-    Varint(2, &tensor);
-    Tag(1, 0, &tensor);
-    Varint(3, &tensor);
+    AppendTag(2, 0, &tensor);
+    AppendVarint(2, &tensor);
+    AppendTag(1, 0, &tensor);
+    AppendVarint(3, &tensor);
     std::string msg;
-    Tag(3, 0, &msg);
-    Varint(3, &msg);
-    Tag(1, 0, &msg);
-    Varint(7, &msg);
-    Tag(15, 5, &msg);
+    AppendTag(3, 0, &msg);
+    AppendVarint(3, &msg);
+    AppendTag(1, 0, &msg);
+    AppendVarint(7, &msg);
+    AppendTag(15, 5, &msg);
     msg.append(4, '\x02');
-    Tag(100, 3, &msg);
-    Tag(7, 0, &msg);
-    Varint(1, &msg);
-    Tag(8, 3, &msg);
-    Tag(8, 4, &msg);
-    Tag(100, 4, &msg);
-    Bytes(2, tensor, &msg);
-    Tag(1, 0, &msg);
-    Varint(uint64_t{0xFFFFFFFF00000009}, &msg);  // int32: truncated to 9
-    Bytes(1000, "unknown", &msg);
+    AppendTag(100, 3, &msg);
+    AppendTag(7, 0, &msg);
+    AppendVarint(1, &msg);
+    AppendTag(8, 3, &msg);
+    AppendTag(8, 4, &msg);
+    AppendTag(100, 4, &msg);
+    AppendBytesField(2, tensor, &msg);
+    AppendTag(1, 0, &msg);
+    AppendVarint(uint64_t{0xFFFFFFFF00000009}, &msg);  // int32: truncated to 9
+    AppendBytesField(1000, "unknown", &msg);
     inputs.push_back(msg);
     // The message field twice: protobuf merges them (shape appended, data replaced).
     std::string again = msg;
     std::string second;
-    Tag(2, 0, &second);
-    Varint(1, &second);
-    Bytes(3, std::string(4, '\x11'), &second);
-    Bytes(2, second, &again);
+    AppendTag(2, 0, &second);
+    AppendVarint(1, &second);
+    AppendBytesField(3, std::string(4, '\x11'), &second);
+    AppendBytesField(2, second, &again);
     inputs.push_back(again);
     // A known field with another wire type is an unknown field.
     std::string other = msg;
-    Bytes(1, "x", &other);
-    Tag(2, 0, &other);
-    Varint(5, &other);
+    AppendBytesField(1, "x", &other);
+    AppendTag(2, 0, &other);
+    AppendVarint(5, &other);
     inputs.push_back(other);
   }
   for (const std::string& in : inputs) {
@@ -297,25 +286,25 @@ TEST(WireCodecTest, NonCanonicalEncodingsParseAsProtobufParsesThem) {
     // RunExperts: unpacked offsets, experts split over a packed and an unpacked run, weights
     // unpacked then packed, a negative expert id as a 10-byte varint.
     std::string tokens;
-    Tag(1, 0, &tokens);
-    Varint(1, &tokens);
-    Bytes(2, std::string("\x02\x01", 2), &tokens);
-    Bytes(3, std::string(8, '\0'), &tokens);
+    AppendTag(1, 0, &tokens);
+    AppendVarint(1, &tokens);
+    AppendBytesField(2, std::string("\x02\x01", 2), &tokens);
+    AppendBytesField(3, std::string(8, '\0'), &tokens);
     std::string msg;
-    Bytes(2, tokens, &msg);
+    AppendBytesField(2, tokens, &msg);
     for (int o : {0, 1}) {
-      Tag(3, 0, &msg);
-      Varint(o, &msg);
+      AppendTag(3, 0, &msg);
+      AppendVarint(o, &msg);
     }
-    Bytes(4, std::string(), &msg);
-    Tag(4, 0, &msg);
-    Varint(uint64_t(-1), &msg);
-    Tag(3, 0, &msg);
-    Varint(2, &msg);
-    Bytes(4, "\x05", &msg);
-    Tag(5, 5, &msg);
+    AppendBytesField(4, std::string(), &msg);
+    AppendTag(4, 0, &msg);
+    AppendVarint(uint64_t(-1), &msg);
+    AppendTag(3, 0, &msg);
+    AppendVarint(2, &msg);
+    AppendBytesField(4, "\x05", &msg);
+    AppendTag(5, 5, &msg);
     msg.append("\0\0\x80\x3f", 4);
-    Bytes(5, std::string("\0\0\0\x3f", 4), &msg);
+    AppendBytesField(5, std::string("\0\0\0\x3f", 4), &msg);
     for (int rep = 0; rep < 20; ++rep) ExpectRunExpertsAgrees(msg, rng);
   }
 }
