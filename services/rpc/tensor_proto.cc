@@ -5,24 +5,11 @@
 
 namespace moemesh {
 
-// wire_codec.cc reads and writes these values without the generated enum.
+// wire_codec.h maps DType to and from these values without the generated enum.
 static_assert(v1::DTYPE_F32 == 1 && v1::DTYPE_F16 == 2 && v1::DTYPE_BF16 == 3 &&
               v1::DTYPE_F8_E4M3 == 4);
 
-absl::StatusOr<DType> DTypeFromProto(v1::DType d) {
-  switch (d) {
-    case v1::DTYPE_F32:
-      return DType::kF32;
-    case v1::DTYPE_F16:
-      return DType::kF16;
-    case v1::DTYPE_BF16:
-      return DType::kBF16;
-    case v1::DTYPE_F8_E4M3:
-      return DType::kF8E4M3;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", static_cast<int>(d)));
-  }
-}
+absl::StatusOr<DType> DTypeFromProto(v1::DType d) { return DTypeFromWireValue(d); }
 
 absl::StatusOr<DType> ActivationDTypeFromProto(v1::DType d) {
   if (d == v1::DTYPE_UNSPECIFIED) return DType::kF32;
@@ -40,19 +27,7 @@ absl::StatusOr<DType> ParseWireDType(absl::string_view flag) {
       absl::StrCat("--wire_dtype must be f32 or bf16, got '", flag, "'"));
 }
 
-v1::DType DTypeToProto(DType d) {
-  switch (d) {
-    case DType::kF32:
-      return v1::DTYPE_F32;
-    case DType::kF16:
-      return v1::DTYPE_F16;
-    case DType::kBF16:
-      return v1::DTYPE_BF16;
-    case DType::kF8E4M3:
-      return v1::DTYPE_F8_E4M3;
-  }
-  return v1::DTYPE_UNSPECIFIED;
-}
+v1::DType DTypeToProto(DType d) { return static_cast<v1::DType>(DTypeWireValue(d)); }
 
 void TensorToProto(const Tensor& t, DType wire, v1::Tensor* out) {
   out->set_dtype(DTypeToProto(wire));

@@ -24,37 +24,6 @@ using google::protobuf::io::CodedOutputStream;
 constexpr uint32_t kVarint = 0, kFixed64 = 1, kLengthDelimited = 2, kStartGroup = 3, kEndGroup = 4,
                    kFixed32 = 5;
 
-// The enum values of v1::DType (protos/moemesh/v1/tensor.proto); tensor_proto.cc checks that
-// they agree with the generated enum.
-absl::StatusOr<DType> DTypeFromWireValue(int32_t d) {
-  switch (d) {
-    case 1:
-      return DType::kF32;
-    case 2:
-      return DType::kF16;
-    case 3:
-      return DType::kBF16;
-    case 4:
-      return DType::kF8E4M3;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", d));
-  }
-}
-
-int32_t DTypeWireValue(DType d) {
-  switch (d) {
-    case DType::kF32:
-      return 1;
-    case DType::kF16:
-      return 2;
-    case DType::kBF16:
-      return 3;
-    case DType::kF8E4M3:
-      return 4;
-  }
-  return 0;
-}
-
 // The message's chunks as a protobuf input stream; Next hands out the chunks' own memory.
 class ChunkStream final : public google::protobuf::io::ZeroCopyInputStream {
  public:
@@ -200,25 +169,35 @@ class Reader {
   CodedInputStream in_;
 };
 
+bool ParseInt32Field(Reader& r, int32_t* out) {
+  uint64_t v;
+  if (!r.ReadVarint(&v)) return false;
+  *out = static_cast<int32_t>(v);
+  return true;
+}
+
+// A repeated int32 or int64 field (packed or not): each varint truncated to T, as protobuf does.
+template <typename T>
+bool ParseVarints(Reader& r, uint32_t tag, std::vector<T>* out) {
+  return r.Repeated(tag, kVarint, [&] {
+    uint64_t v;
+    if (!r.ReadVarint(&v)) return false;
+    out->push_back(static_cast<T>(v));
+    return true;
+  });
+}
+
 // The fields of a v1::Tensor, merged into `t` (a message field repeated in its parent merges).
 bool ParseTensorBody(Reader& r, WireTensor* t) {
   CodedInputStream& in = r.in();
   uint32_t tag;
   bool ok;
-  uint64_t v;
   while (r.NextTag(&tag, &ok)) {
     const uint32_t field = tag >> 3, type = tag & 7;
     if (field == 1 && type == kVarint) {
-      if (!r.ReadVarint(&v)) return false;
-      t->dtype = static_cast<int32_t>(v);
+      if (!ParseInt32Field(r, &t->dtype)) return false;
     } else if (field == 2 && (type == kVarint || type == kLengthDelimited)) {
-      if (!r.Repeated(tag, kVarint, [&] {
-            if (!r.ReadVarint(&v)) return false;
-            t->shape.push_back(static_cast<int64_t>(v));
-            return true;
-          })) {
-        return false;
-      }
+      if (!ParseVarints(r, tag, &t->shape)) return false;
     } else if (field == 3 && type == kLengthDelimited) {
       int size;
       if (!r.ReadSize(&size)) return false;
@@ -242,22 +221,6 @@ bool ParseTensorBody(Reader& r, WireTensor* t) {
 
 absl::Status Malformed(absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat("malformed ", message, " message"));
-}
-
-bool ParseInt32Field(Reader& r, int32_t* out) {
-  uint64_t v;
-  if (!r.ReadVarint(&v)) return false;
-  *out = static_cast<int32_t>(v);
-  return true;
-}
-
-bool ParseInt32s(Reader& r, uint32_t tag, std::vector<int32_t>* out) {
-  return r.Repeated(tag, kVarint, [&] {
-    uint64_t v;
-    if (!r.ReadVarint(&v)) return false;
-    out->push_back(static_cast<int32_t>(v));
-    return true;
-  });
 }
 
 // ---- encoding ----------------------------------------------------------------------------
@@ -385,6 +348,35 @@ absl::Status ParseFields(absl::Span<const absl::string_view> chunks, absl::strin
 
 }  // namespace
 
+absl::StatusOr<DType> DTypeFromWireValue(int32_t d) {
+  switch (d) {
+    case 1:
+      return DType::kF32;
+    case 2:
+      return DType::kF16;
+    case 3:
+      return DType::kBF16;
+    case 4:
+      return DType::kF8E4M3;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", d));
+  }
+}
+
+int32_t DTypeWireValue(DType d) {
+  switch (d) {
+    case DType::kF32:
+      return 1;
+    case DType::kF16:
+      return 2;
+    case DType::kBF16:
+      return 3;
+    case DType::kF8E4M3:
+      return 4;
+  }
+  return 0;
+}
+
 absl::Status ParseForwardRequest(absl::Span<const absl::string_view> chunks,
                                  WireForwardRequest* out) {
   *out = WireForwardRequest();
@@ -413,8 +405,8 @@ absl::Status ParseRunExpertsRequest(absl::Span<const absl::string_view> chunks,
         if (field == 2 && type == kLengthDelimited) {
           return r.Message([&] { return ParseTensorBody(r, &out->tokens); });
         }
-        if (field == 3 && scalars) return ParseInt32s(r, tag, &out->offsets);
-        if (field == 4 && scalars) return ParseInt32s(r, tag, &out->experts);
+        if (field == 3 && scalars) return ParseVarints(r, tag, &out->offsets);
+        if (field == 4 && scalars) return ParseVarints(r, tag, &out->experts);
         if (field == 5 && (type == kFixed32 || type == kLengthDelimited)) {
           return r.Repeated(tag, kFixed32, [&] {
             uint32_t bits;

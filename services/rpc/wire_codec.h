@@ -35,6 +35,11 @@
 
 namespace moemesh {
 
+// DType as the values of the v1::DType enum (protos/moemesh/v1/tensor.proto: 1 F32, 2 F16,
+// 3 BF16, 4 F8_E4M3); INVALID_ARGUMENT "unknown dtype N" for any other value.
+[[nodiscard]] absl::StatusOr<DType> DTypeFromWireValue(int32_t value);
+int32_t DTypeWireValue(DType dtype);
+
 // A v1::Tensor as it arrived: its dtype (the raw enum value), shape, and data bytes, in pieces
 // that point into the received chunks.
 struct WireTensor {
