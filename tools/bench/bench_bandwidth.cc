@@ -3,14 +3,17 @@
 //   bench_bandwidth [--json out.json]
 //
 // Decode reads every active weight once per token, so tokens/s ≈ bandwidth / active bytes.
-// Measures OpenBLAS sgemv over a 32000 × 1024 F32 matrix (the benchmark model's LM head) and a
-// plain two-thread AVX2 read of the same bytes with independent accumulators.
+// Measures OpenBLAS sgemv over a 32000 × 1024 F32 matrix (the benchmark model's LM head), a
+// plain two-thread AVX2 read of the same bytes with independent accumulators, and the decode
+// kernel (cpu::MatMul with one row, on the process's kernel threads) over the same matrix in
+// F32 and in BF16, and over one expert's gate projection (2816 × 1024, F32).
 #include <cblas.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <thread>
 #include <vector>
@@ -18,6 +21,9 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "nlohmann/json.hpp"
+#include "services/compute/cpu/kernel_threads.h"
+#include "services/compute/cpu/matmul.h"
+#include "services/tensor/tensor.h"
 
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
 
@@ -25,6 +31,38 @@ namespace {
 
 double Seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// GB/s of cpu::MatMul(x, 1, w) over `copies` distinct copies of an n × k weight, taken in turn
+// (so that small matrices come from memory, not cache, as in a decode step).
+double KernelGbps(moemesh::DType dtype, int64_t n, int64_t k, int copies, int calls) {
+  using namespace moemesh;
+  const size_t esize = DTypeBytes(dtype);
+  std::vector<std::vector<uint8_t>> bufs(copies, std::vector<uint8_t>(n * k * esize));
+  std::vector<Weight> ws(copies);
+  for (int c = 0; c < copies; ++c) {
+    for (int64_t i = 0; i < n * k; ++i) {
+      const float v = 0.001f * static_cast<float>((i * 7 + c) % 13);
+      if (dtype == DType::kF32) {
+        std::memcpy(bufs[c].data() + i * 4, &v, 4);
+      } else {
+        const uint16_t b = FloatToBF16(v);
+        std::memcpy(bufs[c].data() + i * 2, &b, 2);
+      }
+    }
+    ws[c].dtype = dtype;
+    ws[c].rows = n;
+    ws[c].cols = k;
+    ws[c].data = bufs[c].data();
+  }
+  std::vector<float> x(k, 1.0f), y(n);
+  double best = 0;
+  for (int r = 0; r < 3; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < calls; ++i) cpu::MatMul(x.data(), 1, ws[i % copies], y.data());
+    best = std::max(best, static_cast<double>(n) * k * esize * calls / Seconds(t0) / 1e9);
+  }
+  return best;
 }
 
 }  // namespace
@@ -66,11 +104,26 @@ int main(int argc, char** argv) {
     best_read = std::max(best_read, bytes / Seconds(t0) / 1e9);
     if (sink[0] + sink[1] == -1.0f) std::printf(" ");
   }
+  const double kernel_f32 = KernelGbps(moemesh::DType::kF32, n, k, 1, reps);
+  const double kernel_bf16 = KernelGbps(moemesh::DType::kBF16, n, k, 1, reps);
+  // 24 copies of an expert's gate (277 MB): every call streams from memory.
+  const double kernel_expert = KernelGbps(moemesh::DType::kF32, 2816, 1024, 24, 240);
+  const int threads = moemesh::cpu::KernelThreads::Get().threads();
   std::printf("| measurement | GB/s |\n|---|---|\n");
   std::printf("| OpenBLAS sgemv 32000x1024 F32 | %.1f |\n", best_gemv);
   std::printf("| 2-thread AVX2 read, same bytes | %.1f |\n", best_read);
+  std::printf("| cpu::MatMul, 1 row, same matrix, F32 (%d threads) | %.1f |\n", threads,
+              kernel_f32);
+  std::printf("| cpu::MatMul, 1 row, same matrix in BF16 (%d threads) | %.1f |\n", threads,
+              kernel_bf16);
+  std::printf("| cpu::MatMul, 1 row, 2816 x 1024 F32 experts in turn (%d threads) | %.1f |\n",
+              threads, kernel_expert);
   if (!absl::GetFlag(FLAGS_json).empty()) {
-    nlohmann::json j = {{"sgemv_gb_per_s", best_gemv}, {"read_gb_per_s", best_read}};
+    nlohmann::json j = {{"sgemv_gb_per_s", best_gemv},
+                        {"read_gb_per_s", best_read},
+                        {"kernel_f32_gb_per_s", kernel_f32},
+                        {"kernel_bf16_gb_per_s", kernel_bf16},
+                        {"kernel_expert_f32_gb_per_s", kernel_expert}};
     std::ofstream(absl::GetFlag(FLAGS_json)) << j.dump(2) << "\n";
   }
   return 0;

@@ -5,12 +5,17 @@
 //                [--threads N] [--blas_min_rows R] [--isa avx512|avx2|scalar]
 //
 // Prefill: one --prompt-token prompt in one step (best of --repeats). Decode: for each
-// concurrency C, C greedy streams with different 16-token prompts (prefilled first, untimed)
-// decode --decode tokens each, all C in every step; the figure is C × decode tokens over the
-// decode phase. Without --model it generates the benchmark model (hidden 1024,
-// 8 layers, 16 heads, 4 kv heads, 8 experts top-2, intermediate 2816, vocab 32000; about 640M
-// parameters) in --model_dtype into --cache_dir once and reuses it. Prints a table and writes
-// JSON with exactly the keys
+// concurrency C, C greedy streams with 16-token prompts (prefilled first, untimed) decode
+// --decode tokens each, all C in every step; the figure is C × decode tokens over the decode
+// phase. --prompts says whose workload: `shared` (the default) gives every stream the same
+// prompt, so the C streams decode the same tokens and every step routes all C rows to the same
+// experts; that is what llama-batched-bench, the reference, measures (it feeds token 0
+// to every stream at every position). `distinct` gives each stream a prompt of its own, as in
+// serving: C rows then spread over more experts and a step reads more weights (at 16 streams,
+// nearly every expert of the benchmark model). Without --model it generates the benchmark
+// model (hidden 1024, 8 layers, 16 heads, 4 kv heads, 8 experts top-2, intermediate 2816, vocab
+// 32000; about 640M parameters) in --model_dtype into --cache_dir once and reuses it. Prints a
+// table and writes JSON with exactly the keys
 //   {"prefill_tokens_per_s", "decode": [{"streams", "tokens_per_s"}], "weight_bytes",
 //    "peak_rss_bytes"}.
 #include <sys/resource.h>
@@ -46,6 +51,9 @@ ABSL_FLAG(int, blas_min_rows, 0,
           "rows from which products go to OpenBLAS (0: never; keeps batch invariance)");
 ABSL_FLAG(std::string, isa, "", "force the kernels' instruction set: avx512 | avx2 | scalar");
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
+ABSL_FLAG(std::string, prompts, "shared",
+          "decode streams' prompts: shared (every stream the same prompt: every stream routes to "
+          "the same experts, as in llama-batched-bench) | distinct (each stream its own)");
 
 namespace {
 
@@ -75,6 +83,11 @@ int main(int argc, char** argv) {
       return Fail(absl::InvalidArgumentError("bad --concurrency"));
     streams.push_back(c);
   }
+  const std::string prompts_flag = absl::GetFlag(FLAGS_prompts);
+  if (prompts_flag != "distinct" && prompts_flag != "shared") {
+    return Fail(absl::InvalidArgumentError("--prompts must be distinct or shared"));
+  }
+  const bool shared = prompts_flag == "shared";
   std::string dir = absl::GetFlag(FLAGS_model);
   if (dir.empty()) {
     const std::string md = absl::GetFlag(FLAGS_model_dtype);
@@ -125,7 +138,7 @@ int main(int argc, char** argv) {
     for (int s = 0; s < c; ++s) {
       seqs.push_back(e.NewSequence());
       for (int i = 0; i < 16; ++i)
-        prompts[s].push_back((s * 104729 + i * 7919 + 17) % cfg.vocab_size);
+        prompts[s].push_back(((shared ? 0 : s) * 104729 + i * 7919 + 17) % cfg.vocab_size);
       ins.push_back(StepInput{seqs.back().get(), prompts[s], false});
     }
     auto r = e.Step(ins);
@@ -150,9 +163,11 @@ int main(int argc, char** argv) {
   const int64_t peak_rss = static_cast<int64_t>(ru.ru_maxrss) * 1024;
   const int64_t weight_bytes = (*m)->weight_bytes();
 
-  std::printf("model %s, weights %.1f MB, peak RSS %.1f MB, load %.1f s, isa %s, %d threads\n",
-              dir.c_str(), weight_bytes / 1e6, peak_rss / 1e6, load_s,
-              cpu::IsaName(cpu::ActiveIsa()), cpu::KernelThreads::Get().threads());
+  std::printf(
+      "model %s, weights %.1f MB, peak RSS %.1f MB, load %.1f s, isa %s, %d threads, decode "
+      "streams' prompts %s\n",
+      dir.c_str(), weight_bytes / 1e6, peak_rss / 1e6, load_s, cpu::IsaName(cpu::ActiveIsa()),
+      cpu::KernelThreads::Get().threads(), prompts_flag.c_str());
   std::printf("| prefill %d tok/s |", np);
   for (int c : streams) std::printf(" decode %d streams tok/s |", c);
   std::printf("\n|---|");

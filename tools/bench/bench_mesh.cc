@@ -19,9 +19,10 @@
 //            The gateway runs with --max_step_tokens = --prompt so that the prompt is one
 //            step, as in bench_engine.
 //   decode   C concurrent greedy streams (C from --concurrency) of --decode tokens each, from
-//            distinct --decode_prompt-token prompts: aggregate tokens/s (all tokens / wall),
-//            mean inter-token latency within a stream, mean time to first token, and the mean
-//            tokens per engine step (router Forward calls per MoE layer, from its /metrics).
+//            --decode_prompt-token prompts (--prompts shared, the default: the same prompt for
+//            every stream, as bench_engine; distinct: one each): aggregate tokens/s (all tokens /
+//            wall), mean inter-token latency within a stream, mean time to first token, and the
+//            mean tokens per engine step (router Forward calls per MoE layer, from its /metrics).
 //   in-process  the same prefill step and a concurrency-1 decode with InprocModel (the
 //            single-process engine), before the mesh starts; its greedy tokens are compared
 //            with the mesh's.
@@ -98,6 +99,9 @@ ABSL_FLAG(int, prompt, 512, "prompt tokens for prefill");
 ABSL_FLAG(int, decode, 64, "tokens each decode stream generates");
 ABSL_FLAG(int, decode_prompt, 16, "prompt tokens of each decode stream");
 ABSL_FLAG(std::string, concurrency, "1,4,8,16", "concurrent decode streams, comma separated");
+ABSL_FLAG(std::string, prompts, "shared",
+          "decode streams' prompts: shared (every stream the same prompt, as bench_engine's "
+          "default and llama-batched-bench) | distinct (each stream its own)");
 ABSL_FLAG(int, repeats, 2, "prefill repetitions (best is reported)");
 ABSL_FLAG(bool, inproc, true, "also measure the single-process engine");
 ABSL_FLAG(std::string, bin_dir, "", "directory of the moemesh service binaries (default: ours)");
@@ -129,7 +133,7 @@ namespace {
 
 struct Options {
   std::string model, cache_dir, wire, bin_dir, work_dir, json, model_dtype = "f32";
-  bool small = false, inproc = true;
+  bool small = false, inproc = true, shared_prompts = true;
   int groups = 2, replicas = 1, prompt = 512, decode = 64, decode_prompt = 16, repeats = 2;
   int blas_threads = 0, worker_kernel_threads = 0;
   std::vector<int> concurrency;
@@ -164,6 +168,10 @@ absl::StatusOr<Options> GetOptions() {
   o.prompt = absl::GetFlag(FLAGS_prompt);
   o.decode = absl::GetFlag(FLAGS_decode);
   o.decode_prompt = absl::GetFlag(FLAGS_decode_prompt);
+  const std::string prompts = absl::GetFlag(FLAGS_prompts);
+  if (prompts != "shared" && prompts != "distinct")
+    return absl::InvalidArgumentError("--prompts must be shared or distinct");
+  o.shared_prompts = prompts == "shared";
   o.repeats = absl::GetFlag(FLAGS_repeats);
   o.inproc = absl::GetFlag(FLAGS_inproc);
   o.bin_dir = absl::GetFlag(FLAGS_bin_dir);
@@ -327,7 +335,7 @@ absl::StatusOr<InprocResult> RunInproc(const Options& o, const std::string& dir)
     std::vector<std::vector<int32_t>> feeds;
     for (int s = 0; s < c; ++s) {
       seqs.push_back(e.NewSequence());
-      feeds.push_back(PromptTokens(o.decode_prompt, s + 1, vocab));
+      feeds.push_back(PromptTokens(o.decode_prompt, o.shared_prompts ? 1 : s + 1, vocab));
     }
     absl::Time start;
     for (int i = 0; i < o.decode; ++i) {
@@ -854,6 +862,7 @@ int Run(const Options& o) {
                       {"prompt_tokens", o.prompt},
                       {"decode_tokens", o.decode},
                       {"decode_prompt_tokens", o.decode_prompt},
+                      {"decode_prompts", o.shared_prompts ? "shared" : "distinct"},
                       {"cpus", std::thread::hardware_concurrency()},
                       {"blas_threads", o.blas_threads},
                       {"worker_kernel_threads", o.worker_kernel_threads}};
@@ -952,7 +961,8 @@ int Run(const Options& o) {
       std::vector<std::thread> threads;
       for (int i = 0; i < c; ++i) {
         threads.emplace_back([&, i] {
-          const std::vector<int32_t> p = PromptTokens(o.decode_prompt, i + 1, cfg.vocab_size);
+          const std::vector<int32_t> p =
+              PromptTokens(o.decode_prompt, o.shared_prompts ? 1 : i + 1, cfg.vocab_size);
           if (barrier->Block()) delete barrier;
           absl::Time s;
           {
@@ -1026,9 +1036,10 @@ int Run(const Options& o) {
               cfg.vocab_size, 4.0 * o.prompt * cfg.vocab_size / 1e6, score_s * 1e3,
               o.prompt / score_s);
   std::printf(
-      "\n| decode (%d tokens/stream) | streams | tokens/s (aggregate) | decode-phase tokens/s | "
+      "\n| decode (%d tokens/stream, %s prompts) | streams | tokens/s (aggregate) | decode-phase "
+      "tokens/s | "
       "mean inter-token ms | mean TTFT ms | tokens per step |\n|---|---|---|---|---|---|---|\n",
-      o.decode);
+      o.decode, o.shared_prompts ? "shared" : "distinct");
   if (inproc) {
     std::printf("| single process | 1 | - | %.2f | %.1f | - | 1 |\n", inproc->decode_tps,
                 inproc->itl_ms);
