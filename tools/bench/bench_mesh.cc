@@ -41,7 +41,8 @@
 // summed over workers) and idle time, and R = step - G - E (network, queueing, router), then
 // the bound (G+E+R)/max(G, E, (G+E)/2+R) from the one-micro-batch profile and the share of it
 // that two micro-batches captured. --balanced uses a generated model whose gateway and worker
-// busy times are close (hidden 512, 8 heads, 8 KV heads, 4 layers, 8 experts of 640, top-2).
+// busy times are close (hidden 512, 8 heads, 8 KV heads, 4 layers, 8 experts of 640, top-2;
+// --balanced_layers, --balanced_inter, --balanced_experts and --balanced_top_k change them).
 //
 //   bench_mesh --balanced --added_latency_us 0,250,1000 --pin --micro_batches 1,2
 //              --streams 16 --prompt 512 --decode 32        (one command line)
@@ -108,12 +109,17 @@ ABSL_FLAG(std::string, bin_dir, "", "directory of the moemesh service binaries (
 ABSL_FLAG(std::string, work_dir, "", "logs and port files (default: a new /tmp/bench_mesh.*)");
 ABSL_FLAG(int, blas_threads, 0, "OPENBLAS_NUM_THREADS for the mesh processes (0: inherit)");
 ABSL_FLAG(int, worker_kernel_threads, 0,
-          "--kernel_threads of each expert worker (0: the launcher's default, CPUs / groups each)");
+          "--kernel_threads of each expert worker (0: the launcher's default, every CPU each)");
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
 ABSL_FLAG(bool, balanced, false,
           "use a generated model whose gateway and worker busy times are close (testbed)");
 ABSL_FLAG(int, balanced_inter, 640,
           "expert intermediate size of the --balanced model (larger: more expert work per token)");
+ABSL_FLAG(int, balanced_experts, 8,
+          "routed experts per layer of the --balanced model (more, smaller experts with a larger "
+          "--balanced_top_k: DeepSeek's fine-grained layout, where the two halves of a split "
+          "decode step share fewer experts)");
+ABSL_FLAG(int, balanced_top_k, 2, "experts per token of the --balanced model");
 ABSL_FLAG(int, balanced_layers, 4,
           "layers of the --balanced model (more layers: a smaller share of each step is the "
           "pipeline's fill and drain, which two micro-batches cannot overlap)");
@@ -207,11 +213,20 @@ absl::StatusOr<Options> GetOptions() {
   const int balanced_inter = absl::GetFlag(FLAGS_balanced_inter);
   if (balanced_inter < 16 || balanced_inter > 65536)
     return absl::InvalidArgumentError("--balanced_inter must be in [16, 65536]");
+  const int balanced_experts = absl::GetFlag(FLAGS_balanced_experts);
+  const int balanced_top_k = absl::GetFlag(FLAGS_balanced_top_k);
+  if (balanced_experts < 1 || balanced_experts > 1024 || balanced_top_k < 1 ||
+      balanced_top_k > balanced_experts) {
+    return absl::InvalidArgumentError(
+        "--balanced_experts must be in [1, 1024] and --balanced_top_k in [1, experts]");
+  }
   if (o.balanced && absl::GetFlag(FLAGS_cache_dir).empty()) {
     o.cache_dir = balanced_layers == 4 && balanced_inter == 640
                       ? "/tmp/moemesh-bench-model-balanced"
                       : absl::StrCat("/tmp/moemesh-bench-model-balanced-", balanced_layers, "l-",
                                      balanced_inter);
+    if (balanced_experts != 8 || balanced_top_k != 2)
+      absl::StrAppend(&o.cache_dir, "-", balanced_experts, "e-top", balanced_top_k);
   }
   o.model_dtype = absl::GetFlag(FLAGS_model_dtype);
   if (o.model_dtype != "f32" && o.model_dtype != "bf16")
@@ -248,7 +263,9 @@ absl::StatusOr<std::string> EnsureModel(const Options& o) {
   if (::stat((o.cache_dir + "/config.json").c_str(), &st) == 0) return o.cache_dir;
   GeneratorOptions g;
   g.config = o.balanced ? SmallMixtralConfig(8000, 512, absl::GetFlag(FLAGS_balanced_inter),
-                                             absl::GetFlag(FLAGS_balanced_layers), 8, 8, 8, 2)
+                                             absl::GetFlag(FLAGS_balanced_layers), 8, 8,
+                                             absl::GetFlag(FLAGS_balanced_experts),
+                                             absl::GetFlag(FLAGS_balanced_top_k))
              : o.small  ? SmallMixtralConfig(32000, 512, 1408, 4, 8, 2, 8, 2)
                         : SmallMixtralConfig(32000, 1024, 2816, 8, 16, 4, 8, 2);
   g.seed = 1;
