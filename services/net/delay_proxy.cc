@@ -26,6 +26,7 @@ namespace moemesh {
 namespace {
 
 constexpr size_t kChunkBytes = 256 * 1024;
+constexpr absl::Duration kMaxSpin = absl::Microseconds(20);
 
 absl::StatusOr<std::pair<std::string, std::string>> SplitHostPort(const std::string& hp) {
   const size_t colon = hp.rfind(':');
@@ -142,11 +143,12 @@ struct DelayProxy::Conn {
         c = std::move(d->queue.front());
         d->queue.pop_front();
       }
-      // Sleep until a little before the chunk is due, by the timer's recent oversleep, then
-      // yield the last microseconds away: a plain sleep wakes tens of µs late on a busy VM.
-      // Twice the mean oversleep: the median wake-up must come before the due time too.
-      const absl::Time target =
-          c.due - std::min(2 * oversleep + absl::Microseconds(20), absl::Microseconds(300));
+      // Sleep until the chunk is due less the timer's recent mean oversleep (a plain sleep wakes
+      // tens of µs late on a busy VM), so that wake-ups centre on the due time, then yield away
+      // at most kMaxSpin of what is left. A longer spin made the delays a little more exact
+      // but took the CPUs the mesh runs on (real-time threads, up to 300 µs per chunk: 20–50 ms
+      // of CPU per testbed step at 1000 µs), which a real link never takes from its hosts.
+      const absl::Time target = c.due - std::min(oversleep, absl::Microseconds(200));
       if (const absl::Time now = absl::Now(); target > now) {
         absl::SleepFor(target - now);
         const absl::Duration late = absl::Now() - target;
@@ -154,7 +156,8 @@ struct DelayProxy::Conn {
             std::clamp(oversleep * 0.9 + late * 0.1, absl::ZeroDuration(), absl::Microseconds(200));
         oversleep_ns->store(absl::ToInt64Nanoseconds(oversleep));  // the next connection's start
       }
-      while (absl::Now() < c.due) ::sched_yield();
+      const absl::Time spin_until = std::min(c.due, absl::Now() + kMaxSpin);
+      while (absl::Now() < spin_until) ::sched_yield();
       if (c.bytes.empty()) {
         ::shutdown(d->dst, SHUT_WR);
         break;
