@@ -44,8 +44,10 @@
 // busy times are close (hidden 512, 8 heads, 8 KV heads, 4 layers, 8 experts of 640, top-2;
 // --balanced_layers, --balanced_inter, --balanced_experts and --balanced_top_k change them).
 //
-//   bench_mesh --balanced --added_latency_us 0,250,1000 --pin --micro_batches 1,2
-//              --streams 16 --prompt 512 --decode 32        (one command line)
+//   bench_mesh --balanced --balanced_layers 8 --balanced_inter 640
+//              --added_latency_us 0,250,1000 --pin --micro_batches 1,2
+//              --streams 16 --prompt 512 --decode 32 --groups 1 --repeats 2   (one command line;
+//              the issue 12 testbed of docs/SCALE-OUT.md, session 7)
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdlib.h>
