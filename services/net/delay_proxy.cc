@@ -145,9 +145,9 @@ struct DelayProxy::Conn {
       }
       // Sleep until the chunk is due less the timer's recent mean oversleep (a plain sleep wakes
       // tens of µs late on a busy VM), so that wake-ups centre on the due time, then yield away
-      // at most kMaxSpin of what is left. A longer spin made the delays a little more exact
-      // but took the CPUs the mesh runs on (real-time threads, up to 300 µs per chunk: 20–50 ms
-      // of CPU per testbed step at 1000 µs), which a real link never takes from its hosts.
+      // at most kMaxSpin of what is left. The spin used to last up to 300 µs per chunk, at
+      // real-time priority on the CPUs the mesh runs on: time a real link never takes from its
+      // hosts. The added delay is as exact as it was (netdelay_test).
       const absl::Time target = c.due - std::min(oversleep, absl::Microseconds(200));
       if (const absl::Time now = absl::Now(); target > now) {
         absl::SleepFor(target - now);
