@@ -20,6 +20,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "services/common/status_macros.h"
+#include "services/compute/cpu/kernel_threads.h"
 #include "services/model/config.h"
 #include "services/moe/local_expert_group.h"
 #include "services/rpc/tls.h"
@@ -174,14 +175,20 @@ absl::StatusOr<std::unique_ptr<Mesh>> Mesh::Start(const MeshOptions& o) {
   const std::string metrics_flag = o.metrics ? "--metrics_port=0" : "--metrics_port=-1";
   const std::string shared_flag =
       absl::StrCat("--shared_experts=", o.shared_experts_in_gateway ? "gateway" : "mesh");
-  // Unpinned workers on this one host each take every CPU (their default), although the groups
-  // of a step may compute at the same time: a step's rows often go mostly to one group (a hot
-  // expert, streams decoding alike), and a worker held to CPUs / groups threads then leaves the
-  // others idle. bench_mesh, 2 groups on 2 CPUs, two interleaved runs each (docs/BENCHMARKS.md,
-  // session 7): all CPUs each against one each, 16 streams with the same prompt 120.6 / 96.9
-  // against 93.4 / 87.8 tok/s, one stream 16.2 / 16.5 against 14.4 / 12.8, 16 distinct streams
-  // 72.3 / 68.5 against 75.3 / 69.9.
-  const int worker_threads = o.kernel_threads;
+  // Unpinned workers on this one host compute at the same time when a step's rows spread over
+  // the groups, and one at a time when they go mostly to one group (a hot expert, streams
+  // decoding alike). Each takes twice its share of the CPUs, at most all of them: a worker held
+  // to its share (CPUs / groups, session 5) left the others' cores idle in the second case.
+  // bench_mesh, 2 groups on 2 CPUs (both threads each, against one each), two interleaved runs
+  // each (docs/BENCHMARKS.md, session 7): 16 streams with the same prompt 120.6 / 96.9 against
+  // 93.4 / 87.8 tok/s, one stream 16.2 / 16.5 against 14.4 / 12.8, 16 distinct streams 72.3 /
+  // 68.5 against 75.3 / 69.9. More groups than 2 were not measured; the factor of 2 bounds the
+  // oversubscription when every group computes at once.
+  int worker_threads = o.kernel_threads;
+  if (worker_threads == 0 && o.worker_cpus.empty()) {
+    const int cpus = cpu::DefaultKernelThreads();
+    worker_threads = std::min(cpus, std::max(1, 2 * cpus / o.groups));
+  }
   for (int g = 0; g < o.groups; ++g) {
     std::string spec;
     if (!o.group_experts.empty()) {

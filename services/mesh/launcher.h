@@ -66,8 +66,9 @@ struct MeshOptions {
   // CPU lists ("0", "1", "2-3"); empty: unpinned. The gateway and router share
   // `gateway_cpus`, the workers `worker_cpus` (sched_setaffinity in the child before exec).
   std::string gateway_cpus, worker_cpus;
-  // --kernel_threads for the gateway and workers. 0: each process takes one per CPU it may run
-  // on (unpinned workers: every CPU of this host each; pinned ones: those of `worker_cpus`).
+  // --kernel_threads for the gateway and workers. 0: the gateway takes one per CPU it may run
+  // on; unpinned workers twice their share of this host's CPUs (2 × CPUs / groups, at least one,
+  // at most every CPU); pinned workers one per CPU of `worker_cpus`.
   int kernel_threads = 0;
 };
 

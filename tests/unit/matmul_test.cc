@@ -316,11 +316,13 @@ TEST(MatMulTest, BlasPathAgreesWithinRounding) {
 }
 
 // The default pool size follows the CPUs the process may run on (taskset, a container's
-// cpuset), not the machine's: a worker pinned to one CPU gets one thread.
+// cpuset) and its cgroup's CPU quota, not the machine's: a worker pinned to one CPU gets one
+// thread.
 TEST(KernelThreadsTest, DefaultFollowsTheAffinityMask) {
   cpu_set_t all;
   ASSERT_EQ(sched_getaffinity(0, sizeof(all), &all), 0);
-  EXPECT_EQ(DefaultKernelThreads(), CPU_COUNT(&all));
+  const int limit = CgroupCpuLimit();
+  EXPECT_EQ(DefaultKernelThreads(), limit > 0 ? std::min(CPU_COUNT(&all), limit) : CPU_COUNT(&all));
   int first = 0;
   while (!CPU_ISSET(first, &all)) ++first;
   cpu_set_t one;
@@ -330,6 +332,28 @@ TEST(KernelThreadsTest, DefaultFollowsTheAffinityMask) {
   const int pinned = DefaultKernelThreads();
   ASSERT_EQ(sched_setaffinity(0, sizeof(all), &all), 0);
   EXPECT_EQ(pinned, 1);
+}
+
+// A Kubernetes CPU limit reaches the process as a cgroup quota: 2.5 CPUs' worth of quota is 3
+// threads, "max" (v2) or -1 (v1) is none, and malformed text is none rather than a guess.
+TEST(KernelThreadsTest, CgroupQuotaParsing) {
+  using internal::CpuLimitFromCfs;
+  using internal::CpuLimitFromCpuMax;
+  EXPECT_EQ(CpuLimitFromCpuMax("max 100000\n"), 0);
+  EXPECT_EQ(CpuLimitFromCpuMax("200000 100000\n"), 2);
+  EXPECT_EQ(CpuLimitFromCpuMax("250000 100000"), 3);
+  EXPECT_EQ(CpuLimitFromCpuMax("50000 100000"), 1);
+  EXPECT_EQ(CpuLimitFromCpuMax("1600000 100000"), 16);
+  EXPECT_EQ(CpuLimitFromCpuMax(""), 0);
+  EXPECT_EQ(CpuLimitFromCpuMax("-5 100000"), 0);
+  EXPECT_EQ(CpuLimitFromCpuMax("12x 100000"), 0);
+  EXPECT_EQ(CpuLimitFromCpuMax("100000"), 0);
+  EXPECT_EQ(CpuLimitFromCpuMax("100000 0"), 0);
+  EXPECT_EQ(CpuLimitFromCpuMax("99999999999999999999999 100000"), 0);
+  EXPECT_EQ(CpuLimitFromCfs(-1, 100000), 0);
+  EXPECT_EQ(CpuLimitFromCfs(400000, 100000), 4);
+  EXPECT_EQ(CpuLimitFromCfs(150000, 100000), 2);
+  EXPECT_EQ(CpuLimitFromCfs(100000, 0), 0);
 }
 
 TEST(KernelThreadsTest, CoversEveryIndexOnceAndNests) {

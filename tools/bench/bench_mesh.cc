@@ -111,7 +111,8 @@ ABSL_FLAG(std::string, bin_dir, "", "directory of the moemesh service binaries (
 ABSL_FLAG(std::string, work_dir, "", "logs and port files (default: a new /tmp/bench_mesh.*)");
 ABSL_FLAG(int, blas_threads, 0, "OPENBLAS_NUM_THREADS for the mesh processes (0: inherit)");
 ABSL_FLAG(int, worker_kernel_threads, 0,
-          "--kernel_threads of each expert worker (0: the launcher's default, every CPU each)");
+          "--kernel_threads of each expert worker (0: the launcher's default, 2 x CPUs / groups "
+          "each, at most every CPU)");
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
 ABSL_FLAG(bool, balanced, false,
           "use a generated model whose gateway and worker busy times are close (testbed)");

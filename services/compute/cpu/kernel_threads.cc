@@ -6,7 +6,10 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
+#include <fstream>
 #include <mutex>
+#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -80,15 +83,105 @@ KernelThreads::KernelThreads(int threads) : impl_(new Impl) {
 
 KernelThreads::~KernelThreads() = default;
 
+namespace internal {
+
+int CpuLimitFromCfs(int64_t quota_us, int64_t period_us) {
+  if (quota_us <= 0 || period_us <= 0) return 0;
+  const int64_t n = (quota_us + period_us - 1) / period_us;
+  return static_cast<int>(std::min<int64_t>(n, 1 << 20));
+}
+
+int CpuLimitFromCpuMax(const std::string& cpu_max) {
+  std::istringstream in(cpu_max);
+  std::string quota;
+  int64_t period = 0;
+  if (!(in >> quota >> period) || quota == "max") return 0;
+  int64_t q = 0;
+  for (const char c : quota) {
+    if (c < '0' || c > '9' || q > (int64_t{1} << 50)) return 0;
+    q = q * 10 + (c - '0');
+  }
+  return CpuLimitFromCfs(q, period);
+}
+
+}  // namespace internal
+
+namespace {
+
+std::string ReadSmallFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return "";
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// The limit of `dir` (a cgroup directory) and of each of its ancestors up to `root`, the
+// smallest that is set; 0 if none is.
+template <typename ReadLimit>
+int SmallestLimitUpTo(const std::string& root, std::string rel, ReadLimit read) {
+  int best = 0;
+  for (;;) {
+    const int n = read(root + rel);
+    if (n > 0 && (best == 0 || n < best)) best = n;
+    if (rel.empty() || rel == "/") break;
+    const size_t slash = rel.rfind('/');
+    rel = slash == std::string::npos || slash == 0 ? "" : rel.substr(0, slash);
+  }
+  return best;
+}
+
+}  // namespace
+
+int CgroupCpuLimit() {
+  // /proc/self/cgroup: "0::/path" (v2) and "N:controllers:/path" lines (v1). Inside a container
+  // with a cgroup namespace the path is "/" and the limit sits on the mount's root.
+  std::istringstream lines(ReadSmallFile("/proc/self/cgroup"));
+  std::string line;
+  int best = 0;
+  auto take = [&best](int n) {
+    if (n > 0 && (best == 0 || n < best)) best = n;
+  };
+  while (std::getline(lines, line)) {
+    const size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1);
+    std::string rel = line.substr(b + 1);
+    if (rel == "/") rel = "";
+    if (controllers.empty()) {
+      take(SmallestLimitUpTo("/sys/fs/cgroup", rel, [](const std::string& dir) {
+        return internal::CpuLimitFromCpuMax(ReadSmallFile(dir + "/cpu.max"));
+      }));
+      continue;
+    }
+    bool cpu = false;
+    std::istringstream names(controllers);
+    std::string name;
+    while (std::getline(names, name, ',')) cpu = cpu || name == "cpu";
+    if (!cpu) continue;
+    for (const std::string root : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"}) {
+      take(SmallestLimitUpTo(root, rel, [](const std::string& dir) {
+        const std::string q = ReadSmallFile(dir + "/cpu.cfs_quota_us");
+        const std::string p = ReadSmallFile(dir + "/cpu.cfs_period_us");
+        if (q.empty() || p.empty()) return 0;
+        return internal::CpuLimitFromCfs(std::atoll(q.c_str()), std::atoll(p.c_str()));
+      }));
+    }
+  }
+  return best;
+}
+
 int DefaultKernelThreads() {
   // The CPUs this process may run on (taskset, a container's cpuset), not the machine's: more
   // threads than that would only take turns on the same cores inside every parallel region.
+  // Likewise a CPU quota (a Kubernetes limit without a cpuset): threads beyond it are throttled
+  // together, and a parallel region waits for its slowest thread.
+  int n = 0;
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-    const int n = CPU_COUNT(&set);
-    if (n > 0) return n;
-  }
-  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+  if (n <= 0) n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int limit = CgroupCpuLimit();
+  return limit > 0 ? std::min(n, limit) : n;
 }
 
 KernelThreads& KernelThreads::Get() {

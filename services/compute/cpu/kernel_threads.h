@@ -15,12 +15,27 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace moemesh::cpu {
 
 // The number of CPUs in this process's affinity mask (taskset, a container's cpuset), else
-// hardware_concurrency().
+// hardware_concurrency(); at most the CPUs its cgroup's CPU quota pays for (a Kubernetes CPU
+// limit), rounded up.
 int DefaultKernelThreads();
+
+// The CPUs this process's cgroup CPU quota allows, ceil(quota / period), the smallest over the
+// cgroup and its ancestors (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`);
+// 0 when there is no quota or none can be read.
+int CgroupCpuLimit();
+
+namespace internal {
+// ceil(quota / period) of a cgroup v2 `cpu.max` text ("max 100000", "250000 100000"); 0 for
+// "max" or text that is not a quota.
+int CpuLimitFromCpuMax(const std::string& cpu_max);
+// ceil(quota / period) for cgroup v1's values; 0 when quota <= 0 (-1: none) or period <= 0.
+int CpuLimitFromCfs(int64_t quota_us, int64_t period_us);
+}  // namespace internal
 
 class KernelThreads {
  public:
