@@ -23,6 +23,9 @@
 //            every stream, as bench_engine; distinct: one each): aggregate tokens/s (all tokens /
 //            wall), mean inter-token latency within a stream, mean time to first token, and the
 //            mean tokens per engine step (router Forward calls per MoE layer, from its /metrics).
+//            With shared prompts a 256-token blocker request goes first, so that every stream
+//            is admitted in the same step and they decode in lockstep as the single process's
+//            do (its prefill counts in TTFT and the aggregate, not in the decode phase).
 //   in-process  the same prefill step and a concurrency-1 decode with InprocModel (the
 //            single-process engine), before the mesh starts; its greedy tokens are compared
 //            with the mesh's.
@@ -918,10 +921,11 @@ int Run(const Options& o) {
   if (o.worker_kernel_threads > 0) {
     mo.worker_args = {absl::StrCat("--kernel_threads=", o.worker_kernel_threads)};
   }
-  mo.gateway_args = {
-      absl::StrCat("--max_step_tokens=", std::max(o.prompt, 256)),
-      absl::StrCat("--max_running=",
-                   std::max(64, *std::max_element(o.concurrency.begin(), o.concurrency.end())))};
+  // Every decode stream's prompt fits in one step with the others (see the blocker below).
+  const int max_concurrency = *std::max_element(o.concurrency.begin(), o.concurrency.end());
+  mo.gateway_args = {absl::StrCat("--max_step_tokens=",
+                                  std::max({o.prompt, 256, o.decode_prompt * max_concurrency})),
+                     absl::StrCat("--max_running=", std::max(64, max_concurrency))};
   std::fprintf(stderr, "starting the mesh (%d groups x %d replicas, logs in %s) ...\n", o.groups,
                o.replicas, o.work_dir.c_str());
   const absl::Time t0 = absl::Now();
@@ -996,8 +1000,32 @@ int Run(const Options& o) {
         absl::MutexLock lock(&start_mu);
         start = absl::Now();
       }
+      // Shared prompts: the streams must run in lockstep, as the single process's do (one step
+      // admits every prompt, so all decode the same token at the same position and route alike).
+      // Streams that reached the gateway in different steps would sit a token apart for good and
+      // route differently. So a blocker goes first: a 256-token prompt whose prefill step is
+      // running when the streams arrive, which queues them all for the next step (as the
+      // testbed does). Its time counts in TTFT and the aggregate, not in the decode phase.
+      std::unique_ptr<v1::Gateway::Stub> blocker_stub;
+      StreamResult blocker;
+      std::thread blocker_thread;
+      if (o.shared_prompts && c > 1) {
+        blocker_stub = v1::Gateway::NewStub(MakeChannel((*mesh)->gateway_address()));
+        blocker_thread = std::thread([&] {
+          blocker =
+              RunStream(blocker_stub.get(), PromptTokens(256, 900 + c, cfg.vocab_size), 1, start);
+        });
+        absl::SleepFor(absl::Milliseconds(30));
+      }
       if (barrier->Block()) delete barrier;
       for (auto& t : threads) t.join();
+      if (blocker_thread.joinable()) {
+        blocker_thread.join();
+        if (!blocker.status.ok()) {
+          std::fprintf(stderr, "blocker: %s\n", blocker.status.error_message().c_str());
+          return 1;
+        }
+      }
       const RouterCounts after = ReadRouter(*router_metrics);
       DecodeRow row;
       row.concurrency = c;
