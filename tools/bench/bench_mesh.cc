@@ -1051,8 +1051,12 @@ int Run(const Options& o) {
       row.tokens_per_s = static_cast<double>(row.tokens) / row.wall_s;
       row.itl_ms = Mean(gaps);
       row.ttft_ms = Mean(ttfts);
-      const double steps = (after.forwards - before.forwards) / moe_layers;
-      const double fed = (after.expert_tokens - before.expert_tokens) / (cfg.top_k * moe_layers);
+      double steps = (after.forwards - before.forwards) / moe_layers;
+      double fed = (after.expert_tokens - before.expert_tokens) / (cfg.top_k * moe_layers);
+      if (blocker_stub) {  // its prefill is a step of its own, not the streams'
+        steps -= 1;
+        fed -= 256;
+      }
       row.tokens_per_step = steps > 0 ? fed / steps : 0;
       rows.push_back(row);
       if (c == o.concurrency.front() && c == 1 && inproc)
