@@ -295,6 +295,9 @@ std::vector<int32_t> PromptTokens(int n, int salt, int vocab) {
   return p;
 }
 
+// Decode stream s's prompt salt: its own (s + 1), or stream 0's for every stream when shared.
+int DecodePromptSalt(const Options& o, int s) { return o.shared_prompts ? 1 : s + 1; }
+
 double Mean(const std::vector<double>& v) {
   if (v.empty()) return 0;
   double s = 0;
@@ -358,7 +361,7 @@ absl::StatusOr<InprocResult> RunInproc(const Options& o, const std::string& dir)
     std::vector<std::vector<int32_t>> feeds;
     for (int s = 0; s < c; ++s) {
       seqs.push_back(e.NewSequence());
-      feeds.push_back(PromptTokens(o.decode_prompt, o.shared_prompts ? 1 : s + 1, vocab));
+      feeds.push_back(PromptTokens(o.decode_prompt, DecodePromptSalt(o, s), vocab));
     }
     absl::Time start;
     for (int i = 0; i < o.decode; ++i) {
@@ -493,6 +496,34 @@ StreamResult RunStream(v1::Gateway::Stub* stub, const std::vector<int32_t>& prom
   r.end = absl::Now();
   return r;
 }
+
+// A blocker: a kBlockerTokens-token prompt (max_tokens 1) sent 30 ms before a set of streams,
+// so that its prefill step is running when they arrive and all of them are queued for the same
+// next step. Otherwise the first step takes whichever prompt came first, and the step structure
+// depends on arrival timing. Start() returns after the 30 ms; Finish() waits for its answer.
+constexpr int kBlockerTokens = 256;
+
+class Blocker {
+ public:
+  Blocker(const std::string& gateway, int salt, int vocab, absl::Time start)
+      : stub_(v1::Gateway::NewStub(MakeChannel(gateway))), thread_([this, salt, vocab, start] {
+          result_ = RunStream(stub_.get(), PromptTokens(kBlockerTokens, salt, vocab), 1, start);
+        }) {
+    absl::SleepFor(absl::Milliseconds(30));
+  }
+  ~Blocker() {
+    if (thread_.joinable()) thread_.join();
+  }
+  const StreamResult& Finish() {
+    if (thread_.joinable()) thread_.join();
+    return result_;
+  }
+
+ private:
+  std::unique_ptr<v1::Gateway::Stub> stub_;
+  StreamResult result_;
+  std::thread thread_;
+};
 
 struct DecodeRow {
   int concurrency = 0;
@@ -683,17 +714,9 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
   std::vector<StreamResult> results(o.streams);
   std::vector<std::thread> threads;
   const absl::Time start = absl::Now();
-  // A blocker first: a 256-token prompt whose prefill step is running when the streams
-  // arrive, so that all of them are queued for the next step. Otherwise the first step takes
-  // whichever prompt came first alone (one input: one micro-batch) and the step structure,
-  // and with it the result, depends on arrival timing. Its time is in the measured window,
-  // the same for every setting.
-  auto blocker_stub = v1::Gateway::NewStub(MakeChannel(mesh.gateway_address()));
-  StreamResult blocker;
-  std::thread blocker_thread([&] {
-    blocker = RunStream(blocker_stub.get(), PromptTokens(256, 998, cfg.vocab_size), 1, start);
-  });
-  absl::SleepFor(absl::Milliseconds(30));
+  // A blocker first (one input alone would be one micro-batch). Its time is in the measured
+  // window, the same for every setting.
+  Blocker blocker_run(mesh.gateway_address(), 998, cfg.vocab_size, start);
   for (int i = 0; i < o.streams; ++i) {
     threads.emplace_back([&, i] {
       results[i] =
@@ -701,7 +724,7 @@ absl::StatusOr<TestbedRow> RunTestbedSetting(const Options& o, const std::string
     });
   }
   for (auto& t : threads) t.join();
-  blocker_thread.join();
+  const StreamResult& blocker = blocker_run.Finish();
   if (!blocker.status.ok()) return absl::InternalError(blocker.status.error_message());
   absl::Time end = blocker.end;
   for (const StreamResult& r : results) {
@@ -986,7 +1009,7 @@ int Run(const Options& o) {
       for (int i = 0; i < c; ++i) {
         threads.emplace_back([&, i] {
           const std::vector<int32_t> p =
-              PromptTokens(o.decode_prompt, o.shared_prompts ? 1 : i + 1, cfg.vocab_size);
+              PromptTokens(o.decode_prompt, DecodePromptSalt(o, i), cfg.vocab_size);
           if (barrier->Block()) delete barrier;
           absl::Time s;
           {
@@ -1003,28 +1026,16 @@ int Run(const Options& o) {
       // Shared prompts: the streams must run in lockstep, as the single process's do (one step
       // admits every prompt, so all decode the same token at the same position and route alike).
       // Streams that reached the gateway in different steps would sit a token apart for good and
-      // route differently. So a blocker goes first: a 256-token prompt whose prefill step is
-      // running when the streams arrive, which queues them all for the next step (as the
-      // testbed does). Its time counts in TTFT and the aggregate, not in the decode phase.
-      std::unique_ptr<v1::Gateway::Stub> blocker_stub;
-      StreamResult blocker;
-      std::thread blocker_thread;
-      if (o.shared_prompts && c > 1) {
-        blocker_stub = v1::Gateway::NewStub(MakeChannel((*mesh)->gateway_address()));
-        blocker_thread = std::thread([&] {
-          blocker =
-              RunStream(blocker_stub.get(), PromptTokens(256, 900 + c, cfg.vocab_size), 1, start);
-        });
-        absl::SleepFor(absl::Milliseconds(30));
-      }
+      // route differently, so a blocker goes first. Its time counts in TTFT and the aggregate,
+      // not in the decode phase.
+      std::optional<Blocker> blocker;
+      if (o.shared_prompts && c > 1)
+        blocker.emplace((*mesh)->gateway_address(), 900 + c, cfg.vocab_size, start);
       if (barrier->Block()) delete barrier;
       for (auto& t : threads) t.join();
-      if (blocker_thread.joinable()) {
-        blocker_thread.join();
-        if (!blocker.status.ok()) {
-          std::fprintf(stderr, "blocker: %s\n", blocker.status.error_message().c_str());
-          return 1;
-        }
+      if (blocker && !blocker->Finish().status.ok()) {
+        std::fprintf(stderr, "blocker: %s\n", blocker->Finish().status.error_message().c_str());
+        return 1;
       }
       const RouterCounts after = ReadRouter(*router_metrics);
       DecodeRow row;
@@ -1053,9 +1064,9 @@ int Run(const Options& o) {
       row.ttft_ms = Mean(ttfts);
       double steps = (after.forwards - before.forwards) / moe_layers;
       double fed = (after.expert_tokens - before.expert_tokens) / (cfg.top_k * moe_layers);
-      if (blocker_stub) {  // its prefill is a step of its own, not the streams'
+      if (blocker) {  // its prefill is a step of its own, not the streams'
         steps -= 1;
-        fed -= 256;
+        fed -= kBlockerTokens;
       }
       row.tokens_per_step = steps > 0 ? fed / steps : 0;
       rows.push_back(row);

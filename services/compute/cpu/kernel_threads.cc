@@ -116,14 +116,16 @@ std::string ReadSmallFile(const std::string& path) {
   return s.str();
 }
 
+// The smaller of two limits where 0 means none.
+int TighterLimit(int a, int b) { return a > 0 && (b <= 0 || a < b) ? a : b; }
+
 // The limit of `dir` (a cgroup directory) and of each of its ancestors up to `root`, the
 // smallest that is set; 0 if none is.
 template <typename ReadLimit>
 int SmallestLimitUpTo(const std::string& root, std::string rel, ReadLimit read) {
   int best = 0;
   for (;;) {
-    const int n = read(root + rel);
-    if (n > 0 && (best == 0 || n < best)) best = n;
+    best = TighterLimit(read(root + rel), best);
     if (rel.empty() || rel == "/") break;
     const size_t slash = rel.rfind('/');
     rel = slash == std::string::npos || slash == 0 ? "" : rel.substr(0, slash);
@@ -139,9 +141,7 @@ int CgroupCpuLimit() {
   std::istringstream lines(ReadSmallFile("/proc/self/cgroup"));
   std::string line;
   int best = 0;
-  auto take = [&best](int n) {
-    if (n > 0 && (best == 0 || n < best)) best = n;
-  };
+  auto take = [&best](int n) { best = TighterLimit(n, best); };
   while (std::getline(lines, line)) {
     const size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
     if (b == std::string::npos) continue;
@@ -180,8 +180,7 @@ int DefaultKernelThreads() {
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
   if (n <= 0) n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int limit = CgroupCpuLimit();
-  return limit > 0 ? std::min(n, limit) : n;
+  return TighterLimit(CgroupCpuLimit(), n);
 }
 
 KernelThreads& KernelThreads::Get() {
