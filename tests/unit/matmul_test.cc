@@ -6,7 +6,9 @@
 
 #include <sched.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <random>
@@ -184,6 +186,146 @@ TEST(MatMulTest, DotRowsAndAxpyRowsAreTheOneRowCalls) {
             << IsaName(isa) << " n=" << n << " rows=" << rows;
         EXPECT_TRUE(BitwiseEqual(y, want_y)) << IsaName(isa) << " n=" << n << " rows=" << rows;
       }
+    }
+  }
+}
+
+// The multi-query forms: every query row bitwise its own DotRows / AxpyRows call, at every
+// level, for query counts around the 4-row tiles, key counts around the 3-key tiles, widths with
+// and without a tail, and value row counts that differ per query row (causal prefill).
+TEST(MatMulTest, MultiQueryRowsAreTheOneQueryCalls) {
+  std::mt19937 rng(11);
+  for (int64_t n : {1, 5, 8, 13, 64, 100, 130}) {
+    for (int64_t nq : {1, 2, 3, 4, 5, 8, 9}) {
+      const int64_t rows = 1 + static_cast<int64_t>(rng() % 40), stride = n + 5;
+      const int64_t q_stride = n + 3, ld = rows + 2, y_stride = n + 7;
+      const std::vector<float> q = RandomX(nq * q_stride, 12), kv = RandomX(rows * stride, 13);
+      const std::vector<float> p = RandomX(nq * ld, 14), y0 = RandomX(nq * y_stride, 15);
+      std::vector<float> scales(nq);
+      std::vector<int64_t> use(nq);
+      for (int64_t r = 0; r < nq; ++r) {
+        scales[r] = 0.25f + 0.1f * static_cast<float>(r);
+        use[r] = static_cast<int64_t>(rng() % (rows + 1));  // 0 .. rows value rows
+      }
+      for (Isa isa : Levels()) {
+        IsaGuard guard(isa);
+        std::vector<float> scores(nq * ld, -1.0f), want_scores = scores;
+        DotRowsMulti(q.data(), q_stride, nq, kv.data(), stride, rows, n, 0.125f, scores.data(), ld);
+        std::vector<float> y = y0, want_y = y0;
+        AxpyRowsMulti(p.data(), ld, scales.data(), use.data(), nq, kv.data(), stride, n, y.data(),
+                      y_stride);
+        {
+          IsaGuard scalar(Isa::kScalar);
+          for (int64_t r = 0; r < nq; ++r) {
+            DotRows(q.data() + r * q_stride, kv.data(), stride, rows, n, 0.125f,
+                    want_scores.data() + r * ld);
+            AxpyRows(p.data() + r * ld, scales[r], kv.data(), stride, use[r], n,
+                     want_y.data() + r * y_stride);
+          }
+        }
+        EXPECT_TRUE(BitwiseEqual(scores, want_scores))
+            << IsaName(isa) << " n=" << n << " nq=" << nq << " rows=" << rows;
+        EXPECT_TRUE(BitwiseEqual(y, want_y))
+            << IsaName(isa) << " n=" << n << " nq=" << nq << " rows=" << rows;
+      }
+    }
+  }
+}
+
+// Exp against the exact value (double precision) within 2 ulp over its finite range, its edges
+// (0 below kExpMin, +inf above kExpMax, NaN through), and bitwise the same at every level in
+// all three vector entry points (ExpShiftSum with shift 0, SiluMul against the scalar formula).
+TEST(MatMulTest, ExpIsAccurateAndTheSameAtEveryIsa) {
+  std::vector<float> xs = {0.0f,
+                           -0.0f,
+                           1.0f,
+                           -1.0f,
+                           0.5f,
+                           1e-8f,
+                           -1e-8f,
+                           10.0f,
+                           -10.0f,
+                           internal::kExpMax,
+                           internal::kExpMin,
+                           std::nextafter(internal::kExpMax, 100.0f),
+                           std::nextafter(internal::kExpMin, -100.0f),
+                           std::nextafter(internal::kExpMax, 0.0f),
+                           std::nextafter(internal::kExpMin, 0.0f),
+                           88.7f,
+                           -87.5f,
+                           -103.0f,
+                           200.0f,
+                           -200.0f,
+                           INFINITY,
+                           -INFINITY,
+                           NAN,
+                           3.4e38f,
+                           -3.4e38f};
+  for (int i = -126; i <= 127; ++i) xs.push_back(static_cast<float>(i) * 0.693147180559945f);
+  std::mt19937 rng(21);
+  std::uniform_real_distribution<float> wide(-90.0f, 90.0f), narrow(-2.0f, 2.0f);
+  for (int i = 0; i < 200000; ++i) xs.push_back(i % 2 ? wide(rng) : narrow(rng));
+  std::vector<float> want(xs.size());
+  double worst = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const float x = xs[i];
+    const float e = Exp(x);
+    want[i] = e;
+    if (std::isnan(x)) {
+      EXPECT_TRUE(std::isnan(e));
+    } else if (x > internal::kExpMax) {
+      EXPECT_EQ(e, INFINITY) << x;
+    } else if (x < internal::kExpMin) {
+      EXPECT_EQ(e, 0.0f) << x;
+    } else {
+      const double exact = std::exp(static_cast<double>(x));
+      const double ulp =
+          std::nextafter(static_cast<float>(exact), INFINITY) - static_cast<float>(exact);
+      const double err = std::fabs(e - exact) / ulp;
+      worst = std::max(worst, err);
+      EXPECT_LE(err, 2.0) << "x=" << x << " Exp=" << e << " exact=" << exact;
+    }
+  }
+  std::printf("Exp: worst error %.2f ulp over %zu values\n", worst, xs.size());
+  const std::vector<float> up = RandomX(xs.size(), 22);
+  for (Isa isa : Levels()) {
+    IsaGuard guard(isa);
+    // Lengths around the 8-lane vectors, so that the masked tails are covered too.
+    for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{9}, int64_t{31},
+                      static_cast<int64_t>(xs.size())}) {
+      std::vector<float> s(xs.begin(), xs.begin() + n);
+      ExpShiftSum(s.data(), n, 0.0f);
+      EXPECT_EQ(std::memcmp(s.data(), want.data(), n * 4), 0) << IsaName(isa) << " n=" << n;
+      std::vector<float> out(n), ref(n);
+      SiluMul(xs.data(), up.data(), n, out.data());
+      for (int64_t i = 0; i < n; ++i) ref[i] = xs[i] / (1.0f + Exp(-xs[i])) * up[i];
+      EXPECT_EQ(std::memcmp(out.data(), ref.data(), n * 4), 0) << IsaName(isa) << " n=" << n;
+    }
+  }
+}
+
+// ExpShiftSum's sum is the canonical 8-lane sum of the values it writes, at every level.
+TEST(MatMulTest, ExpShiftSumSumsInTheCanonicalOrder) {
+  for (int64_t n : {1, 3, 8, 9, 17, 100, 513}) {
+    const std::vector<float> x = RandomX(n, 23);
+    float want_sum = 0;
+    std::vector<float> want;
+    for (Isa isa : Levels()) {
+      IsaGuard guard(isa);
+      std::vector<float> s = x;
+      const float sum = ExpShiftSum(s.data(), n, 1.5f);
+      if (isa == Isa::kScalar) {
+        float lanes[8] = {};
+        for (int64_t i = 0; i < n; ++i) {
+          EXPECT_EQ(s[i], Exp(x[i] - 1.5f));
+          lanes[i % 8] += s[i];
+        }
+        EXPECT_EQ(sum, internal::ReduceLanes(lanes)) << "n=" << n;
+        want_sum = sum;
+        want = s;
+      }
+      EXPECT_EQ(std::memcmp(&sum, &want_sum, 4), 0) << IsaName(isa) << " n=" << n;
+      EXPECT_TRUE(BitwiseEqual(s, want)) << IsaName(isa) << " n=" << n;
     }
   }
 }

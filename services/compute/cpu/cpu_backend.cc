@@ -1,8 +1,9 @@
 // CPU ComputeBackend: matrix products go to the few-row kernels of matmul.h (batch-invariant,
 // any weight dtype, on the process's kernel threads; OpenBLAS sgemm above
-// cpu::blas_min_rows() when that is set); attention goes one (head, query row) at a time on the
-// kernel threads, in an order that does not depend on the chunk; the rest are plain
-// loops that the compiler vectorises. Stateless, so one instance serves every thread.
+// cpu::blas_min_rows() when that is set); attention batches the query rows that read the same
+// keys on the kernel threads, each row in an order that does not depend on the chunk or the
+// batch; SiLU and softmax use cpu::Exp (the same bits at every instruction-set level); the rest
+// are plain loops. Stateless, so one instance serves every thread.
 
 #include <algorithm>
 #include <cmath>
@@ -74,52 +75,81 @@ class CpuBackend final : public ComputeBackend {
 
   void CausalAttention(const AttentionShape& s, const float* q, const float* k, const float* v,
                        float* out) override {
-    // One (head, query row) at a time, each in the same order whatever the chunk it came in:
-    // a prompt prefilled whole, in chunks or token by token gives bitwise the same rows (and,
-    // the other kernels being batch-invariant too, the same logits). The units run on the
-    // kernel threads; rows of a long prompt cost more than short ones, so chunks are small.
-    const int64_t units = s.heads * s.num_new;
+    // Each (head, query row) is computed in the same order whatever the chunk it came in and
+    // whatever rows it is batched with: a prompt prefilled whole, in chunks or token by token
+    // gives bitwise the same rows (and, the other kernels being batch-invariant too, the same
+    // logits). A unit batches the query rows that read the same keys: the heads of one
+    // key/value group at one position (grouped-query attention), or, without groups, up to
+    // kRowBlock consecutive positions of one head; the kernels load each key and value slice
+    // once for all of them. Units run on the kernel threads; rows of a long prompt cost more than
+    // short ones, so chunks are small.
+    const int64_t group = s.heads / s.kv_heads;
+    const int64_t blocks = group > 1 ? s.num_new : (s.num_new + kRowBlock - 1) / kRowBlock;
+    const int64_t units = s.kv_heads * blocks;
     const int64_t threads = cpu::KernelThreads::Get().threads();
     const int64_t grain = std::max<int64_t>(1, units / (threads * 8));
     cpu::KernelThreads::Get().ParallelFor(units, grain, [&](int64_t b, int64_t e) {
       thread_local std::vector<float> scores;
-      if (static_cast<int64_t>(scores.size()) < s.ctx) scores.resize(s.ctx);
-      for (int64_t u = b; u < e; ++u) {
-        AttendRow(s, u / s.num_new, u % s.num_new, q, k, v, scores.data(), out);
-      }
+      const int64_t rows = std::max(group, kRowBlock);
+      if (static_cast<int64_t>(scores.size()) < rows * s.ctx) scores.resize(rows * s.ctx);
+      for (int64_t u = b; u < e; ++u)
+        AttendUnit(s, u / blocks, u % blocks, q, k, v, scores.data(), out);
     });
   }
 
  private:
-  // Query row i (of the num_new new rows) of head h; `scores` holds ctx floats.
-  static void AttendRow(const AttentionShape& s, int64_t h, int64_t i, const float* q,
-                        const float* k, const float* v, float* scores, float* out) {
+  static constexpr int64_t kRowBlock = 4;
+
+  // Unit `block` of key/value group g; `scores` holds rows × ctx floats.
+  static void AttendUnit(const AttentionShape& s, int64_t g, int64_t block, const float* q,
+                         const float* k, const float* v, float* scores, float* out) {
     const int64_t group = s.heads / s.kv_heads;
-    const int64_t g = h / group;
-    const float* qh = q + i * s.q_stride + h * s.qk_dim;
     const float* kg = k + g * s.qk_dim;
     const float* vg = v + g * s.v_dim;
-    float* oh = out + i * s.heads * s.v_dim + h * s.v_dim;
-    const int64_t visible = s.ctx - s.num_new + i + 1;
-    cpu::DotRows(qh, kg, s.k_stride, visible, s.qk_dim, s.scale, scores);
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, scores[j]);
-    float sum = 0;
-    for (int64_t j = 0; j < visible; ++j) {
-      scores[j] = std::exp(scores[j] - mx);
-      sum += scores[j];
+    const int64_t out_row = s.heads * s.v_dim;
+    // Query rows r < nq of the unit: q at q0 + r * qs, output at y0 + r * ys, seeing
+    // visible[r] keys.
+    int64_t nq, qs, ys, i0;
+    const float* q0;
+    float* y0;
+    if (group > 1) {
+      i0 = block;
+      nq = group;
+      q0 = q + i0 * s.q_stride + g * group * s.qk_dim;
+      qs = s.qk_dim;
+      y0 = out + i0 * out_row + g * group * s.v_dim;
+      ys = s.v_dim;
+    } else {
+      i0 = block * kRowBlock;
+      nq = std::min(kRowBlock, s.num_new - i0);
+      q0 = q + i0 * s.q_stride + g * s.qk_dim;
+      qs = s.q_stride;
+      y0 = out + i0 * out_row + g * s.v_dim;
+      ys = out_row;
     }
-    const float inv = 1.0f / sum;
-    for (int64_t d = 0; d < s.v_dim; ++d) oh[d] = 0.0f;
-    cpu::AxpyRows(scores, inv, vg, s.v_stride, visible, s.v_dim, oh);
+    thread_local std::vector<int64_t> vis;
+    thread_local std::vector<float> inv;
+    vis.resize(nq);
+    inv.resize(nq);
+    int64_t most = 0;
+    for (int64_t r = 0; r < nq; ++r) {
+      vis[r] = s.ctx - s.num_new + i0 + (group > 1 ? 0 : r) + 1;
+      most = std::max(most, vis[r]);
+    }
+    cpu::DotRowsMulti(q0, qs, nq, kg, s.k_stride, most, s.qk_dim, s.scale, scores, s.ctx);
+    for (int64_t r = 0; r < nq; ++r) {
+      float* row = scores + r * s.ctx;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < vis[r]; ++j) mx = std::max(mx, row[j]);
+      inv[r] = 1.0f / cpu::ExpShiftSum(row, vis[r], mx);
+      std::fill(y0 + r * ys, y0 + r * ys + s.v_dim, 0.0f);
+    }
+    cpu::AxpyRowsMulti(scores, s.ctx, inv.data(), vis.data(), nq, vg, s.v_stride, s.v_dim, y0, ys);
   }
 
  public:
   void SiluMul(const float* gate, const float* up, int64_t n, float* out) override {
-    for (int64_t i = 0; i < n; ++i) {
-      const float g = gate[i];
-      out[i] = g / (1.0f + std::exp(-g)) * up[i];
-    }
+    cpu::SiluMul(gate, up, n, out);
   }
 
   void ExpertFfn(const float* x, int64_t m, int64_t hidden, int64_t inter, const float* w1,

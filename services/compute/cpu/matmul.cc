@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "services/compute/cpu/kernel_threads.h"
@@ -169,14 +170,68 @@ void Axpy(float alpha, const float* x, float* y, int64_t n) {
 void DotRows(const float* q, const float* k, int64_t k_stride, int64_t rows, int64_t n, float scale,
              float* out) {
   if (ActiveIsa() != Isa::kScalar)
-    return internal::DotRowsAvx2(q, k, k_stride, rows, n, scale, out);
+    return internal::DotRowsMultiAvx2(q, 0, 1, k, k_stride, rows, n, scale, out, rows);
   for (int64_t j = 0; j < rows; ++j) out[j] = Dot(q, k + j * k_stride, n) * scale;
 }
 
 void AxpyRows(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
               int64_t n, float* y) {
-  if (ActiveIsa() != Isa::kScalar) return internal::AxpyRowsAvx2(p, scale, v, v_stride, rows, n, y);
+  if (ActiveIsa() != Isa::kScalar)
+    return internal::AxpyRowsMultiAvx2(p, rows, &scale, &rows, 1, v, v_stride, n, y, n);
   for (int64_t j = 0; j < rows; ++j) Axpy(p[j] * scale, v + j * v_stride, y, n);
+}
+
+void DotRowsMulti(const float* q, int64_t q_stride, int64_t nq, const float* k, int64_t k_stride,
+                  int64_t rows, int64_t n, float scale, float* out, int64_t ld) {
+  if (ActiveIsa() != Isa::kScalar)
+    return internal::DotRowsMultiAvx2(q, q_stride, nq, k, k_stride, rows, n, scale, out, ld);
+  for (int64_t r = 0; r < nq; ++r)
+    DotRows(q + r * q_stride, k, k_stride, rows, n, scale, out + r * ld);
+}
+
+void AxpyRowsMulti(const float* p, int64_t ld, const float* scales, const int64_t* rows, int64_t nq,
+                   const float* v, int64_t v_stride, int64_t n, float* y, int64_t y_stride) {
+  if (ActiveIsa() != Isa::kScalar) {
+    return internal::AxpyRowsMultiAvx2(p, ld, scales, rows, nq, v, v_stride, n, y, y_stride);
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    AxpyRows(p + r * ld, scales[r], v, v_stride, rows[r], n, y + r * y_stride);
+  }
+}
+
+float Exp(float x) {
+  using namespace internal;
+  if (x != x) return x;
+  if (x > kExpMax) return INFINITY;
+  if (x < kExpMin) return 0.0f;
+  // The operations of Exp8 (matmul_avx2.cc), one lane.
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = std::fma(n, -kLn2Lo, std::fma(n, -kLn2Hi, x));
+  float p = kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = std::fma(p, r, kExpPoly[i]);
+  const float y = std::fma(p, r * r, r) + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, 4);
+  return y * pow2;
+}
+
+void SiluMul(const float* gate, const float* up, int64_t n, float* out) {
+  if (ActiveIsa() != Isa::kScalar) return internal::SiluMulAvx2(gate, up, n, out);
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + Exp(-g)) * up[i];
+  }
+}
+
+float ExpShiftSum(float* s, int64_t n, float shift) {
+  if (ActiveIsa() != Isa::kScalar) return internal::ExpShiftSumAvx2(s, n, shift);
+  float lanes[kLanes] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = Exp(s[i] - shift);
+    lanes[i % kLanes] += s[i];
+  }
+  return internal::ReduceLanes(lanes);
 }
 
 void MatMulReference(const float* x, int64_t m, const Weight& w, float* y, bool accumulate) {
@@ -201,13 +256,12 @@ void MatMul(const float* x, int64_t m, const Weight& w, float* y, bool accumulat
 void GateUpSilu(const float* x, int64_t m, const Weight& w1, const Weight& w3, float* h) {
   const int64_t inter = w1.rows;
   if (m <= 0 || inter <= 0) return;
-  auto silu_mul = [](float g, float u) { return g / (1.0f + std::exp(-g)) * u; };
   const int64_t blas_rows = blas_min_rows();
   if (blas_rows > 0 && m >= blas_rows) {
     std::vector<float> u(m * inter);
     BlasMatMul(x, m, w1, h, false);
     BlasMatMul(x, m, w3, u.data(), false);
-    for (int64_t i = 0; i < m * inter; ++i) h[i] = silu_mul(h[i], u[i]);
+    SiluMul(h, u.data(), m * inter, h);
     return;
   }
   const internal::RowsFn rows1 = RowsFor(w1), rows3 = RowsFor(w3);
@@ -223,8 +277,7 @@ void GateUpSilu(const float* x, int64_t m, const Weight& w1, const Weight& w3, f
     rows3(x, m, w3, b, e, up.data() - b, cols, false, scratch);
     for (int64_t i = 0; i < m; ++i) {
       float* hr = h + i * inter + b;
-      const float* ur = up.data() + i * cols;
-      for (int64_t j = 0; j < cols; ++j) hr[j] = silu_mul(hr[j], ur[j]);
+      SiluMul(hr, up.data() + i * cols, cols, hr);
     }
   });
 }

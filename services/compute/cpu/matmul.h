@@ -77,6 +77,30 @@ void DotRows(const float* q, const float* k, int64_t k_stride, int64_t rows, int
 void AxpyRows(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
               int64_t n, float* y);
 
+// Several query rows against the same key rows: out[r * ld + j] = Dot(q + r * q_stride, k +
+// j * k_stride, n) * scale for r < nq, j < rows; each result bitwise DotRows' (the batching
+// loads each key slice once for all query rows).
+void DotRowsMulti(const float* q, int64_t q_stride, int64_t nq, const float* k, int64_t k_stride,
+                  int64_t rows, int64_t n, float scale, float* out, int64_t ld);
+// For r < nq: AxpyRows(p + r * ld, scales[r], v, v_stride, rows[r], n, y + r * y_stride), each
+// bitwise that call (rows[r] may differ per query row; each value slice is loaded once for all
+// the rows that use it).
+void AxpyRowsMulti(const float* p, int64_t ld, const float* scales, const int64_t* rows, int64_t nq,
+                   const float* v, int64_t v_stride, int64_t n, float* y, int64_t y_stride);
+
+// e^x, bitwise the same at every instruction-set level: Cephes' expf range reduction and
+// polynomial in a fixed sequence of fused multiply-adds (within 2 ulp of e^x, tested), 0 below
+// -87.34 (where e^x is subnormal), +inf above 88.376, NaN for NaN. Not the C library's expf,
+// whose vector versions (libmvec) round differently from its scalar one.
+float Exp(float x);
+// out[i] = SiLU(gate[i]) · up[i] = g / (1 + Exp(-g)) * up[i] with g = gate[i], for i < n (out
+// may be gate or up). Elementwise, so batch-invariant whatever n.
+void SiluMul(const float* gate, const float* up, int64_t n, float* out);
+// s[i] = Exp(s[i] - shift) for i < n; returns their sum in the canonical order (lane l sums the
+// s[i] with i ≡ l (mod 8) in increasing i, then ReduceLanes' tree): a softmax's numerators and
+// denominator, the same at every level.
+float ExpShiftSum(float* s, int64_t n, float shift);
+
 // The reference the kernels are tested against: plain loops in the canonical order above,
 // one output at a time, single-threaded. Same arguments as MatMul.
 void MatMulReference(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);

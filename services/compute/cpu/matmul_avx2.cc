@@ -91,84 +91,221 @@ void AxpyAvx2(float alpha, const float* x, float* y, int64_t n) {
   }
 }
 
-// Four key rows at a time (four independent FMA chains instead of one whose latency bounds a
-// 64-wide dot product); each chain is DotAvx2's.
-void DotRowsAvx2(const float* q, const float* k, int64_t k_stride, int64_t rows, int64_t n,
-                 float scale, float* out) {
-  const int64_t full = n / 8 * 8;
-  const __m256i tail = TailMask8(n - full);
-  int64_t j = 0;
-  for (; j + 4 <= rows; j += 4) {
-    const float* k0 = k + j * k_stride;
-    __m256 a[4];
-    for (int r = 0; r < 4; ++r) a[r] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < full; c += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + c);
-      _Pragma("GCC unroll 8") for (int r = 0; r < 4; ++r) {
-        a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + r * k_stride + c), a[r]);
-      }
-    }
-    if (full < n) {
-      const __m256 qv = _mm256_maskload_ps(q + full, tail);
-      _Pragma("GCC unroll 8") for (int r = 0; r < 4; ++r) {
-        a[r] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + r * k_stride + full, tail), a[r]);
-      }
-    }
-    _Pragma("GCC unroll 8") for (int r = 0; r < 4; ++r) out[j + r] = Reduce8(a[r]) * scale;
-  }
-  for (; j < rows; ++j) out[j] = DotAvx2(q, k + j * k_stride, n) * scale;
-}
-
 namespace {
 
-// y[0, 8G) (its first `valid` floats; the rest untouched) accumulated over every value row in
-// registers: per element the same fused multiply-adds, in the same order, as AxpyAvx2 row by row.
-template <int G>
-void AxpyRowsBlock(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
-                   int64_t valid, float* y) {
-  const bool masked = valid < 8 * G;
-  const __m256i last = TailMask8(valid - 8 * (G - 1));
-  __m256 acc[G];
-  _Pragma("GCC unroll 8") for (int g = 0; g < G; ++g) {
-    acc[g] =
-        masked && g == G - 1 ? _mm256_maskload_ps(y + 8 * g, last) : _mm256_loadu_ps(y + 8 * g);
+// Exp (matmul.cc) on 8 lanes: the same operations in the same order, so the same bits.
+inline __m256 Exp8(__m256 x) {
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpMin)),
+                                  _mm256_set1_ps(kExpMax));  // NaN lanes become kExpMin
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  _Pragma("GCC unroll 8") for (int i = 1; i < 6; ++i) {
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   }
-  for (int64_t j = 0; j < rows; ++j) {
-    const __m256 a = _mm256_set1_ps(p[j] * scale);
-    const float* vj = v + j * v_stride;
-    _Pragma("GCC unroll 8") for (int g = 0; g < G; ++g) {
-      const __m256 xv =
-          masked && g == G - 1 ? _mm256_maskload_ps(vj + 8 * g, last) : _mm256_loadu_ps(vj + 8 * g);
-      acc[g] = _mm256_fmadd_ps(a, xv, acc[g]);
-    }
-  }
-  _Pragma("GCC unroll 8") for (int g = 0; g < G; ++g) {
-    if (masked && g == G - 1) {
-      _mm256_maskstore_ps(y + 8 * g, last, acc[g]);
-    } else {
-      _mm256_storeu_ps(y + 8 * g, acc[g]);
-    }
-  }
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+  e = _mm256_blendv_ps(e, _mm256_set1_ps(__builtin_inff()),
+                       _mm256_cmp_ps(x, _mm256_set1_ps(kExpMax), _CMP_GT_OQ));
+  e = _mm256_blendv_ps(e, _mm256_setzero_ps(),
+                       _mm256_cmp_ps(x, _mm256_set1_ps(kExpMin), _CMP_LT_OQ));
+  return _mm256_blendv_ps(e, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
-// AxpyRowsBlock<groups> for run-time 1 <= groups <= G.
-template <int G>
-void AxpyRowsAny(int64_t groups, const float* p, float scale, const float* v, int64_t v_stride,
-                 int64_t rows, int64_t valid, float* y) {
-  if constexpr (G > 1) {
-    if (groups < G) return AxpyRowsAny<G - 1>(groups, p, scale, v, v_stride, rows, valid, y);
-  }
-  AxpyRowsBlock<G>(p, scale, v, v_stride, rows, valid, y);
+inline __m256 SiluMul8(__m256 g, __m256 u) {
+  const __m256 e = Exp8(_mm256_xor_ps(g, _mm256_set1_ps(-0.0f)));
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
 }
 
 }  // namespace
 
-// y in blocks of up to 64 floats (8 accumulators), each block over all value rows.
-void AxpyRowsAvx2(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
-                  int64_t n, float* y) {
-  for (int64_t d = 0; d < n; d += 64) {
-    const int64_t valid = n - d < 64 ? n - d : 64;
-    AxpyRowsAny<8>((valid + 7) / 8, p, scale, v + d, v_stride, rows, valid, y + d);
+void SiluMulAvx2(const float* gate, const float* up, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, SiluMul8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i)));
+  }
+  if (i < n) {
+    const __m256i m = TailMask8(n - i);
+    _mm256_maskstore_ps(out + i, m,
+                        SiluMul8(_mm256_maskload_ps(gate + i, m), _mm256_maskload_ps(up + i, m)));
+  }
+}
+
+float ExpShiftSumAvx2(float* s, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), sh));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  if (i < n) {
+    const __m256i m = TailMask8(n - i);
+    const __m256 e = _mm256_and_ps(Exp8(_mm256_sub_ps(_mm256_maskload_ps(s + i, m), sh)),
+                                   _mm256_castsi256_ps(m));
+    _mm256_maskstore_ps(s + i, m, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  return Reduce8(acc);
+}
+
+namespace {
+
+// Query rows [0, R) of q against key rows [0, J) of k: RowsTiled's tile with strided rows and a
+// masked last slice; each result is DotAvx2's operations (acc = fma(q, k, acc) per 8 columns,
+// Reduce8, times scale).
+template <int R, int J>
+void QkTile(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t n,
+            float scale, float* out, int64_t ld) {
+  __m256 a[R][J];
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) a[r][j] = _mm256_setzero_ps();
+  }
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    __m256 kv[J];
+    _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) kv[j] =
+        _mm256_loadu_ps(k + j * k_stride + c);
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+      __m256 qv = _mm256_loadu_ps(q + r * q_stride + c);
+      __asm__("" : "+x"(qv));  // one load per query slice (see MOEMESH_IN_REGISTER)
+      _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) {
+        a[r][j] = _mm256_fmadd_ps(qv, kv[j], a[r][j]);
+      }
+    }
+  }
+  if (c < n) {
+    const __m256i m = TailMask8(n - c);
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+      const __m256 qv = _mm256_maskload_ps(q + r * q_stride + c, m);
+      _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) {
+        a[r][j] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k + j * k_stride + c, m), a[r][j]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) out[r * ld + j] = Reduce8(a[r][j]) * scale;
+  }
+}
+
+// QkTile<r, j> for run-time 1 <= r <= R, 1 <= j <= J.
+template <int R, int J>
+void QkTileAny(int64_t r, int64_t j, const float* q, int64_t q_stride, const float* k,
+               int64_t k_stride, int64_t n, float scale, float* out, int64_t ld) {
+  if constexpr (R > 1) {
+    if (r < R) return QkTileAny<R - 1, J>(r, j, q, q_stride, k, k_stride, n, scale, out, ld);
+  }
+  if constexpr (J > 1) {
+    if (j < J) return QkTileAny<R, J - 1>(r, j, q, q_stride, k, k_stride, n, scale, out, ld);
+  }
+  QkTile<R, J>(q, q_stride, k, k_stride, n, scale, out, ld);
+}
+
+// y_r[0, 8G) (the first `valid` floats) for R query rows, over value rows [j0, j1) with weights
+// p_r[j] * scales[r]: per element AxpyAvx2's fused multiply-adds in increasing j (the rows'
+// accumulators stay in registers over all value rows); a value slice loaded once serves all R
+// rows.
+template <int R, int G>
+void AxpyMultiBlock(const float* p, int64_t ld, const float* scales, const float* v,
+                    int64_t v_stride, int64_t j0, int64_t j1, int64_t valid, float* y,
+                    int64_t y_stride) {
+  const bool masked = valid < 8 * G;
+  const __m256i last = TailMask8(valid - 8 * (G - 1));
+  __m256 acc[R][G];
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 16") for (int g = 0; g < G; ++g) {
+      const float* yr = y + r * y_stride + 8 * g;
+      acc[r][g] = masked && g == G - 1 ? _mm256_maskload_ps(yr, last) : _mm256_loadu_ps(yr);
+    }
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* vj = v + j * v_stride;
+    __m256 xv[G];
+    _Pragma("GCC unroll 16") for (int g = 0; g < G; ++g) {
+      xv[g] =
+          masked && g == G - 1 ? _mm256_maskload_ps(vj + 8 * g, last) : _mm256_loadu_ps(vj + 8 * g);
+    }
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_set1_ps(p[r * ld + j] * scales[r]);
+      _Pragma("GCC unroll 16") for (int g = 0; g < G; ++g) {
+        acc[r][g] = _mm256_fmadd_ps(a, xv[g], acc[r][g]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 16") for (int g = 0; g < G; ++g) {
+      float* yr = y + r * y_stride + 8 * g;
+      if (masked && g == G - 1) {
+        _mm256_maskstore_ps(yr, last, acc[r][g]);
+      } else {
+        _mm256_storeu_ps(yr, acc[r][g]);
+      }
+    }
+  }
+}
+
+template <int R, int G>
+void AxpyMultiAny(int64_t r, int64_t groups, const float* p, int64_t ld, const float* scales,
+                  const float* v, int64_t v_stride, int64_t j0, int64_t j1, int64_t valid, float* y,
+                  int64_t y_stride) {
+  if constexpr (R > 1) {
+    if (r < R) {
+      return AxpyMultiAny<R - 1, G>(r, groups, p, ld, scales, v, v_stride, j0, j1, valid, y,
+                                    y_stride);
+    }
+  }
+  if constexpr (G > 1) {
+    if (groups < G) {
+      return AxpyMultiAny<R, G - 1>(r, groups, p, ld, scales, v, v_stride, j0, j1, valid, y,
+                                    y_stride);
+    }
+  }
+  AxpyMultiBlock<R, G>(p, ld, scales, v, v_stride, j0, j1, valid, y, y_stride);
+}
+
+}  // namespace
+
+// Tiles of 4 query rows × 3 key rows (12 accumulators, as RowsAvx2's).
+void DotRowsMultiAvx2(const float* q, int64_t q_stride, int64_t nq, const float* k,
+                      int64_t k_stride, int64_t rows, int64_t n, float scale, float* out,
+                      int64_t ld) {
+  for (int64_t r = 0; r < nq; r += 4) {
+    const int64_t tr = nq - r < 4 ? nq - r : 4;
+    for (int64_t j = 0; j < rows; j += 3) {
+      const int64_t tj = rows - j < 3 ? rows - j : 3;
+      QkTileAny<4, 3>(tr, tj, q + r * q_stride, q_stride, k + j * k_stride, k_stride, n, scale,
+                      out + r * ld + j, ld);
+    }
+  }
+}
+
+// Blocks of 4 query rows × 24 floats of y (12 accumulators): the value rows every query row of
+// the block uses are swept once for all of them, then each row's own further rows alone (the
+// order per element is still increasing j).
+void AxpyRowsMultiAvx2(const float* p, int64_t ld, const float* scales, const int64_t* rows,
+                       int64_t nq, const float* v, int64_t v_stride, int64_t n, float* y,
+                       int64_t y_stride) {
+  for (int64_t r0 = 0; r0 < nq; r0 += 4) {
+    const int64_t tr = nq - r0 < 4 ? nq - r0 : 4;
+    int64_t common = rows[r0];
+    for (int64_t r = r0 + 1; r < r0 + tr; ++r) common = rows[r] < common ? rows[r] : common;
+    for (int64_t d = 0; d < n; d += 24) {
+      const int64_t valid = n - d < 24 ? n - d : 24;
+      const int64_t groups = (valid + 7) / 8;
+      AxpyMultiAny<4, 3>(tr, groups, p + r0 * ld, ld, scales + r0, v + d, v_stride, 0, common,
+                         valid, y + r0 * y_stride + d, y_stride);
+      for (int64_t r = r0; r < r0 + tr; ++r) {
+        if (rows[r] > common) {
+          AxpyMultiAny<1, 3>(1, groups, p + r * ld, ld, scales + r, v + d, v_stride, common,
+                             rows[r], valid, y + r * y_stride + d, y_stride);
+        }
+      }
+    }
   }
 }
 

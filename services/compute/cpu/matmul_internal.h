@@ -40,11 +40,29 @@ void RowsAvx2WithAvx512Tiles(const float* x, int64_t m, const Weight& w, int64_t
 // Dot and Axpy of matmul.h with AVX2 + FMA.
 float DotAvx2(const float* a, const float* b, int64_t n);
 void AxpyAvx2(float alpha, const float* x, float* y, int64_t n);
-// DotRows and AxpyRows of matmul.h with AVX2 + FMA.
-void DotRowsAvx2(const float* q, const float* k, int64_t k_stride, int64_t rows, int64_t n,
-                 float scale, float* out);
-void AxpyRowsAvx2(const float* p, float scale, const float* v, int64_t v_stride, int64_t rows,
-                  int64_t n, float* y);
+
+// Exp, SiluMul and ExpShiftSum of matmul.h with AVX2 + FMA.
+void SiluMulAvx2(const float* gate, const float* up, int64_t n, float* out);
+float ExpShiftSumAvx2(float* s, int64_t n, float shift);
+// DotRowsMulti and AxpyRowsMulti of matmul.h with AVX2 + FMA (DotRows and AxpyRows are their
+// one-query forms).
+void DotRowsMultiAvx2(const float* q, int64_t q_stride, int64_t nq, const float* k,
+                      int64_t k_stride, int64_t rows, int64_t n, float scale, float* out,
+                      int64_t ld);
+void AxpyRowsMultiAvx2(const float* p, int64_t ld, const float* scales, const int64_t* rows,
+                       int64_t nq, const float* v, int64_t v_stride, int64_t n, float* y,
+                       int64_t y_stride);
+
+// Exp's constants (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, ln2 in two parts so that
+// n ln2 is exact enough; e^r by a degree-7 polynomial). Exp(x) is +inf above kExpMax (where
+// 2^n would need n = 128) and 0 below kExpMin (where the result would be subnormal).
+inline constexpr float kExpMax = 88.3762626647949f;
+inline constexpr float kExpMin = -87.3365447505531f;
+inline constexpr float kLog2e = 1.44269504088896341f;
+inline constexpr float kLn2Hi = 0.693359375f;
+inline constexpr float kLn2Lo = -2.12194440e-4f;
+inline constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                      4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 // The canonical reduction of 8 partial sums: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
 inline float ReduceLanes(const float* l) {
