@@ -107,8 +107,8 @@ class CpuBackend final : public ComputeBackend {
     const float* kg = k + g * s.qk_dim;
     const float* vg = v + g * s.v_dim;
     const int64_t out_row = s.heads * s.v_dim;
-    // Query rows r < nq of the unit: q at q0 + r * qs, output at y0 + r * ys, seeing
-    // visible[r] keys.
+    // Query rows r < nq of the unit: q at q0 + r * qs, output at y0 + r * ys, seeing the first
+    // vis[r] keys.
     int64_t nq, qs, ys, i0;
     const float* q0;
     float* y0;
