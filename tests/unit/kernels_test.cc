@@ -3,6 +3,7 @@
 // group-limited gating against golden cases.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <utility>
@@ -278,6 +279,52 @@ TEST_F(CpuKernelsTest, AttentionSingleNewTokenDecode) {
   std::vector<float> out(2 * 3);
   be_->CausalAttention(s, q.data(), k.data(), v.data(), out.data());
   EXPECT_THAT(out, Pointwise(FloatNear(1e-5), NaiveAttention(s, q, k, v)));
+}
+
+// The batched units (a grouped-query group's heads at one position; without groups, blocks of
+// 4 positions of one head, the last one partial) over many shapes: against the plain loops, and
+// bitwise the same rows when the new tokens come in two calls split anywhere (so a row's output
+// depends neither on the block it lands in nor on the chunk).
+TEST_F(CpuKernelsTest, AttentionMatchesLoopsOverShapesAndIgnoresChunking) {
+  struct Heads {
+    int64_t heads, kv_heads;
+  };
+  int seed = 100;
+  for (Heads hk : {Heads{1, 1}, Heads{3, 3}, Heads{4, 2}, Heads{8, 1}, Heads{6, 2}}) {
+    for (int64_t num_new : {1, 3, 4, 5, 9}) {
+      for (int64_t qk_dim : {5, 64, 130}) {
+        const int64_t past = seed % 7, ctx = past + num_new, v_dim = qk_dim == 5 ? 3 : 64;
+        AttentionShape s = Dense(num_new, ctx, hk.heads, hk.kv_heads, qk_dim, v_dim,
+                                 1.0f / std::sqrt(static_cast<float>(qk_dim)));
+        s.q_stride += 3;
+        s.k_stride += 1;
+        s.v_stride += 2;
+        const auto q = RandomFloats(num_new * s.q_stride, ++seed, 2.0f),
+                   k = RandomFloats(ctx * s.k_stride, ++seed, 2.0f),
+                   v = RandomFloats(ctx * s.v_stride, ++seed);
+        const int64_t row = hk.heads * v_dim;
+        std::vector<float> out(num_new * row);
+        be_->CausalAttention(s, q.data(), k.data(), v.data(), out.data());
+        EXPECT_THAT(out, Pointwise(FloatNear(2e-5), NaiveAttention(s, q, k, v)))
+            << "heads " << hk.heads << "/" << hk.kv_heads << " num_new " << num_new << " qk "
+            << qk_dim;
+        for (int64_t a = 1; a < num_new; ++a) {
+          std::vector<float> split(num_new * row);
+          AttentionShape first = s;
+          first.num_new = a;
+          first.ctx = past + a;
+          be_->CausalAttention(first, q.data(), k.data(), v.data(), split.data());
+          AttentionShape second = s;
+          second.num_new = num_new - a;
+          be_->CausalAttention(second, q.data() + a * s.q_stride, k.data(), v.data(),
+                               split.data() + a * row);
+          EXPECT_EQ(std::memcmp(split.data(), out.data(), out.size() * 4), 0)
+              << "heads " << hk.heads << "/" << hk.kv_heads << " num_new " << num_new << " qk "
+              << qk_dim << " split at " << a;
+        }
+      }
+    }
+  }
 }
 
 TEST_F(CpuKernelsTest, AttentionIgnoresFutureRows) {
