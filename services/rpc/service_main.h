@@ -8,6 +8,7 @@
 #include "absl/flags/parse.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "grpcpp/grpcpp.h"
 #include "services/moe/expert_group.h"
 #include "services/rpc/server_host.h"
@@ -38,6 +39,10 @@ inline absl::StatusOr<bool> ParseSharedExpertsInGateway(absl::string_view flag) 
 // the options (exit 2 with the message when they are invalid) and runs (exit 1 on error).
 template <typename GetOptionsFn, typename RunFn>
 int ServiceMain(const char* program, int argc, char** argv, GetOptionsFn get_options, RunFn run) {
+  // Debian builds Abseil without NDEBUG, which leaves absl::Mutex's deadlock detection on: every
+  // lock and unlock in gRPC (which locks absl::Mutex) updated a process-wide lock graph under
+  // its own global mutex. Release builds of Abseil have it off.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   BlockShutdownSignals();
   absl::ParseCommandLine(argc, argv);
   auto options = get_options();
