@@ -29,6 +29,13 @@ struct AttentionShape {
   int64_t k_stride = 0;  // floats between cache rows of k
   int64_t v_stride = 0;  // floats between cache rows of v
   float scale = 1.0f;    // softmax scale, usually qk_dim^-0.5
+  // A paged cache read in place: when segment_rows > 0, cache row j of k is at
+  // k_segments[j / segment_rows] + (j % segment_rows) * k_stride (v likewise, from v_segments),
+  // and CausalAttention's k and v arguments are unused. Only for a backend whose
+  // SupportsSegmentedCache() is true.
+  int64_t segment_rows = 0;
+  const float* const* k_segments = nullptr;
+  const float* const* v_segments = nullptr;
 };
 
 class ComputeBackend {
@@ -90,6 +97,9 @@ class ComputeBackend {
   // Query row i sits at position ctx - num_new + i and sees cache rows 0 ..= that position.
   virtual void CausalAttention(const AttentionShape& s, const float* q, const float* k,
                                const float* v, float* out) = 0;
+  // Whether CausalAttention reads AttentionShape's segments (a paged cache in place); when not,
+  // callers gather the cache into one contiguous buffer first.
+  virtual bool SupportsSegmentedCache() const { return false; }
 
   // out = silu(gate) * up, elementwise over n values. out may alias gate.
   virtual void SiluMul(const float* gate, const float* up, int64_t n, float* out) = 0;

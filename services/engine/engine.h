@@ -184,9 +184,12 @@ class Engine {
   [[nodiscard]] absl::Status LoadMla(const Checkpoint& ckpt, int layer, Layer* out) const;
   absl::StatusOr<std::vector<Tensor>> StepImpl(absl::Span<const StepInput> inputs,
                                                const CallOptions& opts);
-  // Writes the new rows of `in` (at positions start ...) into its blocks and gathers its
-  // context of `layer` up to them as F32 into ctx_: [start + n, row]. rows: [n, row] f32
-  const float* StoreAndGather(int layer, const StepInput& in, int64_t start, const float* rows);
+  // Writes the new rows of `in` (at positions start ...) into its blocks. Then, when the cache
+  // is F32 and the backend reads segmented caches, fills `segments` with its blocks' rows of
+  // `layer` in place and returns nullptr; otherwise gathers its context of `layer` up to the new
+  // rows as F32 into ctx_ ([start + n, row]) and returns that. rows: [n, row] f32
+  const float* StoreAndGather(int layer, const StepInput& in, int64_t start, const float* rows,
+                              std::vector<const float*>* segments);
 
   ModelConfig cfg_;
   ComputeBackend* backend_ = nullptr;
@@ -200,6 +203,10 @@ class Engine {
   int64_t k_row_ = 0, v_row_ = 0;  // floats per cached token per layer
   std::shared_ptr<KvCache> kv_;
   std::vector<float> ctx_;  // Step scratch: one sequence's gathered context of one layer
+  // Step scratch: one sequence's cache blocks of one layer read in place (keys, and values
+  // where they sit at another offset of the row).
+  std::vector<const float*> segments_, v_segments_;
+  int64_t segment_rows_ = 0;  // rows per segment (the cache's block_tokens)
   std::vector<std::unique_ptr<Layer>> layers_;
   int micro_batches_ = 1;
   MicroBatchPolicy micro_batch_policy_ = MicroBatchPolicy::kAlways;

@@ -283,8 +283,9 @@ TEST_F(CpuKernelsTest, AttentionSingleNewTokenDecode) {
 
 // The batched units (a grouped-query group's heads at one position; without groups, blocks of
 // 4 positions of one head, the last one partial) over many shapes: against the plain loops, and
-// bitwise the same rows when the new tokens come in two calls split anywhere (so a row's output
-// depends neither on the block it lands in nor on the chunk).
+// bitwise the same rows when the cache is read in place in blocks (a paged cache) and when the
+// new tokens come in two calls split anywhere (so a row's output depends neither on the block
+// it lands in nor on the chunk).
 TEST_F(CpuKernelsTest, AttentionMatchesLoopsOverShapesAndIgnoresChunking) {
   struct Heads {
     int64_t heads, kv_heads;
@@ -308,6 +309,33 @@ TEST_F(CpuKernelsTest, AttentionMatchesLoopsOverShapesAndIgnoresChunking) {
         EXPECT_THAT(out, Pointwise(FloatNear(2e-5), NaiveAttention(s, q, k, v)))
             << "heads " << hk.heads << "/" << hk.kv_heads << " num_new " << num_new << " qk "
             << qk_dim;
+        // The same cache in blocks of 1, 3 or 16 rows, each its own allocation (a paged cache
+        // read in place): bitwise the same rows.
+        for (int64_t block : {1, 3, 16}) {
+          std::vector<std::vector<float>> kb, vb;
+          std::vector<const float*> kp, vp;
+          for (int64_t j0 = 0; j0 < ctx; j0 += block) {
+            const int64_t n = std::min(block, ctx - j0);
+            kb.emplace_back(k.begin() + j0 * s.k_stride, k.begin() + (j0 + n) * s.k_stride);
+            vb.emplace_back(v.begin() + j0 * s.v_stride, v.begin() + (j0 + n) * s.v_stride);
+            kb.back().resize(block * s.k_stride, 1e30f);  // rows past ctx must not be read
+            vb.back().resize(block * s.v_stride, 1e30f);
+          }
+          for (size_t b = 0; b < kb.size(); ++b) {
+            kp.push_back(kb[b].data());
+            vp.push_back(vb[b].data());
+          }
+          AttentionShape paged = s;
+          paged.segment_rows = block;
+          paged.k_segments = kp.data();
+          paged.v_segments = vp.data();
+          ASSERT_TRUE(be_->SupportsSegmentedCache());
+          std::vector<float> got(num_new * row);
+          be_->CausalAttention(paged, q.data(), nullptr, nullptr, got.data());
+          EXPECT_EQ(std::memcmp(got.data(), out.data(), out.size() * 4), 0)
+              << "heads " << hk.heads << "/" << hk.kv_heads << " num_new " << num_new << " qk "
+              << qk_dim << " block " << block;
+        }
         for (int64_t a = 1; a < num_new; ++a) {
           std::vector<float> split(num_new * row);
           AttentionShape first = s;

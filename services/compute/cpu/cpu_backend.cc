@@ -73,6 +73,8 @@ class CpuBackend final : public ComputeBackend {
     }
   }
 
+  bool SupportsSegmentedCache() const override { return true; }
+
   void CausalAttention(const AttentionShape& s, const float* q, const float* k, const float* v,
                        float* out) override {
     // Each (head, query row) is computed in the same order whatever the chunk it came in and
@@ -104,8 +106,6 @@ class CpuBackend final : public ComputeBackend {
   static void AttendUnit(const AttentionShape& s, int64_t g, int64_t block, const float* q,
                          const float* k, const float* v, float* scores, float* out) {
     const int64_t group = s.heads / s.kv_heads;
-    const float* kg = k + g * s.qk_dim;
-    const float* vg = v + g * s.v_dim;
     const int64_t out_row = s.heads * s.v_dim;
     // Query rows r < nq of the unit: q at q0 + r * qs, output at y0 + r * ys, seeing the first
     // vis[r] keys.
@@ -127,16 +127,31 @@ class CpuBackend final : public ComputeBackend {
       y0 = out + i0 * out_row + g * s.v_dim;
       ys = out_row;
     }
-    thread_local std::vector<int64_t> vis;
+    thread_local std::vector<int64_t> vis, used;
     thread_local std::vector<float> inv;
     vis.resize(nq);
+    used.resize(nq);
     inv.resize(nq);
     int64_t most = 0;
     for (int64_t r = 0; r < nq; ++r) {
       vis[r] = s.ctx - s.num_new + i0 + (group > 1 ? 0 : r) + 1;
       most = std::max(most, vis[r]);
     }
-    cpu::DotRowsMulti(q0, qs, nq, kg, s.k_stride, most, s.qk_dim, s.scale, scores, s.ctx);
+    // Cache rows in segments: the whole cache at once, or a paged cache block by block. Each
+    // score is its own dot product and each output element the same FMAs in increasing key
+    // order whatever the segments (the accumulators go through y between them), so both give
+    // the same bits.
+    const int64_t seg = s.segment_rows > 0 ? s.segment_rows : s.ctx;
+    auto k_at = [&](int64_t b) {
+      return (s.segment_rows > 0 ? s.k_segments[b] : k + b * seg * s.k_stride) + g * s.qk_dim;
+    };
+    auto v_at = [&](int64_t b) {
+      return (s.segment_rows > 0 ? s.v_segments[b] : v + b * seg * s.v_stride) + g * s.v_dim;
+    };
+    for (int64_t j0 = 0; j0 < most; j0 += seg) {
+      cpu::DotRowsMulti(q0, qs, nq, k_at(j0 / seg), s.k_stride, std::min(seg, most - j0), s.qk_dim,
+                        s.scale, scores + j0, s.ctx);
+    }
     for (int64_t r = 0; r < nq; ++r) {
       float* row = scores + r * s.ctx;
       float mx = -INFINITY;
@@ -144,7 +159,11 @@ class CpuBackend final : public ComputeBackend {
       inv[r] = 1.0f / cpu::ExpShiftSum(row, vis[r], mx);
       std::fill(y0 + r * ys, y0 + r * ys + s.v_dim, 0.0f);
     }
-    cpu::AxpyRowsMulti(scores, s.ctx, inv.data(), vis.data(), nq, vg, s.v_stride, s.v_dim, y0, ys);
+    for (int64_t j0 = 0; j0 < most; j0 += seg) {
+      for (int64_t r = 0; r < nq; ++r) used[r] = std::clamp<int64_t>(vis[r] - j0, 0, seg);
+      cpu::AxpyRowsMulti(scores + j0, s.ctx, inv.data(), used.data(), nq, v_at(j0 / seg),
+                         s.v_stride, s.v_dim, y0, ys);
+    }
   }
 
  public:
