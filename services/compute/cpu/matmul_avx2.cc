@@ -156,56 +156,6 @@ float ExpShiftSumAvx2(float* s, int64_t n, float shift) {
 
 namespace {
 
-// Query rows [0, R) of q against key rows [0, J) of k: RowsTiled's tile with strided rows and a
-// masked last slice; each result is DotAvx2's operations (acc = fma(q, k, acc) per 8 columns,
-// Reduce8, times scale).
-template <int R, int J>
-void QkTile(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t n,
-            float scale, float* out, int64_t ld) {
-  __m256 a[R][J];
-  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
-    _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) a[r][j] = _mm256_setzero_ps();
-  }
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    __m256 kv[J];
-    _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) kv[j] =
-        _mm256_loadu_ps(k + j * k_stride + c);
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
-      __m256 qv = _mm256_loadu_ps(q + r * q_stride + c);
-      __asm__("" : "+x"(qv));  // one load per query slice (see MOEMESH_IN_REGISTER)
-      _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) {
-        a[r][j] = _mm256_fmadd_ps(qv, kv[j], a[r][j]);
-      }
-    }
-  }
-  if (c < n) {
-    const __m256i m = TailMask8(n - c);
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
-      const __m256 qv = _mm256_maskload_ps(q + r * q_stride + c, m);
-      _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) {
-        a[r][j] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k + j * k_stride + c, m), a[r][j]);
-      }
-    }
-  }
-  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
-    _Pragma("GCC unroll 16") for (int j = 0; j < J; ++j) out[r * ld + j] = Reduce8(a[r][j]) * scale;
-  }
-}
-
-// QkTile<r, j> for run-time 1 <= r <= R, 1 <= j <= J.
-template <int R, int J>
-void QkTileAny(int64_t r, int64_t j, const float* q, int64_t q_stride, const float* k,
-               int64_t k_stride, int64_t n, float scale, float* out, int64_t ld) {
-  if constexpr (R > 1) {
-    if (r < R) return QkTileAny<R - 1, J>(r, j, q, q_stride, k, k_stride, n, scale, out, ld);
-  }
-  if constexpr (J > 1) {
-    if (j < J) return QkTileAny<R, J - 1>(r, j, q, q_stride, k, k_stride, n, scale, out, ld);
-  }
-  QkTile<R, J>(q, q_stride, k, k_stride, n, scale, out, ld);
-}
-
 // y_r[0, 8G) (the first `valid` floats) for R query rows, over value rows [j0, j1) with weights
 // p_r[j] * scales[r]: per element AxpyAvx2's fused multiply-adds in increasing j (the rows'
 // accumulators stay in registers over all value rows); a value slice loaded once serves all R
@@ -270,17 +220,24 @@ void AxpyMultiAny(int64_t r, int64_t groups, const float* p, int64_t ld, const f
 
 }  // namespace
 
-// Tiles of 4 query rows × 3 key rows (12 accumulators, as RowsAvx2's).
+// The matrix products' tile (kTileRows query rows × kTileCols key rows) over the rows' strides,
+// then the scale: each score is DotAvx2's operations (acc = fma(q, k, acc) per 8 columns, the
+// last chunk zero-padded, Reduce8), times scale.
 void DotRowsMultiAvx2(const float* q, int64_t q_stride, int64_t nq, const float* k,
                       int64_t k_stride, int64_t rows, int64_t n, float scale, float* out,
                       int64_t ld) {
-  for (int64_t r = 0; r < nq; r += 4) {
-    const int64_t tr = nq - r < 4 ? nq - r : 4;
-    for (int64_t j = 0; j < rows; j += 3) {
-      const int64_t tj = rows - j < 3 ? rows - j : 3;
-      QkTileAny<4, 3>(tr, tj, q + r * q_stride, q_stride, k + j * k_stride, k_stride, n, scale,
-                      out + r * ld + j, ld);
+  Prefetch none;
+  for (int64_t r = 0; r < nq; r += kTileRows) {
+    const int64_t tr = nq - r < kTileRows ? nq - r : kTileRows;
+    for (int64_t j = 0; j < rows; j += kTileCols) {
+      const int64_t tj = rows - j < kTileCols ? rows - j : kTileCols;
+      TileAny<kTileRows, kTileCols>(tr, tj, q + r * q_stride, q_stride,
+                                    reinterpret_cast<const uint8_t*>(k + j * k_stride), k_stride, n,
+                                    out + r * ld + j, ld, false, none);
     }
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    for (int64_t j = 0; j < rows; ++j) out[r * ld + j] *= scale;
   }
 }
 
