@@ -30,12 +30,12 @@ struct AttentionShape {
   int64_t v_stride = 0;  // floats between cache rows of v
   float scale = 1.0f;    // softmax scale, usually qk_dim^-0.5
   // A paged cache read in place: when segment_rows > 0, cache row j of k is at
-  // k_segments[j / segment_rows] + (j % segment_rows) * k_stride (v likewise, from v_segments),
-  // and CausalAttention's k and v arguments are unused. Only for a backend whose
-  // SupportsSegmentedCache() is true.
+  // segments[j / segment_rows] + (j % segment_rows) * k_stride, and of v at the same segment +
+  // v_offset + (j % segment_rows) * v_stride; CausalAttention's k and v arguments are unused.
+  // Only for a backend whose SupportsSegmentedCache() is true.
   int64_t segment_rows = 0;
-  const float* const* k_segments = nullptr;
-  const float* const* v_segments = nullptr;
+  const float* const* segments = nullptr;
+  int64_t v_offset = 0;
 };
 
 class ComputeBackend {

@@ -253,7 +253,7 @@ int64_t Engine::AttachCachedPrefix(Sequence* seq, absl::Span<const int32_t> toke
 }
 
 const float* Engine::StoreAndGather(int layer, const StepInput& in, int64_t start,
-                                    const float* rows, std::vector<const float*>* segments) {
+                                    const float* rows) {
   Sequence& s = *in.seq;
   KvCache& kv = *s.cache_;
   const int64_t bt = kv.block_tokens(), row = kv.row();
@@ -265,12 +265,11 @@ const float* Engine::StoreAndGather(int layer, const StepInput& in, int64_t star
     done += take;
   }
   const int64_t ctx = start + n;
-  segments->clear();
+  segments_.clear();
   if (backend_->SupportsSegmentedCache() && kv.F32Rows(s.blocks_[0], layer) != nullptr) {
     // Read in place: copying the whole context per layer per step grew with the context (at
     // 400 tokens and 16 streams it was 12 % of the gateway's CPU).
-    for (int64_t b = 0; b * bt < ctx; ++b) segments->push_back(kv.F32Rows(s.blocks_[b], layer));
-    segment_rows_ = bt;
+    for (int64_t b = 0; b * bt < ctx; ++b) segments_.push_back(kv.F32Rows(s.blocks_[b], layer));
     return nullptr;
   }
   if (static_cast<int64_t>(ctx_.size()) < ctx * row) ctx_.resize(ctx * row);
@@ -341,7 +340,7 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs,
   for (size_t i = 0; i < inputs.size(); ++i) {
     const StepInput& in = inputs[i];
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    const float* cache = StoreAndGather(l, in, starts[i], kv.data() + r0 * row, &segments_);
+    const float* cache = StoreAndGather(l, in, starts[i], kv.data() + r0 * row);
     AttentionShape as;
     as.num_new = n;
     as.ctx = starts[i] + n;
@@ -354,8 +353,8 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs,
     as.v_stride = row;
     as.scale = attn_scale_;
     if (cache == nullptr) {  // in place: the latent is both key (with the rope part) and value
-      as.segment_rows = segment_rows_;
-      as.k_segments = as.v_segments = segments_.data();
+      as.segment_rows = kv_->block_tokens();
+      as.segments = segments_.data();
     }
     backend_->CausalAttention(as, qa.data() + r0 * nh * row, cache, cache,
                               attn.data() + r0 * nh * kvl);
@@ -403,7 +402,7 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs,
   for (size_t i = 0; i < inputs.size(); ++i) {
     const StepInput& in = inputs[i];
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    const float* cache = StoreAndGather(l, in, starts[i], kv.data() + row * cache_row, &segments_);
+    const float* cache = StoreAndGather(l, in, starts[i], kv.data() + row * cache_row);
     AttentionShape as;
     as.num_new = n;
     as.ctx = starts[i] + n;
@@ -417,11 +416,9 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs,
     as.scale = attn_scale_;
     const float* v_cache = cache == nullptr ? nullptr : cache + k_row_;
     if (cache == nullptr) {  // in place: each block's rows are [K | V]
-      v_segments_.resize(segments_.size());
-      for (size_t b = 0; b < segments_.size(); ++b) v_segments_[b] = segments_[b] + k_row_;
-      as.segment_rows = segment_rows_;
-      as.k_segments = segments_.data();
-      as.v_segments = v_segments_.data();
+      as.segment_rows = kv_->block_tokens();
+      as.segments = segments_.data();
+      as.v_offset = k_row_;
     }
     backend_->CausalAttention(as, q.data() + row * nh * hd, cache, v_cache,
                               attn.data() + row * nh * hd);

@@ -185,11 +185,11 @@ class Engine {
   absl::StatusOr<std::vector<Tensor>> StepImpl(absl::Span<const StepInput> inputs,
                                                const CallOptions& opts);
   // Writes the new rows of `in` (at positions start ...) into its blocks. Then, when the cache
-  // is F32 and the backend reads segmented caches, fills `segments` with its blocks' rows of
-  // `layer` in place and returns nullptr; otherwise gathers its context of `layer` up to the new
-  // rows as F32 into ctx_ ([start + n, row]) and returns that. rows: [n, row] f32
-  const float* StoreAndGather(int layer, const StepInput& in, int64_t start, const float* rows,
-                              std::vector<const float*>* segments);
+  // is F32 and the backend reads segmented caches, fills segments_ with its blocks' rows of
+  // `layer` in place (kv_->block_tokens() rows each) and returns nullptr; otherwise gathers its
+  // context of `layer` up to the new rows as F32 into ctx_ ([start + n, row]) and returns that.
+  // rows: [n, row] f32
+  const float* StoreAndGather(int layer, const StepInput& in, int64_t start, const float* rows);
 
   ModelConfig cfg_;
   ComputeBackend* backend_ = nullptr;
@@ -203,10 +203,7 @@ class Engine {
   int64_t k_row_ = 0, v_row_ = 0;  // floats per cached token per layer
   std::shared_ptr<KvCache> kv_;
   std::vector<float> ctx_;  // Step scratch: one sequence's gathered context of one layer
-  // Step scratch: one sequence's cache blocks of one layer read in place (keys, and values
-  // where they sit at another offset of the row).
-  std::vector<const float*> segments_, v_segments_;
-  int64_t segment_rows_ = 0;  // rows per segment (the cache's block_tokens)
+  std::vector<const float*> segments_;  // Step scratch: one sequence's blocks of one layer
   std::vector<std::unique_ptr<Layer>> layers_;
   int micro_batches_ = 1;
   MicroBatchPolicy micro_batch_policy_ = MicroBatchPolicy::kAlways;

@@ -312,23 +312,23 @@ TEST_F(CpuKernelsTest, AttentionMatchesLoopsOverShapesAndIgnoresChunking) {
         // The same cache in blocks of 1, 3 or 16 rows, each its own allocation (a paged cache
         // read in place): bitwise the same rows.
         for (int64_t block : {1, 3, 16}) {
-          std::vector<std::vector<float>> kb, vb;
-          std::vector<const float*> kp, vp;
+          // Each block holds its key rows, then its value rows (v_offset past the keys).
+          std::vector<std::vector<float>> blocks;
+          std::vector<const float*> seg;
           for (int64_t j0 = 0; j0 < ctx; j0 += block) {
             const int64_t n = std::min(block, ctx - j0);
-            kb.emplace_back(k.begin() + j0 * s.k_stride, k.begin() + (j0 + n) * s.k_stride);
-            vb.emplace_back(v.begin() + j0 * s.v_stride, v.begin() + (j0 + n) * s.v_stride);
-            kb.back().resize(block * s.k_stride, 1e30f);  // rows past ctx must not be read
-            vb.back().resize(block * s.v_stride, 1e30f);
-          }
-          for (size_t b = 0; b < kb.size(); ++b) {
-            kp.push_back(kb[b].data());
-            vp.push_back(vb[b].data());
+            // Rows past ctx are poisoned: they must not be read.
+            std::vector<float> b(block * (s.k_stride + s.v_stride), 1e30f);
+            std::copy(k.begin() + j0 * s.k_stride, k.begin() + (j0 + n) * s.k_stride, b.begin());
+            std::copy(v.begin() + j0 * s.v_stride, v.begin() + (j0 + n) * s.v_stride,
+                      b.begin() + block * s.k_stride);
+            blocks.push_back(std::move(b));
+            seg.push_back(blocks.back().data());
           }
           AttentionShape paged = s;
           paged.segment_rows = block;
-          paged.k_segments = kp.data();
-          paged.v_segments = vp.data();
+          paged.segments = seg.data();
+          paged.v_offset = block * s.k_stride;
           ASSERT_TRUE(be_->SupportsSegmentedCache());
           std::vector<float> got(num_new * row);
           be_->CausalAttention(paged, q.data(), nullptr, nullptr, got.data());

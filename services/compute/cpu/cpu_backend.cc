@@ -143,10 +143,11 @@ class CpuBackend final : public ComputeBackend {
     // the same bits.
     const int64_t seg = s.segment_rows > 0 ? s.segment_rows : s.ctx;
     auto k_at = [&](int64_t b) {
-      return (s.segment_rows > 0 ? s.k_segments[b] : k + b * seg * s.k_stride) + g * s.qk_dim;
+      return (s.segment_rows > 0 ? s.segments[b] : k + b * seg * s.k_stride) + g * s.qk_dim;
     };
     auto v_at = [&](int64_t b) {
-      return (s.segment_rows > 0 ? s.v_segments[b] : v + b * seg * s.v_stride) + g * s.v_dim;
+      return (s.segment_rows > 0 ? s.segments[b] + s.v_offset : v + b * seg * s.v_stride) +
+             g * s.v_dim;
     };
     for (int64_t j0 = 0; j0 < most; j0 += seg) {
       cpu::DotRowsMulti(q0, qs, nq, k_at(j0 / seg), s.k_stride, std::min(seg, most - j0), s.qk_dim,
