@@ -3,6 +3,7 @@
 //   moemesh-expert-worker --model DIR --experts 0-3 [--port 0 --port_file F]
 //   moemesh-expert-worker --model DIR --placement FILE
 //   moemesh-expert-worker --model DIR --experts 0-3 --backend cuda --device 1
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -36,7 +37,9 @@ ABSL_FLAG(int, port, 0, "port (0 picks a free one)");
 ABSL_FLAG(std::string, port_file, "", "write the bound port here once serving");
 ABSL_FLAG(int, metrics_port, -1, "Prometheus /metrics port (-1: off, 0: pick one)");
 ABSL_FLAG(std::string, name, "", "name of this worker (defaults to its expert spec)");
-ABSL_FLAG(int, threads, 1, "compute threads (each uses the BLAS threads)");
+ABSL_FLAG(int, threads, 1,
+          "compute threads (each uses the BLAS threads; with --backend cuda at least one per "
+          "GPU execution context, 4)");
 ABSL_FLAG(int, max_queue, 256, "queued calls before RESOURCE_EXHAUSTED");
 ABSL_FLAG(double, max_connection_age, 60,
           "seconds after which a client connection is recycled, so routers resolving the "
@@ -142,19 +145,28 @@ absl::Status Run(const Options& o) {
   } else {
     ASSIGN_OR_RETURN(keys, ExpertsFromPlacementFile(cfg, o.placement));
   }
-  std::unique_ptr<ComputeBackend> backend;
+  // The CPU backend computes unless the group moves to a GPU below.
+  std::unique_ptr<ComputeBackend> backend = MakeCpuBackend();
   std::string device = "cpu";
+  ASSIGN_OR_RETURN(auto group, LocalExpertGroup::Load(*ckpt, cfg, keys, backend.get(), o.name));
+  int64_t bytes = group->weight_bytes();
   if (o.backend == "cuda") {
 #ifdef MOEMESH_HAVE_CUDA
-    ASSIGN_OR_RETURN(backend, MakeCudaBackend(o.device), "--backend cuda --device ", o.device);
-    device = absl::StrCat("cuda:", o.device, " ", CudaDeviceName(o.device));
+    // Every expert is uploaded now, in its checkpoint dtype; a group that does not fit stops
+    // the worker here with the bytes it needs and the bytes free.
+    ASSIGN_OR_RETURN(std::unique_ptr<DeviceExperts> dev,
+                     MakeCudaExperts(o.device, group->DeviceWeights(), DeviceExpertsOptions{}),
+                     "--backend cuda --device ", o.device);
+    device = dev->device();
+    bytes = dev->weight_bytes();
+    std::fprintf(stderr, "expert_worker %s: %s, compute dtype %s, grouped GEMMs %s\n",
+                 o.name.c_str(), device.c_str(), dev->compute_dtype().c_str(),
+                 dev->grouped_gemm() ? "on" : "off");
+    group->AttachDevice(std::move(dev));
 #else
     return absl::InvalidArgumentError("--backend cuda: this binary was built without CUDA");
 #endif
-  } else {
-    backend = MakeCpuBackend();
   }
-  ASSIGN_OR_RETURN(auto group, LocalExpertGroup::Load(*ckpt, cfg, keys, backend.get(), o.name));
   WorkerInfo info;
   info.name = o.name;
   info.architecture = cfg.arch == Arch::kMixtral ? "MixtralForCausalLM" : "DeepseekV3ForCausalLM";
@@ -165,7 +177,7 @@ absl::Status Run(const Options& o) {
     if (auto ti = ckpt->Info(n.gate); ti.ok()) info.weight_dtype = ti->dtype;
     if (o.weights_dtype.has_value()) info.weight_dtype = *o.weights_dtype;
   }
-  info.backend = backend->name();
+  info.backend = o.backend;
   info.device = device;
   info.num_experts = cfg.num_experts;
   info.max_assignments_per_token = cfg.top_k + (cfg.n_shared_experts > 0 ? 1 : 0);
@@ -175,9 +187,12 @@ absl::Status Run(const Options& o) {
     std::fprintf(stderr, "expert_worker %s: metrics on %s:%d\n", o.name.c_str(), o.host.c_str(),
                  mport);
   }
-  const int64_t bytes = group->weight_bytes();
   const size_t held = group->experts().size();
-  WorkerService service(std::move(group), info, o.threads, o.max_queue, &metrics);
+  // On a GPU, calls overlap on the device's execution contexts; one compute thread per
+  // context lets the router's concurrent calls reach them.
+  const int threads =
+      o.backend == "cuda" ? std::max(o.threads, DeviceExpertsOptions{}.contexts) : o.threads;
+  WorkerService service(std::move(group), info, threads, o.max_queue, &metrics);
   ServerHostOptions so;
   so.address = absl::StrCat(o.host, ":", o.port);
   so.credentials = ServerCredentials(o.tls);

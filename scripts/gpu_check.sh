@@ -1,88 +1,79 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with an NVIDIA GPU (written for one H200): configures and builds
-# moemesh with the CUDA backend, runs the gpu-labelled tests (every backend op against the CPU
-# backend), insists that the CUDA cases really ran rather than skipped, starts an expert worker
-# on the GPU once, and times the worker's ExpertFfn on CPU and GPU (bench_backend).
+# The GPU check, for a machine with an NVIDIA GPU (written for one H200). It needs only CMake,
+# nvcc and the CUDA toolkit (cuBLAS): it builds the GPU expert path alone (tools/gpu, no gRPC,
+# Abseil or GoogleTest) and runs
+#   - its conformance checks: BF16, FP8 and F32 expert groups against a double-precision
+#     reference, bitwise repeatability, concurrent calls, refusals (gpu_experts_check);
+#   - its benchmark: the cuBLAS BF16 GEMM peak, then the expert FFN's TFLOP/s for 1 to 4,096
+#     tokens per call, RunExperts latency and the host<->device copy times (JSON beside it).
+# When MOEMESH_GPU_PREBUILT names a directory holding binaries of the full build made on
+# another machine (bin/ with the test binaries, the services and libmoemesh_cuda.so, and lib/
+# with the shared libraries they need; tools/gpu/make_bundle.sh makes one), it also runs the
+# gpu-labelled GoogleTest suites from it: the CUDA ComputeBackend against the CPU backend, the
+# expert group on the GPU against the CPU group, and a mesh whose workers compute on the GPU.
 #
-#   scripts/gpu_check.sh                 # builds into build-gpu/
-#   MOEMESH_GPU_BUILD_DIR=build-x MOEMESH_GPU_DEVICE=1 scripts/gpu_check.sh
+#   scripts/gpu_check.sh                          # builds into build-gpu-experts/
+#   MOEMESH_GPU_OUT=/tmp/out MOEMESH_GPU_PREBUILT=/tmp/bundle scripts/gpu_check.sh
 #
-# Needs the build dependencies (scripts/setup.sh) and nvcc (/usr/local/cuda) already present;
-# it downloads nothing. A few minutes, mostly the build. Exits non-zero on the first failure.
-set -euo pipefail
+# Exits non-zero if any part failed (each part still runs, so one run shows everything).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-dir="${MOEMESH_GPU_BUILD_DIR:-build-gpu}"
-device="${MOEMESH_GPU_DEVICE:-0}"
+root="$(pwd)"
+dir="${MOEMESH_GPU_BUILD_DIR:-build-gpu-experts}"
+out="${MOEMESH_GPU_OUT:-$dir}"
+prebuilt="${MOEMESH_GPU_PREBUILT:-}"
 jobs="$(nproc)"
+failed=()
 log() { echo "gpu_check: $*" >&2; }
+mkdir -p "$out"
 
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv || true
-else
-  log "nvidia-smi not found; continuing (the tests will say whether CUDA sees a device)"
-fi
+nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm --format=csv || true
+command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
+nvcc --version | tail -1 || true
 
-# ---- configure and build (only what the check runs) ----------------------------------------
+# ---- the standalone build, in the background while the prebuilt suites run --------------
 gen=()
 command -v ninja >/dev/null && gen=(-G Ninja)
-launcher=()
-command -v ccache >/dev/null &&
-  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
-mkdir -p "$dir"
-cmake -S . -B "$dir" "${gen[@]}" "${launcher[@]}" -DCMAKE_BUILD_TYPE=Release -DMOEMESH_CUDA=ON |
-  tee "$dir/configure.log"
-grep -q "moemesh: CUDA backend ON" "$dir/configure.log" || {
-  log "the configure did not enable the CUDA backend (nvcc or the CUDA toolkit not found)"
-  exit 1
-}
-# backend_conformance_test depends on the service binaries, so this builds those too.
-time cmake --build "$dir" -j"$jobs" --target backend_conformance_test bench_backend
+(cmake -S tools/gpu -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release >"$out/build.log" 2>&1 &&
+  cmake --build "$dir" -j"$jobs" >>"$out/build.log" 2>&1) &
+build_pid=$!
 
-# ---- the gpu tests --------------------------------------------------------------------------
-(cd "$dir" && ctest -L gpu --output-on-failure --timeout 300)
-# ctest counts a skipped test as passed; on this machine the CUDA cases must have run.
-out="$("$dir/bin/backend_conformance_test" --gtest_filter='*/cuda:CudaBackendFactory.*' 2>&1)" || {
-  echo "$out"
-  exit 1
-}
-if grep -q "^\[  SKIPPED \]" <<<"$out"; then
-  echo "$out" | grep -A2 "Skipped" | head -20
-  log "CUDA cases were skipped: the build or the process sees no GPU"
+# ---- the full build's gpu suites, from prebuilt binaries ---------------------------------
+if [ -n "$prebuilt" ]; then
+  cudalib="$(dirname "$(find / -xdev -name 'libcublas.so.13' 2>/dev/null | head -1)")"
+  export LD_LIBRARY_PATH="$prebuilt/lib:${cudalib}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  # The test binaries find the services through the build directory they were built in.
+  if [ -f "$prebuilt/build_dir" ]; then
+    bd="$(cat "$prebuilt/build_dir")"
+    if [ ! -e "$bd/bin" ]; then mkdir -p "$bd" && ln -s "$prebuilt/bin" "$bd/bin"; fi
+  fi
+  for t in backend_conformance_test gpu_expert_group_test; do
+    log "running prebuilt $t"
+    if ! timeout 300 "$prebuilt/bin/$t" 2>&1 | tee "$out/$t.log"; then
+      failed+=("$t")
+    elif grep -q "^\[  SKIPPED \]" "$out/$t.log" && [ "$t" = gpu_expert_group_test ]; then
+      log "$t skipped cases: the process sees no GPU"
+      failed+=("$t (skipped)")
+    fi
+  done
+fi
+
+# ---- the standalone check and benchmark ---------------------------------------------------
+if ! wait "$build_pid"; then
+  tail -40 "$out/build.log"
+  log "the standalone build failed"
   exit 1
 fi
-log "conformance: $(grep -c '^\[       OK \]' <<<"$out") CUDA cases passed"
+log "standalone build done"
+"$dir/gpu_experts_check" --conformance 2>&1 | tee "$out/conformance.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || failed+=("conformance (exit $rc)")
+"$dir/gpu_experts_check" --bench --json "$out/bench_gpu_experts.json" 2>&1 | tee "$out/bench.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || failed+=("bench (exit $rc)")
 
-# ---- one expert worker on the GPU -----------------------------------------------------------
-tmp="$(mktemp -d /tmp/moemesh-gpu-check.XXXXXX)"
-worker_pid=""
-cleanup() {
-  if [ -n "$worker_pid" ]; then
-    kill -TERM "$worker_pid" 2>/dev/null || true
-    wait "$worker_pid" 2>/dev/null || true
-  fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-"$dir/bin/moemesh" make-model --out "$tmp/model" --hidden 256 --intermediate 512 --layers 2 \
-  --experts 8 --vocab 512 >/dev/null
-"$dir/bin/moemesh-expert-worker" --model "$tmp/model" --experts 0-7 --backend cuda \
-  --device "$device" --port_file "$tmp/port" 2>"$tmp/worker.log" &
-worker_pid=$!
-for _ in $(seq 1 150); do
-  [ -s "$tmp/port" ] && break
-  kill -0 "$worker_pid" 2>/dev/null || break
-  sleep 0.2
-done
-cat "$tmp/worker.log" >&2
-[ -s "$tmp/port" ] || { log "the CUDA expert worker did not start"; exit 1; }
-grep -q "compute on cuda:$device" "$tmp/worker.log" || { log "the worker is not on cuda:$device"; exit 1; }
-kill -TERM "$worker_pid"
-wait "$worker_pid" || true
-worker_pid=""
-log "expert worker started on cuda:$device and drained"
-
-# ---- ExpertFfn, CPU vs GPU (host buffers in and out, as the worker calls it) ----------------
-"$dir/bin/bench_backend" --backends cpu,cuda --device "$device" \
-  --shapes 1024x2816,4096x14336,7168x2048 --batches 1,16,128,512 --repeats 5 \
-  --json "$dir/bench_backend.json"
-log "all checks passed; bench rows in $dir/bench_backend.json"
+if [ "${#failed[@]}" -gt 0 ]; then
+  log "FAILED: ${failed[*]}"
+  exit 1
+fi
+log "all checks passed; bench rows in $out/bench_gpu_experts.json"

@@ -116,6 +116,7 @@ absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
       by_expert[as.expert].push_back({static_cast<int32_t>(i), as.weight});
     }
   }
+  if (device_ != nullptr) return RunOnDevice(b);
   std::vector<int32_t> order;
   for (const auto& [e, _] : by_expert) order.push_back(e);
   std::sort(order.begin(), order.end());
@@ -140,6 +141,41 @@ absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
       const float wt = rows[r].second;
       for (int64_t j = 0; j < hidden_; ++j) dst[j] += wt * src[j];
     }
+  }
+  return out;
+}
+
+std::vector<DeviceExpertWeights> LocalExpertGroup::DeviceWeights() const {
+  std::vector<DeviceExpertWeights> out;
+  for (const ExpertKey& key : experts_) {
+    const ExpertWeights& w = weights_.at(key);
+    out.push_back({key.layer, key.expert, w.w1, w.w3, w.w2});
+  }
+  return out;
+}
+
+absl::StatusOr<Tensor> LocalExpertGroup::RunOnDevice(const ExpertBatch& b) const {
+  const int64_t n = b.num_tokens();
+  std::vector<const float*> rows(n);
+  for (int64_t i = 0; i < n; ++i) rows[i] = b.token(i);
+  std::vector<int32_t> experts(b.assignments.size());
+  std::vector<float> weights(b.assignments.size());
+  for (size_t j = 0; j < b.assignments.size(); ++j) {
+    experts[j] = b.assignments[j].expert;
+    weights[j] = b.assignments[j].weight;
+  }
+  Tensor out = Tensor::Zeros({n, hidden_});
+  DeviceExpertCall call;
+  call.layer = b.layer;
+  call.num_tokens = n;
+  call.token_rows = rows.data();
+  call.offsets = b.offsets.data();
+  call.experts = experts.data();
+  call.weights = weights.data();
+  call.out = out.mutable_row(0);
+  std::string error;
+  if (!device_->Run(call, &error, nullptr)) {
+    return absl::InternalError(absl::StrCat(name_, " on ", device_->device(), ": ", error));
   }
   return out;
 }

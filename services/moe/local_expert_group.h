@@ -4,7 +4,8 @@
 // tokens of a call by expert, so every expert does one batched GEMM chain per call (never one
 // per token), then scatters the weighted outputs back. Weights stay in their checkpoint's
 // dtype; each expert's products run on all of the process's kernel threads. Only the tensors of
-// held experts are read from the checkpoint. Run is thread-safe (all scratch space is per call).
+// held experts are read from the checkpoint. With a device attached (AttachDevice: a GPU worker)
+// a call runs there as a whole instead. Run is thread-safe (all scratch space is per call).
 #pragma once
 
 #include <memory>
@@ -13,6 +14,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/string_view.h"
 #include "services/compute/backend.h"
+#include "services/compute/device_experts.h"
 #include "services/model/config.h"
 #include "services/model/safetensors.h"
 #include "services/moe/expert_group.h"
@@ -44,6 +46,13 @@ class LocalExpertGroup final : public ExpertGroup {
   // Synchronous form. NOT_FOUND naming the (layer, expert) if one is not held.
   [[nodiscard]] absl::StatusOr<Tensor> Run(const ExpertBatch& batch) const;
 
+  // Every held expert's weights, for uploading to a device.
+  std::vector<DeviceExpertWeights> DeviceWeights() const;
+  // From now on Run computes on `device`, which holds DeviceWeights() (MakeCudaExperts); the
+  // backend is no longer used. Call before the group serves. INTERNAL when a call fails there.
+  void AttachDevice(std::unique_ptr<DeviceExperts> device) { device_ = std::move(device); }
+  const DeviceExperts* device() const { return device_.get(); }
+
   bool Holds(ExpertKey key) const { return weights_.contains(key); }
   const std::vector<ExpertKey>& experts() const { return experts_; }
   int64_t hidden() const { return hidden_; }
@@ -52,6 +61,8 @@ class LocalExpertGroup final : public ExpertGroup {
 
  private:
   LocalExpertGroup() = default;
+  // Run's work on device_ (the batch is validated and every expert is held).
+  absl::StatusOr<Tensor> RunOnDevice(const ExpertBatch& b) const;
   std::string name_;
   ComputeBackend* backend_ = nullptr;
   int64_t hidden_ = 0;
@@ -59,6 +70,7 @@ class LocalExpertGroup final : public ExpertGroup {
   int64_t weight_bytes_ = 0;
   std::vector<ExpertKey> experts_;
   absl::flat_hash_map<ExpertKey, ExpertWeights> weights_;
+  std::unique_ptr<DeviceExperts> device_;  // when set, Run computes there
 };
 
 // Parses "0-3,6,9-10" into sorted expert ids; INVALID_ARGUMENT on bad syntax.

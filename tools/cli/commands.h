@@ -64,19 +64,20 @@ struct UpArgs {
   int groups = 1;
   int replicas = 1;
   std::string wire_dtype = "bf16";
-  std::string bin_dir;            // where the service binaries are
-  std::string default_model_dir;  // used (and created) when --model is not given
-  std::string run_dir = "/tmp";   // logs and port files go under it
-  std::string address_file;       // when set, the gateway address is written here
-  bool shared_in_gateway = true;  // DeepSeek shared experts in the gateway, not a worker group
-  int http_port = -1;             // the gateway's OpenAI-compatible HTTP API (-1: off, 0: any)
-  std::string api_key_file;       // passed to the gateway
-  std::string chat_template;      // passed to the gateway
-  bool tls = false;               // a throwaway CA and mTLS between every service
-  int64_t kv_cache_bytes = -1;    // the gateway's KV cache bound (-1: its default)
-  std::string kv_cache_dtype;     // f32 | bf16 (empty: the gateway's default)
-  int micro_batches = 1;          // the gateway's --micro_batches (2: ping-pong overlap)
-  int64_t added_latency_us = 0;   // one-way delay on every hop inside the mesh (testbed)
+  std::string worker_backend = "cpu";  // the expert workers' --backend (cpu | cuda)
+  std::string bin_dir;                 // where the service binaries are
+  std::string default_model_dir;       // used (and created) when --model is not given
+  std::string run_dir = "/tmp";        // logs and port files go under it
+  std::string address_file;            // when set, the gateway address is written here
+  bool shared_in_gateway = true;       // DeepSeek shared experts in the gateway, not a worker group
+  int http_port = -1;                  // the gateway's OpenAI-compatible HTTP API (-1: off, 0: any)
+  std::string api_key_file;            // passed to the gateway
+  std::string chat_template;           // passed to the gateway
+  bool tls = false;                    // a throwaway CA and mTLS between every service
+  int64_t kv_cache_bytes = -1;         // the gateway's KV cache bound (-1: its default)
+  std::string kv_cache_dtype;          // f32 | bf16 (empty: the gateway's default)
+  int micro_batches = 1;               // the gateway's --micro_batches (2: ping-pong overlap)
+  int64_t added_latency_us = 0;        // one-way delay on every hop inside the mesh (testbed)
   std::string gateway_cpus, worker_cpus;  // pin gateway+router and workers (empty: unpinned)
 };
 

@@ -106,6 +106,8 @@ ABSL_FLAG(int, top_logprobs, 0,
 ABSL_FLAG(int, groups, 1, "generate/score in process: local expert groups; up: expert groups");
 ABSL_FLAG(int, replicas, 1, "up: replicas per expert group");
 ABSL_FLAG(std::string, wire_dtype, "bf16", "up: activation dtype on the wire (f32 | bf16)");
+ABSL_FLAG(std::string, worker_backend, "cpu",
+          "up: where the expert workers compute: cpu | cuda (all of a group's experts on GPU 0)");
 ABSL_FLAG(bool, shared_in_gateway, true,
           "up: run DeepSeek shared experts in the gateway, overlapped with the router call "
           "(--noshared_in_gateway: in expert group 0)");
@@ -328,6 +330,7 @@ int main(int argc, char** argv) {
     u.groups = c.groups;
     u.replicas = absl::GetFlag(FLAGS_replicas);
     u.wire_dtype = absl::GetFlag(FLAGS_wire_dtype);
+    u.worker_backend = absl::GetFlag(FLAGS_worker_backend);
     char exe[4096];
     const ssize_t len = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
     std::string self = len > 0 ? std::string(exe, len) : std::string(argv[0]);

@@ -202,6 +202,11 @@ absl::Status Up(const Common& c, const UpArgs& a) {
   o.replicas = a.replicas;
   o.top_k = c.top_k;
   o.wire_dtype = a.wire_dtype;
+  if (a.worker_backend != "cpu" && a.worker_backend != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--worker_backend must be cpu or cuda, got '", a.worker_backend, "'"));
+  }
+  o.worker_args.push_back("--backend=" + a.worker_backend);
   o.shared_experts_in_gateway = a.shared_in_gateway;
   o.metrics = true;
   if (a.kv_cache_bytes >= 0) {

@@ -35,9 +35,11 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "services/compute/backend.h"
+#include "services/compute/device_experts.h"
 
 namespace moemesh {
 
@@ -51,5 +53,12 @@ std::string CudaDeviceName(int device);
 // INVALID_ARGUMENT for a device out of range, FAILED_PRECONDITION when no device or driver is
 // present, INTERNAL for other CUDA or cuBLAS failures during setup.
 [[nodiscard]] absl::StatusOr<std::unique_ptr<ComputeBackend>> MakeCudaBackend(int device);
+
+// An expert group's weights uploaded to CUDA device `device` (services/compute/device_experts.h).
+// FAILED_PRECONDITION without CUDA, a device or the room for the weights (the message gives
+// the bytes needed and free).
+[[nodiscard]] absl::StatusOr<std::unique_ptr<DeviceExperts>> MakeCudaExperts(
+    int device, const std::vector<DeviceExpertWeights>& experts,
+    const DeviceExpertsOptions& options);
 
 }  // namespace moemesh

@@ -18,6 +18,8 @@ struct CudaLibrary {
   int (*device_count)() = nullptr;
   void (*device_name)(int, char*, int) = nullptr;
   ComputeBackend* (*make_backend)(int, int*, char*, int) = nullptr;
+  DeviceExperts* (*make_experts)(int, const DeviceExpertWeights*, int, const DeviceExpertsOptions*,
+                                 char*, int) = nullptr;
   std::string error;
 };
 
@@ -44,7 +46,10 @@ const CudaLibrary& Library() {
         reinterpret_cast<void (*)(int, char*, int)>(::dlsym(h, "moemesh_cuda_device_name"));
     l->make_backend = reinterpret_cast<ComputeBackend* (*)(int, int*, char*, int)>(
         ::dlsym(h, "moemesh_cuda_make_backend"));
-    if (!l->device_count || !l->device_name || !l->make_backend) {
+    l->make_experts = reinterpret_cast<DeviceExperts* (*)(int, const DeviceExpertWeights*, int,
+                                                          const DeviceExpertsOptions*, char*, int)>(
+        ::dlsym(h, "moemesh_cuda_make_experts"));
+    if (!l->device_count || !l->device_name || !l->make_backend || !l->make_experts) {
       l->error = "libmoemesh_cuda.so lacks its entry points";
       l->device_count = nullptr;
     }
@@ -77,6 +82,22 @@ absl::StatusOr<std::unique_ptr<ComputeBackend>> MakeCudaBackend(int device) {
   ComputeBackend* b = l.make_backend(device, &code, err, sizeof(err));
   if (b == nullptr) return absl::Status(static_cast<absl::StatusCode>(code), err);
   return std::unique_ptr<ComputeBackend>(b);
+}
+
+}  // namespace moemesh
+
+namespace moemesh {
+
+absl::StatusOr<std::unique_ptr<DeviceExperts>> MakeCudaExperts(
+    int device, const std::vector<DeviceExpertWeights>& experts,
+    const DeviceExpertsOptions& options) {
+  const CudaLibrary& l = Library();
+  if (!l.device_count) return absl::FailedPreconditionError(l.error);
+  char err[2048] = {0};
+  DeviceExperts* d = l.make_experts(device, experts.data(), static_cast<int>(experts.size()),
+                                    &options, err, sizeof(err));
+  if (d == nullptr) return absl::FailedPreconditionError(err);
+  return std::unique_ptr<DeviceExperts>(d);
 }
 
 }  // namespace moemesh
