@@ -159,9 +159,8 @@ absl::Status Run(const Options& o) {
                      "--backend cuda --device ", o.device);
     device = dev->device();
     bytes = dev->weight_bytes();
-    std::fprintf(stderr, "expert_worker %s: %s, compute dtype %s, grouped GEMMs %s\n",
-                 o.name.c_str(), device.c_str(), dev->compute_dtype().c_str(),
-                 dev->grouped_gemm() ? "on" : "off");
+    std::fprintf(stderr, "expert_worker %s: %s, compute dtype %s, GEMMs %s\n", o.name.c_str(),
+                 device.c_str(), dev->compute_dtype().c_str(), dev->gemm().c_str());
     group->AttachDevice(std::move(dev));
 #else
     return absl::InvalidArgumentError("--backend cuda: this binary was built without CUDA");

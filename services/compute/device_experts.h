@@ -66,7 +66,7 @@ struct DeviceExpertsOptions {
   // Bytes of device memory left free beyond weights and the first calls' scratch; the group
   // refuses to start when the device cannot hold weights + this.
   int64_t reserve_bytes = int64_t{1} << 30;
-  // One grouped cuBLAS call per GEMM stage; false runs one call per expert (for comparison).
+  // One grouped cuBLAS call per GEMM stage where cuBLAS takes it; false runs one call per expert.
   bool grouped_gemm = true;
 };
 
@@ -86,9 +86,9 @@ class DeviceExperts {
   virtual int64_t weight_bytes() const = 0;
   // The compute dtype's name: "bf16" or "f32".
   virtual std::string compute_dtype() const = 0;
-  // Whether the expert products run as one grouped GEMM call per stage (else one cuBLAS call per
-  // expert: cuBLAS refused the grouped form).
-  virtual bool grouped_gemm() const = 0;
+  // How the expert products run: "grouped (f32 out)", "grouped (bf16 out)" (one grouped cuBLAS
+  // call per stage, its output in that dtype) or "per expert (f32 out)" (a cuBLAS call each).
+  virtual std::string gemm() const = 0;
   // Runs `call`; false with *error set when an expert is not held or the device fails. The
   // caller validates offsets and shapes (ValidateExpertBatch) before calling. When `timing` is
   // not null the call also records where its time went (CUDA events around each stage).

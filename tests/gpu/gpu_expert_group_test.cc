@@ -5,8 +5,9 @@
 // Tolerances (normwise relative error of each output row, against the CPU group):
 //   f32   1e-5: the device computes in IEEE F32 (no TF32); only summation order differs.
 //   bf16  1.5e-2 and fp8 1.5e-2: the device rounds the tokens and the SiLU·mul result to BF16
-//         (and FP8 weights, dequantised, to BF16) before its GEMMs, unit roundoff 2^-9; the
-//         errors measured are a few 1e-3 (tools/gpu/gpu_experts_check.cc states the same).
+//         (and FP8 weights, dequantised, to BF16; with the grouped GEMM's BF16 output also the
+//         GEMMs' results) before its next step, unit roundoff 2^-9; the errors measured are a
+//         few 1e-3 (tools/gpu/gpu_experts_check.cc states the same).
 // The mesh test uses an F32 model, so the mesh's contract holds as on the CPU: logits within
 // 1e-4 of the engine and the same greedy tokens.
 #include <cmath>
@@ -98,10 +99,14 @@ TEST_P(GpuExpertGroupTest, MatchesTheCpuGroupWithinTheDtypesTolerance) {
         if (cfg->n_shared_experts > 0) b->assignments.push_back({kSharedExpertId, 1.0f});
         b->offsets.push_back(static_cast<int32_t>(b->assignments.size()));
       }
+      // Progress on stderr (unbuffered), so a run that stops shows where.
+      std::fprintf(stderr, "layer %d, %lld tokens: cpu", layer, static_cast<long long>(n));
       auto want = (*cpu)->Run(*b);
       ASSERT_TRUE(want.ok()) << want.status();
+      std::fprintf(stderr, ", gpu");
       auto got = (*gpu)->Run(*b);
       ASSERT_TRUE(got.ok()) << got.status();
+      std::fprintf(stderr, ", done\n");
       ASSERT_EQ(got->shape(), want->shape());
       for (int64_t i = 0; i < n; ++i) {
         double num = 0, den = 0;
@@ -116,7 +121,8 @@ TEST_P(GpuExpertGroupTest, MatchesTheCpuGroupWithinTheDtypesTolerance) {
       }
     }
   }
-  std::printf("worst normwise relative error %.3g (tolerance %.3g)\n", worst, GetParam().tol);
+  std::printf("worst normwise relative error %.3g (tolerance %.3g), GEMMs %s\n", worst,
+              GetParam().tol, (*gpu)->device()->gemm().c_str());
 
   // An expert the group does not hold is NOT_FOUND, as on the CPU.
   auto b = std::make_shared<ExpertBatch>();

@@ -11,10 +11,12 @@
 // (normwise relative error of each output row):
 //   f32   1e-5: IEEE F32 GEMMs (no TF32) against double; errors are a few F32 roundings.
 //   bf16  1.5e-2: the tokens and the SiLU·mul result are rounded to BF16 (8 significant bits,
-//         unit roundoff 2^-9 ≈ 2e-3) before each GEMM; with F32 accumulation the normwise
-//         error stays a small multiple of that (~3–6e-3 measured), so 1.5e-2 is margin, while a
-//         wrong expert, weight, slot or order gives errors of order 1.
+//         unit roundoff 2^-9 ≈ 2e-3) before each GEMM, and with the grouped GEMM's BF16 output
+//         the gate/up and down results too; with F32 accumulation the normwise error stays a
+//         small multiple of 2^-9 (3.6e-3 measured with F32 outputs), so 1.5e-2 is margin, while
+//         a wrong expert, weight, slot or order gives errors of order 1.
 //   fp8   1.5e-2: as BF16, plus the dequantised weights rounded to BF16 (another 2^-9).
+// Each dtype runs with the GEMM form cuBLAS takes (grouped) and with one GEMM per expert.
 // It also checks that a call gives bitwise the same result twice and from 4 threads at once,
 // that an expert not held is refused with a message, and that a group larger than the device
 // is refused at start with the byte counts.
@@ -243,18 +245,27 @@ const char* DTypeName(DType d) {
   return "?";
 }
 
-void CheckDtype(int device, DType dtype, double tol) {
+// "grouped (bf16 out)" → "grouped-bf16"; "per expert (f32 out)" → "loop".
+std::string GemmLabel(const DeviceExperts& d) {
+  const std::string g = d.gemm();
+  if (g.rfind("grouped", 0) != 0) return "loop";
+  return g.find("bf16") != std::string::npos ? "grouped-bf16" : "grouped-f32";
+}
+
+void CheckDtype(int device, DType dtype, double tol, bool grouped) {
   const int layer = 3;
   const int64_t hidden = 384, inter = 320, shared_inter = 640;  // 320: partial FP8 blocks
   const int routed = 6;
   Group g = MakeGroup(dtype, layer, hidden, inter, routed, shared_inter, 11);
   std::string err;
-  std::unique_ptr<DeviceExperts> d = MakeCudaExperts(device, g.experts, {}, &err);
+  DeviceExpertsOptions options;
+  options.grouped_gemm = grouped;
+  std::unique_ptr<DeviceExperts> d = MakeCudaExperts(device, g.experts, options, &err);
   EXPECT_CHECK(d != nullptr, "%s: MakeCudaExperts: %s", DTypeName(dtype), err.c_str());
   if (d == nullptr) return;
-  std::printf("%s group on %s: %.2f MiB of weights, compute %s, grouped GEMM %s\n",
-              DTypeName(dtype), d->device().c_str(), d->weight_bytes() / 1048576.0,
-              d->compute_dtype().c_str(), d->grouped_gemm() ? "yes" : "no");
+  std::printf("%s group on %s: %.2f MiB of weights, compute %s, GEMMs %s\n", DTypeName(dtype),
+              d->device().c_str(), d->weight_bytes() / 1048576.0, d->compute_dtype().c_str(),
+              d->gemm().c_str());
   double worst = 0;
   for (int64_t n : {1, 2, 5, 16, 64, 130}) {
     for (bool shared : {false, true}) {
@@ -286,8 +297,8 @@ void CheckDtype(int device, DType dtype, double tol) {
                    "%s n=%lld: a second run differs", DTypeName(dtype), static_cast<long long>(n));
     }
   }
-  std::printf("  %s: worst normwise relative error %.3g (tolerance %.3g)\n", DTypeName(dtype),
-              worst, tol);
+  std::printf("  %s, %s: worst normwise relative error %.3g (tolerance %.3g)\n", DTypeName(dtype),
+              GemmLabel(*d).c_str(), worst, tol);
 
   // Four threads at once, each its own calls, each result equal to the sequential one.
   std::vector<Call> calls;
@@ -335,9 +346,11 @@ void CheckDtype(int device, DType dtype, double tol) {
 
 int Conformance(int device) {
   std::printf("== conformance on cuda:%d\n", device);
-  CheckDtype(device, DType::kBF16, 1.5e-2);
-  CheckDtype(device, DType::kF8E4M3, 1.5e-2);
-  CheckDtype(device, DType::kF32, 1e-5);
+  for (const bool grouped : {true, false}) {
+    CheckDtype(device, DType::kBF16, 1.5e-2, grouped);
+    CheckDtype(device, DType::kF8E4M3, 1.5e-2, grouped);
+    CheckDtype(device, DType::kF32, 1e-5, grouped);
+  }
   // A group that does not fit is refused at start, with the byte counts.
   {
     Group g = MakeGroup(DType::kBF16, 0, 256, 256, 2, 0, 3);
@@ -378,8 +391,8 @@ int Bench(int device, const std::string& json_path) {
   std::string json = "{\"peak_bf16_tflops\": " + std::to_string(peak) + ", \"rows\": [";
   bool first = true;
   const Shape shapes[] = {{"mixtral-8x7b", 4096, 14336, 8, 2}, {"deepseek-v3", 7168, 2048, 32, 8}};
-  std::printf("%-13s %-5s %-7s %6s %9s %8s %10s %10s %9s %9s\n", "group", "dtype", "gemm", "tokens",
-              "TFLOP/s", "of peak", "call ms", "compute ms", "H2D ms", "D2H ms");
+  std::printf("%-13s %-5s %-12s %6s %9s %8s %10s %10s %9s %9s\n", "group", "dtype", "gemm",
+              "tokens", "TFLOP/s", "of peak", "call ms", "compute ms", "H2D ms", "D2H ms");
   for (const Shape& sh : shapes) {
     for (DType dtype : {DType::kBF16, DType::kF8E4M3}) {
       for (bool grouped : {true, false}) {
@@ -424,17 +437,16 @@ int Bench(int device, const std::string& json_path) {
           const double flops =
               2.0 * static_cast<double>(c.experts.size()) * sh.hidden * 3 * sh.inter;
           const double tflops = flops / Median(compute) / 1e12;
-          std::printf("%-13s %-5s %-7s %6lld %9.1f %7.1f%% %10.3f %10.3f %9.3f %9.3f\n", sh.name,
-                      DTypeName(dtype), grouped && d->grouped_gemm() ? "grouped" : "loop",
-                      static_cast<long long>(n), tflops, 100 * tflops / peak, Median(wall) * 1e3,
-                      Median(compute) * 1e3, Median(h2d) * 1e3, Median(d2h) * 1e3);
+          std::printf("%-13s %-5s %-12s %6lld %9.1f %7.1f%% %10.3f %10.3f %9.3f %9.3f\n", sh.name,
+                      DTypeName(dtype), GemmLabel(*d).c_str(), static_cast<long long>(n), tflops,
+                      100 * tflops / peak, Median(wall) * 1e3, Median(compute) * 1e3,
+                      Median(h2d) * 1e3, Median(d2h) * 1e3);
           char row[512];
           std::snprintf(row, sizeof(row),
                         "%s{\"group\": \"%s\", \"dtype\": \"%s\", \"gemm\": \"%s\", \"tokens\": "
                         "%lld, \"tflops\": %.3f, \"fraction_of_peak\": %.4f, \"call_ms\": %.4f, "
                         "\"compute_ms\": %.4f, \"h2d_ms\": %.4f, \"d2h_ms\": %.4f}",
-                        first ? "" : ", ", sh.name, DTypeName(dtype),
-                        grouped && d->grouped_gemm() ? "grouped" : "loop",
+                        first ? "" : ", ", sh.name, DTypeName(dtype), GemmLabel(*d).c_str(),
                         static_cast<long long>(n), tflops, tflops / peak, Median(wall) * 1e3,
                         Median(compute) * 1e3, Median(h2d) * 1e3, Median(d2h) * 1e3);
           json += row;

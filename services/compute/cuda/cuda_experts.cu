@@ -8,13 +8,20 @@
 //   H2D     one copy of the staging;
 //   gather  xs[s, :] = x[token(s), :] in the compute dtype (BF16 or F32);
 //   GEMM 1  per expert, h[slots, 2·inter] = xs · [w1; w3]ᵀ (gate and up fused: the two
-//           matrices are stored one above the other), F32 out; one grouped cuBLAS call;
+//           matrices are stored one above the other); one grouped cuBLAS call;
 //   SiLU    a[s, :] = silu(h[s, :inter]) · h[s, inter:] in the compute dtype;
-//   GEMM 2  per expert, ys[slots, hidden] = a · w2ᵀ, F32 out; one grouped cuBLAS call;
+//   GEMM 2  per expert, ys[slots, hidden] = a · w2ᵀ; one grouped cuBLAS call;
 //   sum     out[i, :] = Σ over token i's slots, in ascending expert id, weight · ys[slot, :];
 //   D2H     one copy of out, then the call's only synchronisation.
 // FP8 experts are dequantised into BF16 scratch right before the GEMMs, a chunk of experts at a
 // time, so the scratch stays bounded (kFp8Chunk experts) whatever the group's size.
+//
+// The GEMMs' output (h and ys) is F32 where cuBLAS's grouped GEMM takes it. cuBLAS 13.0 refused
+// BF16 inputs with F32 output in cublasGemmGroupedBatchedEx on an H200 (F32 inputs it took), so
+// the form is probed at start: grouped with F32 output; for a BF16 group, grouped with BF16
+// output (h and ys rounded to BF16, as vLLM's and SGLang's MoE kernels keep them); else one
+// cublasGemmEx per expert with F32 output. DeviceExpertsOptions::grouped_gemm = false forces
+// the last.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -70,25 +77,29 @@ __global__ void GatherKernel(const float* __restrict__ x, const int32_t* __restr
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = FromFloat<T>(src[c]);
 }
 
-// a[s, j] = silu(h[s, j]) · h[s, inter + j]; slot s's row of h starts at h_off[s] floats, its
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// a[s, j] = silu(h[s, j]) · h[s, inter + j]; slot s's row of h starts at h_off[s] elements, its
 // row of a at a_off[s] elements, and its expert's width is inter[s]. One block per slot.
-template <typename T>
-__global__ void SiluMulKernel(const float* __restrict__ h, const int64_t* __restrict__ h_off,
+template <typename H, typename T>
+__global__ void SiluMulKernel(const H* __restrict__ h, const int64_t* __restrict__ h_off,
                               const int64_t* __restrict__ a_off, const int32_t* __restrict__ inter,
                               T* __restrict__ a) {
   const int64_t s = blockIdx.x;
   const int64_t n = inter[s];
-  const float* hr = h + h_off[s];
+  const H* hr = h + h_off[s];
   T* ar = a + a_off[s];
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float g = hr[j];
-    ar[j] = FromFloat<T>(g / (1.0f + expf(-g)) * hr[n + j]);
+    const float g = ToFloat(hr[j]);
+    ar[j] = FromFloat<T>(g / (1.0f + expf(-g)) * ToFloat(hr[n + j]));
   }
 }
 
 // out[i, c] = Σ_{j in tok_off[i] .. tok_off[i+1]} tok_w[j] · ys[tok_slot[j], c], in that order,
 // each product and sum rounded separately (no FMA), as the CPU's `dst += w * src` does.
-__global__ void WeightedSumKernel(const float* __restrict__ ys, const int32_t* __restrict__ tok_off,
+template <typename Y>
+__global__ void WeightedSumKernel(const Y* __restrict__ ys, const int32_t* __restrict__ tok_off,
                                   const int32_t* __restrict__ tok_slot,
                                   const float* __restrict__ tok_w, int64_t hidden,
                                   float* __restrict__ out) {
@@ -97,7 +108,8 @@ __global__ void WeightedSumKernel(const float* __restrict__ ys, const int32_t* _
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) {
     float acc = 0.0f;
     for (int32_t j = j0; j < j1; ++j) {
-      acc = __fadd_rn(acc, __fmul_rn(tok_w[j], ys[static_cast<int64_t>(tok_slot[j]) * hidden + c]));
+      const float y = ToFloat(ys[static_cast<int64_t>(tok_slot[j]) * hidden + c]);
+      acc = __fadd_rn(acc, __fmul_rn(tok_w[j], y));
     }
     out[i * hidden + c] = acc;
   }
@@ -211,8 +223,8 @@ struct Context {
 
 class CudaExperts final : public DeviceExperts {
  public:
-  CudaExperts(int device, std::string name, int64_t hidden, bool bf16, bool grouped)
-      : device_(device), name_(std::move(name)), hidden_(hidden), bf16_(bf16), grouped_(grouped) {}
+  CudaExperts(int device, std::string name, int64_t hidden, bool bf16)
+      : device_(device), name_(std::move(name)), hidden_(hidden), bf16_(bf16) {}
 
   ~CudaExperts() override {
     cudaSetDevice(device_);
@@ -234,9 +246,9 @@ class CudaExperts final : public DeviceExperts {
   std::string device() const override { return name_; }
   int64_t weight_bytes() const override { return weight_bytes_; }
   std::string compute_dtype() const override { return bf16_ ? "bf16" : "f32"; }
-  bool grouped_gemm() const override {
-    std::lock_guard<std::mutex> lock(grouped_mu_);
-    return grouped_;
+  std::string gemm() const override {
+    if (!grouped_) return "per expert (f32 out)";
+    return out_bf16_ ? "grouped (bf16 out)" : "grouped (f32 out)";
   }
 
   // Builds the device copies; false with *error on failure.
@@ -262,6 +274,9 @@ class CudaExperts final : public DeviceExperts {
   }
   bool RunOn(Context& c, const DeviceExpertCall& call, std::string* error,
              DeviceExpertsTiming* timing);
+  // Sets grouped_ and out_bf16_ (see the file comment) with a small problem on context c.
+  // False with *error only on a CUDA failure.
+  bool ProbeGemm(Context& c, bool allow_grouped, std::string* error);
   // One stage's GEMMs for experts [g0, g1) of the call: grouped, or one call each.
   bool Gemms(Context& c, int g0, int g1, const std::vector<int>& m, const std::vector<int>& n,
              const std::vector<int>& k, const std::vector<int>& lda, const std::vector<int>& ldb,
@@ -273,8 +288,9 @@ class CudaExperts final : public DeviceExperts {
   const int device_;
   const std::string name_;
   const int64_t hidden_;
-  const bool bf16_;  // compute dtype: BF16, else F32
-  bool grouped_;     // guarded by grouped_mu_
+  const bool bf16_;        // compute dtype: BF16, else F32
+  bool grouped_ = false;   // one grouped cuBLAS call per stage; set once by Init
+  bool out_bf16_ = false;  // h and ys in BF16 (else F32); set once by Init
   void* arena_ = nullptr;
   int64_t weight_bytes_ = 0;
   std::vector<DevExpert> experts_;
@@ -282,8 +298,7 @@ class CudaExperts final : public DeviceExperts {
   std::vector<std::unique_ptr<Context>> contexts_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<Context*> free_;     // guarded by mu_
-  mutable std::mutex grouped_mu_;  // guards grouped_ (cuBLAS may refuse the grouped form)
+  std::vector<Context*> free_;  // guarded by mu_
 };
 
 // Converts a non-FP8 weight's rows to the compute dtype on the host (BF16 round-to-nearest-
@@ -443,6 +458,67 @@ bool CudaExperts::Init(const std::vector<DeviceExpertWeights>& experts,
     free_.push_back(c.get());
     contexts_.push_back(std::move(c));
   }
+  return ProbeGemm(*contexts_[0], o.grouped_gemm, error);
+}
+
+bool CudaExperts::ProbeGemm(Context& c, bool allow_grouped, std::string* error) {
+  grouped_ = false;
+  out_bf16_ = false;
+  if (!allow_grouped) return true;
+  // Two groups of a 32 × 16 × 64 product, as RunOn lays them out: A and B in the compute dtype,
+  // C in the output dtype tried, the pointer arrays on the device.
+  constexpr int kM = 32, kN = 16, kK = 64, kGroups = 2;
+  const int64_t eb = bf16_ ? 2 : 4;
+  void* mem = nullptr;
+  const int64_t a_bytes = kM * kK * eb, b_bytes = kN * kK * eb, c_bytes = kM * kN * 4;
+  const int64_t ptr_at = kGroups * (a_bytes + b_bytes + c_bytes);
+  cudaError_t e = cudaMalloc(&mem, ptr_at + 3 * kGroups * sizeof(void*));
+  if (e != cudaSuccess) {
+    *error = "probing the grouped GEMM: " + CudaText(e);
+    return false;
+  }
+  e = cudaMemsetAsync(mem, 0, ptr_at, c.stream);
+  uint8_t* base = static_cast<uint8_t*>(mem);
+  void* ptrs[3 * kGroups];
+  for (int g = 0; g < kGroups; ++g) {
+    ptrs[g] = base + g * a_bytes;
+    ptrs[kGroups + g] = base + kGroups * a_bytes + g * b_bytes;
+    ptrs[2 * kGroups + g] = base + kGroups * (a_bytes + b_bytes) + g * c_bytes;
+  }
+  if (e == cudaSuccess) {
+    e = cudaMemcpyAsync(base + ptr_at, ptrs, sizeof(ptrs), cudaMemcpyHostToDevice, c.stream);
+  }
+  if (e == cudaSuccess) e = cudaStreamSynchronize(c.stream);
+  if (e != cudaSuccess) {
+    cudaFree(mem);
+    *error = "probing the grouped GEMM: " + CudaText(e);
+    return false;
+  }
+  void* const* dev = reinterpret_cast<void* const*>(base + ptr_at);
+  const cudaDataType_t ab = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
+  std::vector<cublasOperation_t> ta(kGroups, CUBLAS_OP_T), tb(kGroups, CUBLAS_OP_N);
+  std::vector<int> m(kGroups, kM), n(kGroups, kN), k(kGroups, kK), size(kGroups, 1);
+  std::vector<int> ldc(kGroups, kM);
+  std::vector<float> alpha(kGroups, 1.0f), beta(kGroups, 0.0f);
+  for (const bool bf16_out : {false, true}) {
+    if (bf16_out && !bf16_) break;
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+        c.cublas, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(),
+        const_cast<const void* const*>(dev), ab, k.data(),
+        const_cast<const void* const*>(dev + kGroups), ab, k.data(), beta.data(), dev + 2 * kGroups,
+        bf16_out ? CUDA_R_16BF : CUDA_R_32F, ldc.data(), kGroups, size.data(), CUBLAS_COMPUTE_32F);
+    if (st == CUBLAS_STATUS_SUCCESS) {
+      grouped_ = true;
+      out_bf16_ = bf16_out;
+      break;
+    }
+  }
+  e = cudaStreamSynchronize(c.stream);
+  cudaFree(mem);
+  if (e != cudaSuccess) {
+    *error = "probing the grouped GEMM: " + CudaText(e);
+    return false;
+  }
   return true;
 }
 
@@ -483,12 +559,7 @@ bool CudaExperts::Gemms(Context& c, int g0, int g1, const std::vector<int>& m,
   const int groups = g1 - g0;
   if (groups <= 0) return true;
   const cudaDataType_t ab = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
-  bool grouped;
-  {
-    std::lock_guard<std::mutex> lock(grouped_mu_);
-    grouped = grouped_;
-  }
-  if (grouped) {
+  if (grouped_) {
     std::vector<cublasOperation_t> ta(groups, CUBLAS_OP_T), tb(groups, CUBLAS_OP_N);
     std::vector<float> alpha(groups, 1.0f), beta(groups, 0.0f);
     std::vector<int> size(groups, 1);
@@ -496,18 +567,13 @@ bool CudaExperts::Gemms(Context& c, int g0, int g1, const std::vector<int>& m,
         c.cublas, ta.data(), tb.data(), m.data() + g0, n.data() + g0, k.data() + g0, alpha.data(),
         const_cast<const void* const*>(dev_a + g0), ab, lda.data() + g0,
         const_cast<const void* const*>(dev_b + g0), ab, ldb.data() + g0, beta.data(), dev_c + g0,
-        CUDA_R_32F, ldc.data() + g0, groups, size.data(), CUBLAS_COMPUTE_32F);
-    if (st == CUBLAS_STATUS_SUCCESS) return true;
-    if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) {
+        out_bf16_ ? CUDA_R_16BF : CUDA_R_32F, ldc.data() + g0, groups, size.data(),
+        CUBLAS_COMPUTE_32F);
+    if (st != CUBLAS_STATUS_SUCCESS) {
       *error = std::string("cublasGemmGroupedBatchedEx: ") + cublasGetStatusString(st);
       return false;
     }
-    std::fprintf(stderr,
-                 "moemesh cuda experts: cuBLAS refused the grouped GEMM (%s); running one GEMM "
-                 "per expert from now on\n",
-                 cublasGetStatusString(st));
-    std::lock_guard<std::mutex> lock(grouped_mu_);
-    grouped_ = false;
+    return true;
   }
   const float alpha = 1.0f, beta = 0.0f;
   for (int g = g0; g < g1; ++g) {
@@ -612,16 +678,17 @@ bool CudaExperts::RunOn(Context& c, const DeviceExpertCall& call, std::string* e
       if (d.fp8) deq_per = std::max(deq_per, 3 * d.inter * hidden);
     }
   }
-  if (!Grow(c.xs, slots * hidden * eb, error) || !Grow(c.h, h_total * 4, error) ||
+  const int64_t ob = out_bf16_ ? 2 : 4;  // bytes per element of h and ys
+  if (!Grow(c.xs, slots * hidden * eb, error) || !Grow(c.h, h_total * ob, error) ||
       !Grow(c.a, std::max<int64_t>(a_total, 1) * eb, error) ||
-      !Grow(c.ys, slots * hidden * 4, error) || !Grow(c.out, n * hidden * 4, error) ||
+      !Grow(c.ys, slots * hidden * ob, error) || !Grow(c.out, n * hidden * 4, error) ||
       (fp8_any && !Grow(c.deq, AlignUp(deq_per * 2) * kFp8Chunk, error))) {
     return false;
   }
   uint8_t* xs = static_cast<uint8_t*>(c.xs.ptr);
-  float* h = static_cast<float*>(c.h.ptr);
+  uint8_t* h = static_cast<uint8_t*>(c.h.ptr);
   uint8_t* a = static_cast<uint8_t*>(c.a.ptr);
-  float* ys = static_cast<float*>(c.ys.ptr);
+  uint8_t* ys = static_cast<uint8_t*>(c.ys.ptr);
   float* out = static_cast<float*>(c.out.ptr);
   uint8_t* deq = static_cast<uint8_t*>(c.deq.ptr);
 
@@ -643,9 +710,9 @@ bool CudaExperts::RunOn(Context& c, const DeviceExpertCall& call, std::string* e
       a2[gi] = d.w2;
     }
     b1[gi] = xs + first_slot[gi] * hidden * eb;
-    c1[gi] = h + h_base[gi];
+    c1[gi] = h + h_base[gi] * ob;
     b2[gi] = a + a_base[gi] * eb;
-    c2[gi] = ys + first_slot[gi] * hidden;
+    c2[gi] = ys + first_slot[gi] * hidden * ob;
   }
 
   // Staging layout (each section aligned): x rows, slot_token, h_off, a_off, slot_inter,
@@ -750,12 +817,17 @@ bool CudaExperts::RunOn(Context& c, const DeviceExpertCall& call, std::string* e
     const int64_t* d_ho = reinterpret_cast<const int64_t*>(dp + o_ho) + s0;
     const int64_t* d_ao = reinterpret_cast<const int64_t*>(dp + o_ao) + s0;
     const int32_t* d_si = reinterpret_cast<const int32_t*>(dp + o_si) + s0;
-    if (bf16_) {
-      SiluMulKernel<__nv_bfloat16><<<static_cast<unsigned>(s1 - s0), kThreads, 0, c.stream>>>(
-          h, d_ho, d_ao, d_si, reinterpret_cast<__nv_bfloat16*>(a));
+    const unsigned blocks = static_cast<unsigned>(s1 - s0);
+    if (out_bf16_) {  // only with BF16 compute
+      SiluMulKernel<<<blocks, kThreads, 0, c.stream>>>(reinterpret_cast<const __nv_bfloat16*>(h),
+                                                       d_ho, d_ao, d_si,
+                                                       reinterpret_cast<__nv_bfloat16*>(a));
+    } else if (bf16_) {
+      SiluMulKernel<<<blocks, kThreads, 0, c.stream>>>(
+          reinterpret_cast<const float*>(h), d_ho, d_ao, d_si, reinterpret_cast<__nv_bfloat16*>(a));
     } else {
-      SiluMulKernel<float><<<static_cast<unsigned>(s1 - s0), kThreads, 0, c.stream>>>(
-          h, d_ho, d_ao, d_si, reinterpret_cast<float*>(a));
+      SiluMulKernel<<<blocks, kThreads, 0, c.stream>>>(reinterpret_cast<const float*>(h), d_ho,
+                                                       d_ao, d_si, reinterpret_cast<float*>(a));
     }
     if (!check("silu")) return false;
     if (!Gemms(c, g0, g1, m2, nn2, k2, lda2, ldb2, ldc2, dev_a2, dev_b2, dev_c2, a2, b2, c2,
@@ -764,9 +836,16 @@ bool CudaExperts::RunOn(Context& c, const DeviceExpertCall& call, std::string* e
     }
     g0 = g1;
   }
-  WeightedSumKernel<<<static_cast<unsigned>(n), kThreads, 0, c.stream>>>(
-      ys, reinterpret_cast<const int32_t*>(dp + o_to), reinterpret_cast<const int32_t*>(dp + o_ts),
-      reinterpret_cast<const float*>(dp + o_tw), hidden, out);
+  const int32_t* d_to = reinterpret_cast<const int32_t*>(dp + o_to);
+  const int32_t* d_ts = reinterpret_cast<const int32_t*>(dp + o_ts);
+  const float* d_tw = reinterpret_cast<const float*>(dp + o_tw);
+  if (out_bf16_) {
+    WeightedSumKernel<<<static_cast<unsigned>(n), kThreads, 0, c.stream>>>(
+        reinterpret_cast<const __nv_bfloat16*>(ys), d_to, d_ts, d_tw, hidden, out);
+  } else {
+    WeightedSumKernel<<<static_cast<unsigned>(n), kThreads, 0, c.stream>>>(
+        reinterpret_cast<const float*>(ys), d_to, d_ts, d_tw, hidden, out);
+  }
   if (!check("weighted sum")) return false;
   if (timing != nullptr) cudaEventRecord(c.ev[2], c.stream);
   e = cudaMemcpyAsync(c.result.ptr, out, n * hidden * 4, cudaMemcpyDeviceToHost, c.stream);
@@ -836,8 +915,7 @@ std::unique_ptr<DeviceExperts> MakeCudaExperts(int device,
     }
     all_f32 = all_f32 && e.w1.dtype == DType::kF32;
   }
-  auto d =
-      std::make_unique<CudaExperts>(device, name, hidden, /*bf16=*/!all_f32, options.grouped_gemm);
+  auto d = std::make_unique<CudaExperts>(device, name, hidden, /*bf16=*/!all_f32);
   if (!d->Init(experts, options, error)) return nullptr;
   return d;
 }
