@@ -40,10 +40,15 @@ struct KernelThreads::Impl {
   std::mutex region;  // held by the caller for the whole of a parallel region
   std::mutex mu;      // guards sleeping and waking only
   std::condition_variable wake, done;
-  std::atomic<uint64_t> generation{0};  // bumped per region
+  // The current region: its generation (bumped per region) << 16 | the workers taking part.
+  // One word, so that a worker reads both at once: read apart, a worker could pair one region's
+  // generation with the next region's count, take part in that region twice and leave a later
+  // region's count short of zero forever (seen as a deadlock with 16 threads).
+  std::atomic<uint64_t> state{0};
+  static constexpr int kWantedBits = 16;
+  static constexpr uint64_t kWantedMask = (uint64_t{1} << kWantedBits) - 1;
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
   int64_t n = 0, grain = 1;
-  int wanted = 0;  // workers taking part in the current region
   std::atomic<int64_t> next{0};
   std::atomic<int> active{0};  // workers still inside the current region
 
@@ -55,16 +60,23 @@ struct KernelThreads::Impl {
     }
   }
 
+  // A worker takes part in a region only if the region's own count includes it; the caller
+  // cannot start another region before every counted worker has left this one, so fn, n, grain
+  // and next are this region's while it runs its chunks.
   void Work(int index) {
-    uint64_t seen = 0;
+    uint64_t seen = 0;  // the last generation handled
     for (;;) {
-      auto changed = [&] { return generation.load(std::memory_order_acquire) != seen; };
+      uint64_t now = 0;
+      auto changed = [&] {
+        now = state.load(std::memory_order_acquire);
+        return (now >> kWantedBits) != seen;
+      };
       if (!SpinUntil(changed)) {
         std::unique_lock<std::mutex> l(mu);
         wake.wait(l, changed);
       }
-      seen = generation.load(std::memory_order_acquire);
-      if (index >= wanted) continue;
+      seen = now >> kWantedBits;
+      if (static_cast<uint64_t>(index) >= (now & kWantedMask)) continue;
       RunChunks();
       if (active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         std::lock_guard<std::mutex> l(mu);
@@ -75,7 +87,8 @@ struct KernelThreads::Impl {
 };
 
 KernelThreads::KernelThreads(int threads) : impl_(new Impl) {
-  impl_->threads = std::max(1, threads);
+  // Helpers are counted in 16 bits (Impl::state).
+  impl_->threads = std::clamp(threads, 1, static_cast<int>(Impl::kWantedMask) + 1);
   for (int i = 0; i + 1 < impl_->threads; ++i) {
     std::thread([this, i] { impl_->Work(i); }).detach();  // the pool lives as long as the process
   }
@@ -215,13 +228,14 @@ void KernelThreads::ParallelFor(int64_t n, int64_t grain,
   p.fn = &fn;
   p.n = n;
   p.grain = grain;
-  p.wanted = helpers;
   p.next.store(0, std::memory_order_relaxed);
   p.active.store(helpers, std::memory_order_relaxed);
   {
     // Under mu, so that a worker about to sleep either sees the new generation or is woken.
     std::lock_guard<std::mutex> l(p.mu);
-    p.generation.fetch_add(1, std::memory_order_release);
+    const uint64_t generation = (p.state.load(std::memory_order_relaxed) >> Impl::kWantedBits) + 1;
+    p.state.store(generation << Impl::kWantedBits | static_cast<uint64_t>(helpers),
+                  std::memory_order_release);
   }
   p.wake.notify_all();
   p.RunChunks();
