@@ -4,6 +4,7 @@
 //
 //   gpu_experts_check --conformance            # exit 0 pass, 1 fail, 77 no GPU (a ctest skip)
 //   gpu_experts_check --bench --json OUT.json  # tables on stdout, rows in OUT.json
+//   gpu_experts_check --bench --forms auto,grouped,per_expert  # each GEMM form (default auto)
 //
 // Conformance: for BF16, FP8 (E4M3, 128×128 block scales, partial edge blocks) and F32 expert
 // groups with routed and wider shared experts, RunExperts through the device equals a plain
@@ -16,7 +17,7 @@
 //         small multiple of 2^-9 (3.6e-3 measured with F32 outputs), so 1.5e-2 is margin, while
 //         a wrong expert, weight, slot or order gives errors of order 1.
 //   fp8   1.5e-2: as BF16, plus the dequantised weights rounded to BF16 (another 2^-9).
-// Each dtype runs with the GEMM form cuBLAS takes (grouped) and with one GEMM per expert.
+// Each dtype runs with the grouped GEMM form and with one GEMM per expert.
 // It also checks that a call gives bitwise the same result twice and from 4 threads at once,
 // that an expert not held is refused with a message, and that a group larger than the device
 // is refused at start with the byte counts.
@@ -245,21 +246,22 @@ const char* DTypeName(DType d) {
   return "?";
 }
 
-// "grouped (bf16 out)" → "grouped-bf16"; "per expert (f32 out)" → "loop".
-std::string GemmLabel(const DeviceExperts& d) {
-  const std::string g = d.gemm();
-  if (g.rfind("grouped", 0) != 0) return "loop";
-  return g.find("bf16") != std::string::npos ? "grouped-bf16" : "grouped-f32";
+// The form a call ran: "grouped-bf16" / "grouped-f32" (by its output dtype) or "loop".
+std::string GemmLabel(const DeviceExperts& d, bool grouped) {
+  if (!grouped) return "loop";
+  return d.gemm().rfind("grouped (bf16", 0) == 0 ? "grouped-bf16" : "grouped-f32";
 }
 
-void CheckDtype(int device, DType dtype, double tol, bool grouped) {
+using GemmForm = DeviceExpertsOptions::GemmForm;
+
+void CheckDtype(int device, DType dtype, double tol, GemmForm form) {
   const int layer = 3;
   const int64_t hidden = 384, inter = 320, shared_inter = 640;  // 320: partial FP8 blocks
   const int routed = 6;
   Group g = MakeGroup(dtype, layer, hidden, inter, routed, shared_inter, 11);
   std::string err;
   DeviceExpertsOptions options;
-  options.grouped_gemm = grouped;
+  options.gemm_form = form;
   std::unique_ptr<DeviceExperts> d = MakeCudaExperts(device, g.experts, options, &err);
   EXPECT_CHECK(d != nullptr, "%s: MakeCudaExperts: %s", DTypeName(dtype), err.c_str());
   if (d == nullptr) return;
@@ -267,12 +269,15 @@ void CheckDtype(int device, DType dtype, double tol, bool grouped) {
               d->device().c_str(), d->weight_bytes() / 1048576.0, d->compute_dtype().c_str(),
               d->gemm().c_str());
   double worst = 0;
+  bool ran_grouped = false;
   for (int64_t n : {1, 2, 5, 16, 64, 130}) {
     for (bool shared : {false, true}) {
       Call c = MakeCall(layer, hidden, n, routed, 2, shared, /*allow_empty=*/n > 2,
                         static_cast<uint32_t>(n * 7 + shared));
       std::vector<float> out(n * hidden, -1.0f);
-      const bool ok = d->Run(c.View(out.data()), &err, nullptr);
+      DeviceExpertsTiming t;
+      const bool ok = d->Run(c.View(out.data()), &err, &t);
+      ran_grouped = ran_grouped || t.grouped;
       EXPECT_CHECK(ok, "%s n=%lld: Run: %s", DTypeName(dtype), static_cast<long long>(n),
                    err.c_str());
       if (!ok) continue;
@@ -298,7 +303,7 @@ void CheckDtype(int device, DType dtype, double tol, bool grouped) {
     }
   }
   std::printf("  %s, %s: worst normwise relative error %.3g (tolerance %.3g)\n", DTypeName(dtype),
-              GemmLabel(*d).c_str(), worst, tol);
+              GemmLabel(*d, ran_grouped).c_str(), worst, tol);
 
   // Four threads at once, each its own calls, each result equal to the sequential one.
   std::vector<Call> calls;
@@ -346,10 +351,10 @@ void CheckDtype(int device, DType dtype, double tol, bool grouped) {
 
 int Conformance(int device) {
   std::printf("== conformance on cuda:%d\n", device);
-  for (const bool grouped : {true, false}) {
-    CheckDtype(device, DType::kBF16, 1.5e-2, grouped);
-    CheckDtype(device, DType::kF8E4M3, 1.5e-2, grouped);
-    CheckDtype(device, DType::kF32, 1e-5, grouped);
+  for (const GemmForm form : {GemmForm::kGrouped, GemmForm::kPerExpert}) {
+    CheckDtype(device, DType::kBF16, 1.5e-2, form);
+    CheckDtype(device, DType::kF8E4M3, 1.5e-2, form);
+    CheckDtype(device, DType::kF32, 1e-5, form);
   }
   // A group that does not fit is refused at start, with the byte counts.
   {
@@ -380,7 +385,7 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-int Bench(int device, const std::string& json_path) {
+int Bench(int device, const std::string& json_path, const std::vector<GemmForm>& forms) {
   std::string err;
   const double peak = cuda_impl::CudaBf16GemmTflops(device, 8192, 8192, 8192, 10, &err);
   if (peak < 0) {
@@ -395,8 +400,7 @@ int Bench(int device, const std::string& json_path) {
               "tokens", "TFLOP/s", "of peak", "call ms", "compute ms", "H2D ms", "D2H ms");
   for (const Shape& sh : shapes) {
     for (DType dtype : {DType::kBF16, DType::kF8E4M3}) {
-      for (bool grouped : {true, false}) {
-        if (dtype == DType::kF8E4M3 && !grouped) continue;
+      for (const GemmForm form : forms) {
         // One expert's random weights, shared by all experts of the group on the host (the
         // device holds a copy per expert): the products' speed does not depend on the values.
         Group one = MakeGroup(dtype, 0, sh.hidden, sh.inter, 1, 0, 9);
@@ -408,7 +412,7 @@ int Bench(int device, const std::string& json_path) {
           g.experts.push_back(w);
         }
         DeviceExpertsOptions o;
-        o.grouped_gemm = grouped;
+        o.gemm_form = form;
         auto d = MakeCudaExperts(device, g.experts, o, &err);
         if (d == nullptr) {
           std::printf("%s %s: %s\n", sh.name, DTypeName(dtype), err.c_str());
@@ -419,6 +423,7 @@ int Bench(int device, const std::string& json_path) {
           std::vector<float> out(n * sh.hidden);
           const int reps = n >= 1024 ? 10 : 30;
           std::vector<double> wall, compute, h2d, d2h;
+          bool grouped = false;
           for (int r = 0; r < reps + 3; ++r) {
             DeviceExpertsTiming t;
             const auto t0 = std::chrono::steady_clock::now();
@@ -431,6 +436,7 @@ int Bench(int device, const std::string& json_path) {
             if (r < 3) continue;
             wall.push_back(s);
             compute.push_back(t.compute);
+            grouped = t.grouped;
             h2d.push_back(t.host_to_device);
             d2h.push_back(t.device_to_host);
           }
@@ -438,17 +444,18 @@ int Bench(int device, const std::string& json_path) {
               2.0 * static_cast<double>(c.experts.size()) * sh.hidden * 3 * sh.inter;
           const double tflops = flops / Median(compute) / 1e12;
           std::printf("%-13s %-5s %-12s %6lld %9.1f %7.1f%% %10.3f %10.3f %9.3f %9.3f\n", sh.name,
-                      DTypeName(dtype), GemmLabel(*d).c_str(), static_cast<long long>(n), tflops,
-                      100 * tflops / peak, Median(wall) * 1e3, Median(compute) * 1e3,
+                      DTypeName(dtype), GemmLabel(*d, grouped).c_str(), static_cast<long long>(n),
+                      tflops, 100 * tflops / peak, Median(wall) * 1e3, Median(compute) * 1e3,
                       Median(h2d) * 1e3, Median(d2h) * 1e3);
           char row[512];
           std::snprintf(row, sizeof(row),
                         "%s{\"group\": \"%s\", \"dtype\": \"%s\", \"gemm\": \"%s\", \"tokens\": "
                         "%lld, \"tflops\": %.3f, \"fraction_of_peak\": %.4f, \"call_ms\": %.4f, "
                         "\"compute_ms\": %.4f, \"h2d_ms\": %.4f, \"d2h_ms\": %.4f}",
-                        first ? "" : ", ", sh.name, DTypeName(dtype), GemmLabel(*d).c_str(),
-                        static_cast<long long>(n), tflops, tflops / peak, Median(wall) * 1e3,
-                        Median(compute) * 1e3, Median(h2d) * 1e3, Median(d2h) * 1e3);
+                        first ? "" : ", ", sh.name, DTypeName(dtype),
+                        GemmLabel(*d, grouped).c_str(), static_cast<long long>(n), tflops,
+                        tflops / peak, Median(wall) * 1e3, Median(compute) * 1e3, Median(h2d) * 1e3,
+                        Median(d2h) * 1e3);
           json += row;
           first = false;
         }
@@ -473,6 +480,7 @@ int Bench(int device, const std::string& json_path) {
 
 int main(int argc, char** argv) {
   bool conformance = false, bench = false;
+  std::vector<moemesh::GemmForm> forms = {moemesh::GemmForm::kAuto};
   int device = 0;
   std::string json;
   for (int i = 1; i < argc; ++i) {
@@ -483,10 +491,29 @@ int main(int argc, char** argv) {
       bench = true;
     } else if (a == "--json" && i + 1 < argc) {
       json = argv[++i];
+    } else if (a == "--forms" && i + 1 < argc) {
+      forms.clear();
+      for (std::string f = argv[++i]; !f.empty();) {
+        const size_t comma = f.find(',');
+        const std::string one = f.substr(0, comma);
+        f = comma == std::string::npos ? "" : f.substr(comma + 1);
+        if (one == "auto") {
+          forms.push_back(moemesh::GemmForm::kAuto);
+        } else if (one == "grouped") {
+          forms.push_back(moemesh::GemmForm::kGrouped);
+        } else if (one == "per_expert") {
+          forms.push_back(moemesh::GemmForm::kPerExpert);
+        } else {
+          std::fprintf(stderr, "--forms: auto, grouped or per_expert, not '%s'\n", one.c_str());
+          return 2;
+        }
+      }
     } else if (a == "--device" && i + 1 < argc) {
       device = std::atoi(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: %s [--conformance] [--bench] [--json OUT] [--device N]\n",
+      std::fprintf(stderr,
+                   "usage: %s [--conformance] [--bench] [--forms auto,grouped,per_expert] [--json "
+                   "OUT] [--device N]\n",
                    argv[0]);
       return 2;
     }
@@ -498,6 +525,6 @@ int main(int argc, char** argv) {
   }
   int rc = 0;
   if (conformance) rc |= moemesh::Conformance(device);
-  if (bench) rc |= moemesh::Bench(device, json);
+  if (bench) rc |= moemesh::Bench(device, json, forms);
   return rc;
 }

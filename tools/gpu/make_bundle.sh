@@ -12,7 +12,8 @@ dest="${2:?output .tar.xz}"
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bundle/bin" "$stage/bundle/lib"
-bins=(backend_conformance_test gpu_expert_group_test gpu_experts_check matmul_test kernels_test moemesh moemesh-gateway
+bins=(backend_conformance_test gpu_expert_group_test gpu_experts_check matmul_test kernels_test
+      kernel_threads_stress_test moemesh moemesh-gateway
       moemesh-router moemesh-expert-worker libmoemesh_cuda.so)
 for b in "${bins[@]}"; do cp "$build/bin/$b" "$stage/bundle/bin/"; done
 for b in "${bins[@]}"; do ldd "$build/bin/$b"; done | awk '$3 ~ /^\// {print $3}' | sort -u |
