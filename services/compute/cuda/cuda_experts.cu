@@ -165,29 +165,6 @@ struct Buffer {
   bool pinned = false;
 };
 
-bool Grow(Buffer& b, int64_t need, std::string* error) {
-  if (need <= b.bytes) return true;
-  const int64_t cap = std::max(need, b.bytes + b.bytes / 2);
-  if (b.ptr != nullptr) {
-    if (b.pinned) {
-      cudaFreeHost(b.ptr);
-    } else {
-      cudaFree(b.ptr);
-    }
-  }
-  b.ptr = nullptr;
-  b.bytes = 0;
-  const cudaError_t e = b.pinned ? cudaMallocHost(&b.ptr, cap) : cudaMalloc(&b.ptr, cap);
-  if (e != cudaSuccess) {
-    *error = "cannot allocate " + std::to_string(cap) + (b.pinned ? " pinned host" : " device") +
-             " bytes of scratch: " + CudaText(e);
-    b.ptr = nullptr;
-    return false;
-  }
-  b.bytes = cap;
-  return true;
-}
-
 void Release(Buffer& b) {
   if (b.ptr == nullptr) return;
   if (b.pinned) {
@@ -197,6 +174,21 @@ void Release(Buffer& b) {
   }
   b.ptr = nullptr;
   b.bytes = 0;
+}
+
+bool Grow(Buffer& b, int64_t need, std::string* error) {
+  if (need <= b.bytes) return true;
+  const int64_t cap = std::max(need, b.bytes + b.bytes / 2);
+  Release(b);
+  const cudaError_t e = b.pinned ? cudaMallocHost(&b.ptr, cap) : cudaMalloc(&b.ptr, cap);
+  if (e != cudaSuccess) {
+    *error = "cannot allocate " + std::to_string(cap) + (b.pinned ? " pinned host" : " device") +
+             " bytes of scratch: " + CudaText(e);
+    b.ptr = nullptr;
+    return false;
+  }
+  b.bytes = cap;
+  return true;
 }
 
 // One expert as stored on the device.
