@@ -18,9 +18,12 @@
 // scales on the device and are dequantised into BF16 per call, expert by expert; F16 weights
 // are converted to BF16 when uploaded; F32 weights compute in IEEE F32 (no TF32), so an F32
 // model agrees with the CPU to float rounding. A token's expert outputs are summed in ascending
-// expert id, as LocalExpertGroup does; results never depend on atomics, and a token's result
-// does not depend on the other tokens of the call beyond what cuBLAS's choice of algorithm for
-// the call's shape does.
+// expert id, as LocalExpertGroup does; results never depend on atomics. A token's result can
+// depend on the other tokens of its call through the call's shape: cuBLAS chooses its algorithm
+// by shape, and GemmForm::kAuto chooses between the grouped form (BF16 GEMM outputs for a BF16
+// group) and the per-expert form (F32 outputs) by the call's experts and tokens. The CPU
+// kernels are batch-invariant; the GPU path is not (a deterministic GPU mode would fix the
+// form and the algorithms).
 //
 // Thread safety: Run may be called from any number of threads at once. Each call takes one of
 // a few execution contexts (a CUDA stream, a cuBLAS handle, pinned staging and device scratch),
