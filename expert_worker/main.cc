@@ -177,6 +177,8 @@ absl::Status Run(const Options& o) {
     if (o.weights_dtype.has_value()) info.weight_dtype = *o.weights_dtype;
   }
   info.backend = o.backend;
+  // A GPU group dropped its host weights; without the checkpoint too, its mapping goes.
+  if (group->device() != nullptr) ckpt.reset();
   info.device = device;
   info.num_experts = cfg.num_experts;
   info.max_assignments_per_token = cfg.top_k + (cfg.n_shared_experts > 0 ? 1 : 0);

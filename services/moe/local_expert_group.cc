@@ -154,6 +154,12 @@ std::vector<DeviceExpertWeights> LocalExpertGroup::DeviceWeights() const {
   return out;
 }
 
+void LocalExpertGroup::AttachDevice(std::unique_ptr<DeviceExperts> device) {
+  device_ = std::move(device);
+  // The keys stay (Run's NOT_FOUND check reads them); the weights' owners go.
+  for (auto& [key, w] : weights_) w = ExpertWeights{};
+}
+
 absl::StatusOr<Tensor> LocalExpertGroup::RunOnDevice(const ExpertBatch& b) const {
   const int64_t n = b.num_tokens();
   std::vector<const float*> rows(n);

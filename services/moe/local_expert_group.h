@@ -49,8 +49,11 @@ class LocalExpertGroup final : public ExpertGroup {
   // Every held expert's weights, for uploading to a device.
   std::vector<DeviceExpertWeights> DeviceWeights() const;
   // From now on Run computes on `device`, which holds DeviceWeights() (MakeCudaExperts); the
-  // backend is no longer used. Call before the group serves. INTERNAL when a call fails there.
-  void AttachDevice(std::unique_ptr<DeviceExperts> device) { device_ = std::move(device); }
+  // backend is no longer used, and the group drops its host weights (a checkpoint's mapping is
+  // unmapped once its Checkpoint is gone too), so a GPU worker's resident memory is not a second
+  // copy of its group. Call before the group serves. Run answers INTERNAL when a call fails on
+  // the device.
+  void AttachDevice(std::unique_ptr<DeviceExperts> device);
   const DeviceExperts* device() const { return device_.get(); }
 
   bool Holds(ExpertKey key) const { return weights_.contains(key); }
