@@ -10,7 +10,9 @@
 # another machine (bin/ with the test binaries, the services and libmoemesh_cuda.so, and lib/
 # with the shared libraries they need; tools/gpu/make_bundle.sh makes one), it also runs the
 # gpu-labelled GoogleTest suites from it: the CUDA ComputeBackend against the CPU backend, the
-# expert group on the GPU against the CPU group, and a mesh whose workers compute on the GPU.
+# expert group on the GPU against the CPU group, and a mesh whose workers compute on the GPU;
+# and the CPU kernels' tests (that machine's CPUs may have AVX-512 and many cores). A suite that
+# hangs is stopped after 4 minutes with every thread's stack in its log (cuda-gdb).
 #
 #   scripts/gpu_check.sh                          # builds into build-gpu-experts/
 #   MOEMESH_GPU_OUT=/tmp/out MOEMESH_GPU_PREBUILT=/tmp/bundle scripts/gpu_check.sh
@@ -47,14 +49,30 @@ if [ -n "$prebuilt" ]; then
     bd="$(cat "$prebuilt/build_dir")"
     if [ ! -e "$bd/bin" ]; then mkdir -p "$bd" && ln -s "$prebuilt/bin" "$bd/bin"; fi
   fi
-  for t in backend_conformance_test gpu_expert_group_test; do
+  # The CPU kernels' tests too: a GPU machine's CPUs may have AVX-512 (and many cores) where
+  # the build machine has neither, and matmul_test forces every level the CPU has.
+  for t in backend_conformance_test gpu_expert_group_test matmul_test kernels_test \
+    kernel_threads_stress_test; do
+    [ -x "$prebuilt/bin/$t" ] || continue
     log "running prebuilt $t"
-    if ! timeout 300 "$prebuilt/bin/$t" 2>&1 | tee "$out/$t.log"; then
+    "$prebuilt/bin/$t" >"$out/$t.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 240); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      # Still running after 4 minutes: say where every thread is (cuda-gdb also debugs host
+      # code; there is no gdb on the GPU machine), then stop it.
+      log "$t is still running after 240 s; its threads:"
+      command -v cuda-gdb >/dev/null &&
+        timeout 60 cuda-gdb -p "$pid" -batch -ex "thread apply all bt 12" >>"$out/$t.log" 2>&1
+      kill -9 "$pid"
+    fi
+    if ! wait "$pid"; then
       failed+=("$t")
     elif grep -q "^\[  SKIPPED \]" "$out/$t.log" && [ "$t" = gpu_expert_group_test ]; then
       log "$t skipped cases: the process sees no GPU"
       failed+=("$t (skipped)")
     fi
+    grep -E "^\[  (PASSED|FAILED) |^\[  SKIPPED \] [0-9]|worst|detected" "$out/$t.log" >&2 || true
   done
 fi
 

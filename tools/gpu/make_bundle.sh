@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packs a full build's GPU-relevant binaries for a GPU machine that lacks moemesh's build
 # dependencies (scripts/gpu_check.sh runs them with MOEMESH_GPU_PREBUILT): bin/ holds the gpu
-# test binaries, the service binaries and libmoemesh_cuda.so; lib/ the shared libraries they
+# test binaries, the CPU kernels' tests, the service binaries (the mesh test starts them) and
+# libmoemesh_cuda.so; lib/ the shared libraries they
 # load from this system (glibc, and CUDA's own libraries, which the GPU machine has, excepted);
 # build_dir the build directory the tests were compiled against.
 #
