@@ -31,10 +31,12 @@ struct AttentionShape {
   float scale = 1.0f;    // softmax scale, usually qk_dim^-0.5
   // A paged cache read in place: when segment_rows > 0, cache row j of k is at
   // segments[j / segment_rows] + (j % segment_rows) * k_stride, and of v at the same segment +
-  // v_offset + (j % segment_rows) * v_stride; CausalAttention's k and v arguments are unused.
-  // Only for a backend whose SupportsSegmentedCache() is true.
+  // v_offset + (j % segment_rows) * v_stride, elements of segment_dtype (F32, or BF16 whose
+  // values are used exactly, as F32); CausalAttention's k and v arguments are unused. Only for a
+  // backend whose SupportsSegmentedCache() is true.
   int64_t segment_rows = 0;
-  const float* const* segments = nullptr;
+  const void* const* segments = nullptr;
+  DType segment_dtype = DType::kF32;
   int64_t v_offset = 0;
 };
 

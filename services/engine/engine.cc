@@ -266,10 +266,12 @@ const float* Engine::StoreAndGather(int layer, const StepInput& in, int64_t star
   }
   const int64_t ctx = start + n;
   segments_.clear();
-  if (backend_->SupportsSegmentedCache() && kv.F32Rows(s.blocks_[0], layer) != nullptr) {
+  if (backend_->SupportsSegmentedCache()) {
     // Read in place: copying the whole context per layer per step grew with the context (at
-    // 400 tokens and 16 streams it was 12 % of the gateway's CPU).
-    for (int64_t b = 0; b * bt < ctx; ++b) segments_.push_back(kv.F32Rows(s.blocks_[b], layer));
+    // 400 tokens and 16 streams it was 12 % of the gateway's CPU; a BF16 cache also converted
+    // all of it to F32 each time).
+    segments_dtype_ = kv.options().dtype;
+    for (int64_t b = 0; b * bt < ctx; ++b) segments_.push_back(kv.Rows(s.blocks_[b], layer));
     return nullptr;
   }
   if (static_cast<int64_t>(ctx_.size()) < ctx * row) ctx_.resize(ctx * row);
@@ -355,6 +357,7 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs,
     if (cache == nullptr) {  // in place: the latent is both key (with the rope part) and value
       as.segment_rows = kv_->block_tokens();
       as.segments = segments_.data();
+      as.segment_dtype = segments_dtype_;
     }
     backend_->CausalAttention(as, qa.data() + r0 * nh * row, cache, cache,
                               attn.data() + r0 * nh * kvl);
@@ -418,6 +421,7 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs,
     if (cache == nullptr) {  // in place: each block's rows are [K | V]
       as.segment_rows = kv_->block_tokens();
       as.segments = segments_.data();
+      as.segment_dtype = segments_dtype_;
       as.v_offset = k_row_;
     }
     backend_->CausalAttention(as, q.data() + row * nh * hd, cache, v_cache,

@@ -184,10 +184,11 @@ class Engine {
   [[nodiscard]] absl::Status LoadMla(const Checkpoint& ckpt, int layer, Layer* out) const;
   absl::StatusOr<std::vector<Tensor>> StepImpl(absl::Span<const StepInput> inputs,
                                                const CallOptions& opts);
-  // Writes the new rows of `in` (at positions start ...) into its blocks. Then, when the cache
-  // is F32 and the backend reads segmented caches, fills segments_ with its blocks' rows of
-  // `layer` in place (kv_->block_tokens() rows each) and returns nullptr; otherwise gathers its
-  // context of `layer` up to the new rows as F32 into ctx_ ([start + n, row]) and returns that.
+  // Writes the new rows of `in` (at positions start ...) into its blocks. Then, when the backend
+  // reads segmented caches, fills segments_ with its blocks' rows of `layer` in place
+  // (kv_->block_tokens() rows each, in the cache's dtype, segments_dtype_) and returns nullptr;
+  // otherwise gathers its context of `layer` up to the new rows as F32 into ctx_
+  // ([start + n, row]) and returns that.
   // rows: [n, row] f32
   const float* StoreAndGather(int layer, const StepInput& in, int64_t start, const float* rows);
 
@@ -203,7 +204,8 @@ class Engine {
   int64_t k_row_ = 0, v_row_ = 0;  // floats per cached token per layer
   std::shared_ptr<KvCache> kv_;
   std::vector<float> ctx_;  // Step scratch: one sequence's gathered context of one layer
-  std::vector<const float*> segments_;  // Step scratch: one sequence's blocks of one layer
+  std::vector<const void*> segments_;
+  DType segments_dtype_ = DType::kF32;  // Step scratch: one sequence's blocks of one layer
   std::vector<std::unique_ptr<Layer>> layers_;
   int micro_batches_ = 1;
   MicroBatchPolicy micro_batch_policy_ = MicroBatchPolicy::kAlways;

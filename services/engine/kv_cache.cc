@@ -216,10 +216,8 @@ void KvCache::Write(int32_t block, int layer, int64_t slot, const float* rows, i
   for (int64_t i = 0; i < n * row_; ++i) dst[i] = ToBf16(rows[i]);
 }
 
-const float* KvCache::F32Rows(int32_t block, int layer) const {
-  if (elem_bytes_ != 4) return nullptr;
-  return reinterpret_cast<const float*>(BlockData(block) +
-                                        layer * options_.block_tokens * row_ * elem_bytes_);
+const void* KvCache::Rows(int32_t block, int layer) const {
+  return BlockData(block) + layer * options_.block_tokens * row_ * elem_bytes_;
 }
 
 void KvCache::Read(int32_t block, int layer, int64_t n, float* out) const {

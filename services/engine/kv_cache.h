@@ -102,9 +102,9 @@ class KvCache {
   void Write(int32_t block, int layer, int64_t slot, const float* rows, int64_t n);
   // The first `n` rows of `layer` in `block` as F32. out: [n, row] f32
   void Read(int32_t block, int layer, int64_t n, float* out) const;
-  // The rows of `layer` in `block` in place ([block_tokens, row] f32) when the cache is F32;
-  // nullptr when it is BF16 (use Read).
-  const float* F32Rows(int32_t block, int layer) const;
+  // The rows of `layer` in `block` in place, [block_tokens, row] in the cache's dtype
+  // (options().dtype: F32, or BF16 as uint16 bit patterns).
+  const void* Rows(int32_t block, int layer) const;
 
  private:
   struct Entry {

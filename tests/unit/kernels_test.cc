@@ -18,6 +18,13 @@
 namespace moemesh {
 namespace {
 
+// F32 → BF16 bits, round to nearest even (the KV cache's rounding; no NaNs here).
+uint16_t FloatToBf16Bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
 using ::moemesh::testing::RandomFloats;
 using ::testing::ElementsAre;
 using ::testing::FloatNear;
@@ -327,13 +334,36 @@ TEST_F(CpuKernelsTest, AttentionMatchesLoopsOverShapesAndIgnoresChunking) {
           }
           AttentionShape paged = s;
           paged.segment_rows = block;
-          paged.segments = seg.data();
+          std::vector<const void*> seg_void(seg.begin(), seg.end());
+          paged.segments = seg_void.data();
           paged.v_offset = block * s.k_stride;
           ASSERT_TRUE(be_->SupportsSegmentedCache());
           std::vector<float> got(num_new * row);
           be_->CausalAttention(paged, q.data(), nullptr, nullptr, got.data());
           EXPECT_EQ(std::memcmp(got.data(), out.data(), out.size() * 4), 0)
               << "heads " << hk.heads << "/" << hk.kv_heads << " num_new " << num_new << " qk "
+              << qk_dim << " block " << block;
+          // The same blocks as BF16 (a BF16 KV cache): bitwise the F32 attention over the
+          // BF16-rounded cache, which is what gathering it as F32 gave.
+          std::vector<std::vector<uint16_t>> halves;
+          std::vector<const void*> seg16;
+          for (const std::vector<float>& b : blocks) {
+            std::vector<uint16_t> h(b.size());
+            for (size_t i = 0; i < b.size(); ++i) h[i] = FloatToBf16Bits(b[i]);
+            halves.push_back(std::move(h));
+            seg16.push_back(halves.back().data());
+          }
+          std::vector<float> k16(k.size()), v16(v.size());
+          for (size_t i = 0; i < k.size(); ++i) k16[i] = Bf16BitsToFloat(FloatToBf16Bits(k[i]));
+          for (size_t i = 0; i < v.size(); ++i) v16[i] = Bf16BitsToFloat(FloatToBf16Bits(v[i]));
+          std::vector<float> want16(num_new * row), got16(num_new * row);
+          be_->CausalAttention(s, q.data(), k16.data(), v16.data(), want16.data());
+          AttentionShape paged16 = paged;
+          paged16.segments = seg16.data();
+          paged16.segment_dtype = DType::kBF16;
+          be_->CausalAttention(paged16, q.data(), nullptr, nullptr, got16.data());
+          EXPECT_EQ(std::memcmp(got16.data(), want16.data(), want16.size() * 4), 0)
+              << "bf16 heads " << hk.heads << "/" << hk.kv_heads << " num_new " << num_new << " qk "
               << qk_dim << " block " << block;
         }
         for (int64_t a = 1; a < num_new; ++a) {

@@ -4,6 +4,7 @@
 // whose cache is unbounded.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -182,6 +183,76 @@ TEST(KvCacheTest, RegisteredBlocksAreSharedThenEvictedLastReleasedLast) {
   ASSERT_TRUE(c.Allocate(1, &u));
   EXPECT_EQ(u[1], t[0]) << "the cached block is evicted when nothing else is left";
   EXPECT_EQ(c.Lookup(0, toks), -1) << "an evicted block is no longer found";
+}
+
+// The CPU backend, except that it does not read a paged cache in place: engines on it gather
+// each sequence's context into one F32 buffer per layer (the path a CUDA backend takes).
+class GatheringBackend final : public ComputeBackend {
+ public:
+  explicit GatheringBackend(ComputeBackend* inner) : inner_(inner) {}
+  std::string name() const override { return "gathering " + inner_->name(); }
+  void MatMulT(const float* x, int64_t m, int64_t k, const float* w, int64_t n, float* y,
+               bool accumulate) override {
+    inner_->MatMulT(x, m, k, w, n, y, accumulate);
+  }
+  void MatMulW(const float* x, int64_t m, const Weight& w, float* y, bool accumulate) override {
+    inner_->MatMulW(x, m, w, y, accumulate);
+  }
+  void ExpertFfnW(const float* x, int64_t m, const Weight& w1, const Weight& w3, const Weight& w2,
+                  float* workspace, float* y) override {
+    inner_->ExpertFfnW(x, m, w1, w3, w2, workspace, y);
+  }
+  void RmsNorm(const float* x, const float* weight, int64_t rows, int64_t dim, float eps,
+               float* y) override {
+    inner_->RmsNorm(x, weight, rows, dim, eps, y);
+  }
+  void Rope(float* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t stride,
+            int64_t rot_dim, const int32_t* positions, const float* inv_freq, float mscale,
+            bool interleaved) override {
+    inner_->Rope(x, tokens, heads, head_dim, stride, rot_dim, positions, inv_freq, mscale,
+                 interleaved);
+  }
+  void CausalAttention(const AttentionShape& s, const float* q, const float* k, const float* v,
+                       float* out) override {
+    EXPECT_EQ(s.segment_rows, 0) << "the engine used segments although the backend said no";
+    inner_->CausalAttention(s, q, k, v, out);
+  }
+  bool SupportsSegmentedCache() const override { return false; }
+  void SiluMul(const float* gate, const float* up, int64_t n, float* out) override {
+    inner_->SiluMul(gate, up, n, out);
+  }
+  void ExpertFfn(const float* x, int64_t m, int64_t hidden, int64_t inter, const float* w1,
+                 const float* w3, const float* w2, float* workspace, float* y) override {
+    inner_->ExpertFfn(x, m, hidden, inter, w1, w3, w2, workspace, y);
+  }
+  void SoftmaxTopK(const float* logits, int64_t t, int64_t e, int k, bool renormalize, int32_t* ids,
+                   float* weights) override {
+    inner_->SoftmaxTopK(logits, t, e, k, renormalize, ids, weights);
+  }
+
+ private:
+  ComputeBackend* inner_;
+};
+
+// A BF16 cache is read in place (its blocks converted a few rows at a time inside attention):
+// the logits are bitwise those of the engine that gathers the whole context as F32, for both
+// attention kinds (grouped-query, and DeepSeek's latent MLA), over several blocks.
+TEST_F(ServingTest, Bf16CacheReadInPlaceEqualsTheGatheredOne) {
+  for (const std::string* path : {model_, deepseek_}) {
+    auto m = Load(*path);
+    GatheringBackend gathering(m->backend.get());
+    auto gathered = Engine::Load(*m->checkpoint, m->config, &gathering, m->moe.get());
+    ASSERT_TRUE(gathered.ok()) << gathered.status();
+    for (Engine* e : {m->engine.get(), gathered->get()}) {
+      ASSERT_TRUE(e->ConfigureKvCache({.dtype = DType::kBF16}).ok());
+    }
+    const std::vector<int32_t> tokens = Prompt(45, 7, m->config.vocab_size);  // 3 blocks of 16
+    auto a = m->engine->Score(tokens);
+    auto b = (*gathered)->Score(tokens);
+    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
+    ASSERT_EQ(a->numel(), b->numel());
+    EXPECT_EQ(std::memcmp(a->data(), b->data(), a->numel() * sizeof(float)), 0) << *path;
+  }
 }
 
 TEST_F(ServingTest, Bf16CacheIsCloseToF32AndHalfTheBytes) {

@@ -34,6 +34,7 @@
 #include "services/compute/cpu/kernel_threads.h"
 #include "services/compute/cpu/matmul.h"
 #include "services/engine/inproc.h"
+#include "services/engine/kv_cache.h"
 #include "services/engine/sampler.h"
 #include "services/model/generator.h"
 
@@ -51,6 +52,7 @@ ABSL_FLAG(int, blas_min_rows, 0,
           "rows from which products go to OpenBLAS (0: never; keeps batch invariance)");
 ABSL_FLAG(std::string, isa, "", "force the kernels' instruction set: avx512 | avx2 | scalar");
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
+ABSL_FLAG(std::string, kv_cache_dtype, "f32", "KV cache dtype: f32 | bf16");
 ABSL_FLAG(std::string, prompts, "shared",
           "decode streams' prompts: shared (every stream the same prompt: every stream routes to "
           "the same experts, as in llama-batched-bench) | distinct (each stream its own)");
@@ -113,6 +115,9 @@ int main(int argc, char** argv) {
   if (!m.ok()) return Fail(m.status());
   const double load_s = absl::ToDoubleSeconds(absl::Now() - t0);
   Engine& e = *(*m)->engine;
+  auto kvd = ParseKvCacheDType(absl::GetFlag(FLAGS_kv_cache_dtype));
+  if (!kvd.ok()) return Fail(kvd.status());
+  if (auto s = e.ConfigureKvCache({.dtype = *kvd}); !s.ok()) return Fail(s);
   const ModelConfig& cfg = e.config();
   const int np = absl::GetFlag(FLAGS_prompt), nd = absl::GetFlag(FLAGS_decode);
   std::vector<int32_t> prompt(np);
