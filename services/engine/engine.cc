@@ -266,7 +266,13 @@ const float* Engine::StoreAndGather(int layer, const StepInput& in, int64_t star
   }
   const int64_t ctx = start + n;
   segments_.clear();
-  if (backend_->SupportsSegmentedCache()) {
+  // A BF16 block read in place is converted to F32 by each unit of attention work that reads
+  // it (one per query position and key/value group), so with many new rows one conversion of
+  // the whole context (the gather) costs less; either way the result is bitwise the same.
+  constexpr int64_t kBf16InPlaceMaxNew = 8;
+  const bool in_place = backend_->SupportsSegmentedCache() &&
+                        (kv.options().dtype == DType::kF32 || n <= kBf16InPlaceMaxNew);
+  if (in_place) {
     // Read in place: copying the whole context per layer per step grew with the context (at
     // 400 tokens and 16 streams it was 12 % of the gateway's CPU; a BF16 cache also converted
     // all of it to F32 each time).

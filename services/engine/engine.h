@@ -185,7 +185,8 @@ class Engine {
   absl::StatusOr<std::vector<Tensor>> StepImpl(absl::Span<const StepInput> inputs,
                                                const CallOptions& opts);
   // Writes the new rows of `in` (at positions start ...) into its blocks. Then, when the backend
-  // reads segmented caches, fills segments_ with its blocks' rows of `layer` in place
+  // reads segmented caches (and, for a BF16 cache, the new rows are few), fills segments_ with
+  // its blocks' rows of `layer` in place
   // (kv_->block_tokens() rows each, in the cache's dtype, segments_dtype_) and returns nullptr;
   // otherwise gathers its context of `layer` up to the new rows as F32 into ctx_
   // ([start + n, row]) and returns that.

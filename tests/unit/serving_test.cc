@@ -234,24 +234,41 @@ class GatheringBackend final : public ComputeBackend {
   ComputeBackend* inner_;
 };
 
-// A BF16 cache is read in place (its blocks converted a few rows at a time inside attention):
-// the logits are bitwise those of the engine that gathers the whole context as F32, for both
-// attention kinds (grouped-query, and DeepSeek's latent MLA), over several blocks.
+// A BF16 cache is read in place by decode steps (its blocks converted a few rows at a time
+// inside attention; a long prefill chunk gathers it once): every step's logits are bitwise
+// those of an engine that always gathers the whole context as F32, for both attention kinds
+// (grouped-query, and DeepSeek's latent MLA), across block boundaries.
 TEST_F(ServingTest, Bf16CacheReadInPlaceEqualsTheGatheredOne) {
   for (const std::string* path : {model_, deepseek_}) {
     auto m = Load(*path);
     GatheringBackend gathering(m->backend.get());
     auto gathered = Engine::Load(*m->checkpoint, m->config, &gathering, m->moe.get());
     ASSERT_TRUE(gathered.ok()) << gathered.status();
+    const std::vector<int32_t> tokens = Prompt(60, 7, m->config.vocab_size);
+    std::vector<std::vector<Tensor>> logits(2);
+    int which = 0;
     for (Engine* e : {m->engine.get(), gathered->get()}) {
       ASSERT_TRUE(e->ConfigureKvCache({.dtype = DType::kBF16}).ok());
+      auto seq = e->NewSequence();
+      // A 25-token prefill, then one token per step (in place) and a 3-token chunk, to 60.
+      for (size_t at = 0; at < tokens.size();) {
+        const size_t n = at == 0 ? 25 : (at == 40 ? 3 : 1);
+        StepInput in{seq.get(), absl::MakeConstSpan(tokens).subspan(at, n), false};
+        auto r = e->Step({&in, 1});
+        ASSERT_TRUE(r.ok()) << r.status();
+        logits[which].push_back((*r)[0]);
+        at += n;
+      }
+      ++which;
     }
-    const std::vector<int32_t> tokens = Prompt(45, 7, m->config.vocab_size);  // 3 blocks of 16
-    auto a = m->engine->Score(tokens);
-    auto b = (*gathered)->Score(tokens);
-    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
-    ASSERT_EQ(a->numel(), b->numel());
-    EXPECT_EQ(std::memcmp(a->data(), b->data(), a->numel() * sizeof(float)), 0) << *path;
+    ASSERT_EQ(logits[0].size(), logits[1].size());
+    for (size_t i = 0; i < logits[0].size(); ++i) {
+      ASSERT_EQ(logits[0][i].numel(), logits[1][i].numel());
+      EXPECT_EQ(std::memcmp(logits[0][i].data(), logits[1][i].data(),
+                            logits[0][i].numel() * sizeof(float)),
+                0)
+          << *path << " step " << i;
+    }
   }
 }
 
