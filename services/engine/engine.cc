@@ -276,7 +276,6 @@ const float* Engine::StoreAndGather(int layer, const StepInput& in, int64_t star
     // Read in place: copying the whole context per layer per step grew with the context (at
     // 400 tokens and 16 streams it was 12 % of the gateway's CPU; a BF16 cache also converted
     // all of it to F32 each time).
-    segments_dtype_ = kv.options().dtype;
     for (int64_t b = 0; b * bt < ctx; ++b) segments_.push_back(kv.Rows(s.blocks_[b], layer));
     return nullptr;
   }
@@ -285,6 +284,14 @@ const float* Engine::StoreAndGather(int layer, const StepInput& in, int64_t star
     kv.Read(s.blocks_[b], layer, std::min(bt, ctx - b * bt), ctx_.data() + b * bt * row);
   }
   return ctx_.data();
+}
+
+void Engine::InPlaceView(const StepInput& in, AttentionShape* as) const {
+  // The sequence's own pool: one made before ConfigureKvCache keeps the old pool's blocks.
+  const KvCache& kv = *in.seq->cache_;
+  as->segment_rows = kv.block_tokens();
+  as->segments = segments_.data();
+  as->segment_dtype = kv.options().dtype;
 }
 
 absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs,
@@ -360,11 +367,8 @@ absl::Status Engine::MlaAttention(int l, absl::Span<const StepInput> inputs,
     as.k_stride = row;
     as.v_stride = row;
     as.scale = attn_scale_;
-    if (cache == nullptr) {  // in place: the latent is both key (with the rope part) and value
-      as.segment_rows = kv_->block_tokens();
-      as.segments = segments_.data();
-      as.segment_dtype = segments_dtype_;
-    }
+    // In place: the latent is both key (with the rope part) and value.
+    if (cache == nullptr) InPlaceView(in, &as);
     backend_->CausalAttention(as, qa.data() + r0 * nh * row, cache, cache,
                               attn.data() + r0 * nh * kvl);
     r0 += n;
@@ -425,9 +429,7 @@ absl::Status Engine::Attention(int l, absl::Span<const StepInput> inputs,
     as.scale = attn_scale_;
     const float* v_cache = cache == nullptr ? nullptr : cache + k_row_;
     if (cache == nullptr) {  // in place: each block's rows are [K | V]
-      as.segment_rows = kv_->block_tokens();
-      as.segments = segments_.data();
-      as.segment_dtype = segments_dtype_;
+      InPlaceView(in, &as);
       as.v_offset = k_row_;
     }
     backend_->CausalAttention(as, q.data() + row * nh * hd, cache, v_cache,

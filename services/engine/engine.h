@@ -187,11 +187,14 @@ class Engine {
   // Writes the new rows of `in` (at positions start ...) into its blocks. Then, when the backend
   // reads segmented caches (and, for a BF16 cache, the new rows are few), fills segments_ with
   // its blocks' rows of `layer` in place
-  // (kv_->block_tokens() rows each, in the cache's dtype, segments_dtype_) and returns nullptr;
+  // (kv_->block_tokens() rows each, in kv_'s dtype) and returns nullptr;
   // otherwise gathers its context of `layer` up to the new rows as F32 into ctx_
   // ([start + n, row]) and returns that.
   // rows: [n, row] f32
   const float* StoreAndGather(int layer, const StepInput& in, int64_t start, const float* rows);
+  // After StoreAndGather returned nullptr: the paged view of `in`'s cache (segments_, their
+  // size and dtype) in `as`.
+  void InPlaceView(const StepInput& in, AttentionShape* as) const;
 
   ModelConfig cfg_;
   ComputeBackend* backend_ = nullptr;
@@ -204,9 +207,8 @@ class Engine {
   float attn_scale_ = 1.0f;
   int64_t k_row_ = 0, v_row_ = 0;  // floats per cached token per layer
   std::shared_ptr<KvCache> kv_;
-  std::vector<float> ctx_;  // Step scratch: one sequence's gathered context of one layer
-  std::vector<const void*> segments_;
-  DType segments_dtype_ = DType::kF32;  // Step scratch: one sequence's blocks of one layer
+  std::vector<float> ctx_;             // Step scratch: one sequence's gathered context of one layer
+  std::vector<const void*> segments_;  // Step scratch: one sequence's blocks of one layer
   std::vector<std::unique_ptr<Layer>> layers_;
   int micro_batches_ = 1;
   MicroBatchPolicy micro_batch_policy_ = MicroBatchPolicy::kAlways;

@@ -8,6 +8,7 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "services/tensor/weight.h"
 
 namespace moemesh {
 namespace {
@@ -17,21 +18,6 @@ namespace {
 constexpr int64_t kChunkBytes = int64_t{16} << 20;
 // An unbounded pool stops at this many chunks (16 TiB of 16 MiB chunks).
 constexpr int64_t kMaxChunks = int64_t{1} << 20;
-
-inline uint16_t ToBf16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40);  // nan
-  x += 0x7fff + ((x >> 16) & 1);  // round to nearest even
-  return static_cast<uint16_t>(x >> 16);
-}
-
-inline float FromBf16(uint16_t b) {
-  const uint32_t x = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
 
 }  // namespace
 
@@ -213,7 +199,7 @@ void KvCache::Write(int32_t block, int layer, int64_t slot, const float* rows, i
     return;
   }
   uint16_t* dst = reinterpret_cast<uint16_t*>(base);
-  for (int64_t i = 0; i < n * row_; ++i) dst[i] = ToBf16(rows[i]);
+  for (int64_t i = 0; i < n * row_; ++i) dst[i] = FloatToBf16Bits(rows[i]);
 }
 
 const void* KvCache::Rows(int32_t block, int layer) const {
@@ -229,7 +215,7 @@ void KvCache::Read(int32_t block, int layer, int64_t n, float* out) const {
   const uint16_t* src = reinterpret_cast<const uint16_t*>(base);
   const int64_t count = n * row_;
 #pragma omp simd  // a shift per value; -O2 alone leaves it scalar (the build has -fopenmp-simd)
-  for (int64_t i = 0; i < count; ++i) out[i] = FromBf16(src[i]);
+  for (int64_t i = 0; i < count; ++i) out[i] = Bf16BitsToFloat(src[i]);
 }
 
 }  // namespace moemesh

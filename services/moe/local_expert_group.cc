@@ -113,10 +113,10 @@ absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
             as.expert == kSharedExpertId ? std::string("shared") : absl::StrCat(as.expert),
             ") is not held by ", name_));
       }
-      by_expert[as.expert].push_back({static_cast<int32_t>(i), as.weight});
+      if (device_ == nullptr) by_expert[as.expert].push_back({static_cast<int32_t>(i), as.weight});
     }
   }
-  if (device_ != nullptr) return RunOnDevice(b);
+  if (device_ != nullptr) return RunOnDevice(b);  // the device buckets the call itself
   std::vector<int32_t> order;
   for (const auto& [e, _] : by_expert) order.push_back(e);
   std::sort(order.begin(), order.end());

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
+#include "services/tensor/weight.h"
 
 namespace moemesh {
 
@@ -99,14 +100,7 @@ float BF16ToFloat(uint16_t b) {
   return f;
 }
 
-uint16_t FloatToBF16(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40);  // nan
-  const uint32_t lsb = (x >> 16) & 1;
-  x += 0x7fff + lsb;
-  return static_cast<uint16_t>(x >> 16);
-}
+uint16_t FloatToBF16(float f) { return FloatToBf16Bits(f); }
 
 float F8E4M3ToFloat(uint8_t v) {
   const float sign = (v & 0x80) ? -1.0f : 1.0f;

@@ -55,6 +55,13 @@ inline float Bf16BitsToFloat(uint16_t b) {
   std::memcpy(&f, &x, 4);
   return f;
 }
+// F32 → BF16 bits, rounded to nearest even; a NaN stays a (quiet) NaN.
+inline uint16_t FloatToBf16Bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40);
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
 inline float HalfBitsToFloat(uint16_t h) {
   const uint32_t sign = (h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1f;

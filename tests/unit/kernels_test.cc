@@ -18,13 +18,6 @@
 namespace moemesh {
 namespace {
 
-// F32 → BF16 bits, round to nearest even (the KV cache's rounding; no NaNs here).
-uint16_t FloatToBf16Bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 using ::moemesh::testing::RandomFloats;
 using ::testing::ElementsAre;
 using ::testing::FloatNear;

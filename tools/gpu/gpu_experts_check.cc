@@ -56,12 +56,6 @@ struct HostWeight {
   Weight w;
 };
 
-uint16_t FloatToBf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 // A [rows, cols] weight of `dtype` with values of about `scale` in magnitude.
 std::shared_ptr<HostWeight> MakeWeight(DType dtype, int64_t rows, int64_t cols, float scale,
                                        std::mt19937* rng) {
@@ -82,7 +76,7 @@ std::shared_ptr<HostWeight> MakeWeight(DType dtype, int64_t rows, int64_t cols, 
     case DType::kF16: {
       h->bytes.resize(n * 2);
       uint16_t* p = reinterpret_cast<uint16_t*>(h->bytes.data());
-      for (int64_t i = 0; i < n; ++i) p[i] = FloatToBf16(u(*rng) * scale);
+      for (int64_t i = 0; i < n; ++i) p[i] = FloatToBf16Bits(u(*rng) * scale);
       h->w.dtype = DType::kBF16;
       break;
     }

@@ -315,11 +315,7 @@ void AppendConverted(const Weight& w, bool bf16, std::vector<uint8_t>* out) {
   if (!bf16) {
     out->resize(start + n * 4);
     float* dst = reinterpret_cast<float*>(out->data() + start);
-    if (w.dtype == DType::kF32) {
-      std::memcpy(dst, w.data, n * 4);
-    } else {
-      for (int64_t r = 0; r < w.rows; ++r) DequantizeRows(w, r, r + 1, dst + r * w.cols);
-    }
+    DequantizeRows(w, 0, w.rows, dst);  // a copy for F32
     return;
   }
   out->resize(start + n * 2);
@@ -331,16 +327,7 @@ void AppendConverted(const Weight& w, bool bf16, std::vector<uint8_t>* out) {
   std::vector<float> row(w.cols);
   for (int64_t r = 0; r < w.rows; ++r) {
     DequantizeRows(w, r, r + 1, row.data());
-    for (int64_t c = 0; c < w.cols; ++c) {
-      uint32_t bits;
-      std::memcpy(&bits, &row[c], 4);
-      // Round to nearest even; NaN stays NaN.
-      if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        dst[r * w.cols + c] = static_cast<uint16_t>((bits >> 16) | 0x40);
-      } else {
-        dst[r * w.cols + c] = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-      }
-    }
+    for (int64_t c = 0; c < w.cols; ++c) dst[r * w.cols + c] = FloatToBf16Bits(row[c]);
   }
 }
 
@@ -709,14 +696,13 @@ bool CudaExperts::RunOn(Context& c, const DeviceExpertCall& call, std::string* e
   // The grouped GEMMs' operands (host view) and the pointer arrays (device copies).
   std::vector<const void*> a1(groups), b1(groups), a2(groups), b2(groups);
   std::vector<void*> c1(groups), c2(groups);
+  int fp8_index = 0;  // the expert's index among the call's FP8 experts
   for (int gi = 0; gi < groups; ++gi) {
     const DevExpert& d = experts_[ex[gi]];
     if (d.fp8) {
-      // Where this expert's BF16 copy goes: slot (its index among the call's FP8 experts)
-      // modulo the chunk, which is the chunk's own scratch when the chunks run one by one.
-      int fp8_index = 0;
-      for (int gj = 0; gj < gi; ++gj) fp8_index += experts_[ex[gj]].fp8 ? 1 : 0;
-      uint8_t* slot = deq + AlignUp(deq_per * 2) * (fp8_index % kFp8Chunk);
+      // Where this expert's BF16 copy goes: its FP8 index modulo the chunk, which is the
+      // chunk's own scratch when the chunks run one by one.
+      uint8_t* slot = deq + AlignUp(deq_per * 2) * (fp8_index++ % kFp8Chunk);
       a1[gi] = slot;
       a2[gi] = slot + 2 * d.inter * hidden * 2;
     } else {
@@ -796,8 +782,6 @@ bool CudaExperts::RunOn(Context& c, const DeviceExpertCall& call, std::string* e
   if (!check("gather")) return false;
 
   // Experts in chunks: all at once without FP8; kFp8Chunk FP8 experts per chunk otherwise.
-  std::vector<int> nn2(groups);
-  for (int gi = 0; gi < groups; ++gi) nn2[gi] = n1[gi];
   int g0 = 0;
   while (g0 < groups) {
     int g1 = g0;
@@ -844,7 +828,7 @@ bool CudaExperts::RunOn(Context& c, const DeviceExpertCall& call, std::string* e
                                                        d_ao, d_si, reinterpret_cast<float*>(a));
     }
     if (!check("silu")) return false;
-    if (!Gemms(c, grouped, out_bf16, g0, g1, m2, nn2, k2, lda2, ldb2, ldc2, dev_a2, dev_b2, dev_c2,
+    if (!Gemms(c, grouped, out_bf16, g0, g1, m2, n1, k2, lda2, ldb2, ldc2, dev_a2, dev_b2, dev_c2,
                a2, b2, c2, error)) {
       return false;
     }
