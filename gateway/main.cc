@@ -371,6 +371,11 @@ absl::Status Run(const Options& o) {
     if (s.sequences > 0) metrics.ObserveStep(s.seconds, s.tokens);
     const StepProfile now = engine->profile();
     metrics.AddGatewayTime(now.busy_s() - last.busy_s(), now.moe_wait_s - last.moe_wait_s);
+    metrics.AddGatewayStageTime("attention", now.attention_s - last.attention_s);
+    metrics.AddGatewayStageTime("moe_call", now.moe_call_s - last.moe_call_s);
+    metrics.AddGatewayStageTime("dense_ffn", now.dense_ffn_s - last.dense_ffn_s);
+    metrics.AddGatewayStageTime("lm_head", now.lm_head_s - last.lm_head_s);
+    metrics.AddGatewayStageTime("other", now.other_s() - last.other_s());
     for (int kind = 0; kind < 2; ++kind) {
       for (int parts = 1; parts <= 8; ++parts) {
         metrics.AddSteps(kind == 0, parts, now.by_parts[kind][parts] - last.by_parts[kind][parts]);

@@ -1,6 +1,7 @@
 #include "services/engine/engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numbers>
@@ -622,6 +623,20 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
     }
   }
   double wait_s = 0;
+  // This step's stage times (StepProfile), added to the profile when the step ends either way.
+  double attention_s = 0, moe_call_s = 0, dense_ffn_s = 0, lm_head_s = 0;
+  using StageClock = std::chrono::steady_clock;
+  auto since = [](StageClock::time_point t0) {
+    return std::chrono::duration<double>(StageClock::now() - t0).count();
+  };
+  auto add_profile = [&] {
+    absl::MutexLock lock(&profile_mu_);
+    profile_.moe_wait_s += wait_s;
+    profile_.attention_s += attention_s;
+    profile_.moe_call_s += moe_call_s;
+    profile_.dense_ffn_s += dense_ffn_s;
+    profile_.lm_head_s += lm_head_s;
+  };
   // Waits for a part's MoE call in flight and adds its result to the part's rows of x.
   auto collect = [&](Part& part) -> absl::Status {
     if (!part.pending) return absl::OkStatus();
@@ -650,10 +665,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
   // write into the parts.
   auto fail = [&](absl::Status s) {
     for (Part& part : parts) collect(part).IgnoreError();
-    {
-      absl::MutexLock lock(&profile_mu_);
-      profile_.moe_wait_s += wait_s;
-    }
+    add_profile();
     return s;
   };
   int64_t widest = 0;
@@ -666,12 +678,15 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
       if (absl::Status s = collect(part); !s.ok()) return fail(s);
       const int64_t n = part.r1 - part.r0;
       float* xp = x.mutable_row(part.r0);
+      StageClock::time_point t0 = StageClock::now();
       backend_->RmsNorm(xp, L.input_norm.data(), n, h, cfg_.rms_norm_eps, xa.mutable_data());
       if (absl::Status s =
               Attention(l, part.inputs, part.starts, xa.data(), n, positions.data() + part.r0, xp);
           !s.ok()) {
         return fail(s);
       }
+      attention_s += since(t0);
+      t0 = StageClock::now();
       backend_->RmsNorm(xp, L.post_norm.data(), n, h, cfg_.rms_norm_eps, part.xn.mutable_data());
       if (L.dense) {
         const int64_t inter = L.w1.rows;
@@ -679,6 +694,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
         Tensor y = Tensor::Zeros({n, h});
         backend_->ExpertFfnW(part.xn.data(), n, L.w1, L.w3, L.w2, work.data(), y.mutable_data());
         for (int64_t i = 0; i < n * h; ++i) xp[i] += y.data()[i];
+        dense_ffn_s += since(t0);
         continue;
       }
       if (opts.cancel && opts.cancel->cancelled()) {
@@ -692,6 +708,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
         pending->result = std::move(r);
         pending->done = true;
       });
+      moe_call_s += since(t0);
     }
   }
 
@@ -723,18 +740,17 @@ absl::StatusOr<std::vector<Tensor>> Engine::StepImpl(absl::Span<const StepInput>
       while (next < rows.size() && rows[next] < part.r1) ++next;
       const int64_t m = static_cast<int64_t>(next - first);
       if (m == 0) continue;
+      const StageClock::time_point t0 = StageClock::now();
       Tensor sel = Tensor::Zeros({m, h});
       for (int64_t i = 0; i < m; ++i) {
         backend_->RmsNorm(x.row(rows[first + i]), norm_.data(), 1, h, cfg_.rms_norm_eps,
                           sel.mutable_row(i));
       }
       backend_->MatMulW(sel.data(), m, lm_head_, logits.mutable_row(static_cast<int64_t>(first)));
+      lm_head_s += since(t0);
     }
   }
-  {
-    absl::MutexLock lock(&profile_mu_);
-    profile_.moe_wait_s += wait_s;
-  }
+  add_profile();
 
   std::vector<Tensor> out;
   out.reserve(inputs.size());

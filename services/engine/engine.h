@@ -93,7 +93,18 @@ struct StepProfile {
   int64_t steps = 0;
   double wall_s = 0;      // inside Step
   double moe_wait_s = 0;  // waiting for MoE results, with nothing else to compute
+  // The calling thread's time by stage, without the waits above:
+  double attention_s = 0;  // per layer: input norm, Q/K/V/O products, RoPE, KV store, attention
+  double moe_call_s = 0;   // starting MoE calls: post-attention norm, then the call (an
+                           // in-process MoE layer computes gating and experts inside it; a
+                           // remote one encodes and sends)
+  double dense_ffn_s = 0;  // the FFN of dense layers (DeepSeek's first layers), with its norm
+  double lm_head_s = 0;    // final norm and LM head on the rows whose logits are wanted
   double busy_s() const { return wall_s - moe_wait_s; }
+  // Embedding, KV block bookkeeping, merging MoE results, splitting the logits: the rest.
+  double other_s() const {
+    return wall_s - moe_wait_s - attention_s - moe_call_s - dense_ffn_s - lm_head_s;
+  }
   // Steps that ran their layers, by kind (0: decode, every input one token; 1: with a prefill
   // chunk) and by the micro-batches they were cut into (1 .. 8): whether the adaptive policy
   // split them, for operators and benchmarks.

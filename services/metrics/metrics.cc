@@ -90,6 +90,12 @@ Metrics::Metrics(std::string service)
                            .Name("moemesh_gateway_moe_wait_seconds_total")
                            .Help("Engine thread time in steps waiting for MoE results")
                            .Register(*registry_);
+  gateway_stage_ = &BuildCounter()
+                        .Name("moemesh_gateway_stage_seconds_total")
+                        .Help(
+                            "Engine thread time computing in steps, by stage (attention, "
+                            "moe_call, dense_ffn, lm_head, other)")
+                        .Register(*registry_);
   gateway_steps_ = &BuildCounter()
                         .Name("moemesh_gateway_steps_total")
                         .Help(
@@ -271,6 +277,10 @@ void Metrics::ObserveStep(double seconds, int64_t tokens) {
 void Metrics::AddGatewayTime(double busy_seconds, double moe_wait_seconds) {
   gateway_busy_->Add({}).Increment(std::max(0.0, busy_seconds));
   gateway_moe_wait_->Add({}).Increment(std::max(0.0, moe_wait_seconds));
+}
+
+void Metrics::AddGatewayStageTime(const std::string& stage, double seconds) {
+  gateway_stage_->Add({{"stage", stage}}).Increment(std::max(0.0, seconds));
 }
 
 void Metrics::AddSteps(bool decode, int micro_batches, int64_t steps) {

@@ -22,6 +22,8 @@
 //                                                      steps (attention, norms, LM head, ...)
 //   moemesh_gateway_moe_wait_seconds_total             gateway: engine thread idle in steps,
 //                                                      waiting for MoE results
+//   moemesh_gateway_stage_seconds_total{stage=         gateway: the busy time above by stage
+//     attention|moe_call|dense_ffn|lm_head|other}      (StepProfile in engine.h)
 //   moemesh_gateway_steps_total{kind=decode|prefill,   gateway: engine steps by kind (decode:
 //                               micro_batches}         one token per input) and by the
 //                                                      micro-batches they ran in (the adaptive
@@ -92,6 +94,9 @@ class Metrics {
   void ObserveStep(double seconds, int64_t tokens);
   // Engine thread time in steps since the last call: computing, and waiting on MoE calls.
   void AddGatewayTime(double busy_seconds, double moe_wait_seconds);
+  // The busy time since the last call in one stage of a step (attention, moe_call, dense_ffn,
+  // lm_head, other).
+  void AddGatewayStageTime(const std::string& stage, double seconds);
   // `steps` more engine steps of this kind that ran in `micro_batches` parts.
   void AddSteps(bool decode, int micro_batches, int64_t steps);
   void ObserveTimeToFirstToken(double seconds);
@@ -125,6 +130,7 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* step_seconds_;
   prometheus::Family<prometheus::Counter>* gateway_busy_;
   prometheus::Family<prometheus::Counter>* gateway_moe_wait_;
+  prometheus::Family<prometheus::Counter>* gateway_stage_;
   prometheus::Family<prometheus::Counter>* gateway_steps_;
   prometheus::Family<prometheus::Histogram>* ttft_;
   prometheus::Family<prometheus::Counter>* http_requests_;

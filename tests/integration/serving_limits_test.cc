@@ -4,6 +4,7 @@
 // get RESOURCE_EXHAUSTED at once, shared prompt prefixes hit the prefix cache, and Score
 // returns top-k and next-token log-probabilities equal to the engine's.
 #include <cmath>
+#include <string>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -170,6 +171,19 @@ TEST(ServingLimitsTest, SmallKvCacheSurvivesLoadAndLimitsAreRefused) {
   EXPECT_GT(prefill_steps, 0);
   EXPECT_EQ(SumSamples(*text, "moemesh_gateway_steps_total", {{"micro_batches", "1"}}),
             decode_steps + prefill_steps);
+  // The engine thread's busy time by stage: the stages that run take time, and they add up to
+  // the busy time.
+  const double busy = SumSamples(*text, "moemesh_gateway_busy_seconds_total");
+  double stages = 0;
+  for (const char* stage : {"attention", "moe_call", "dense_ffn", "lm_head", "other"}) {
+    const double s = SumSamples(*text, "moemesh_gateway_stage_seconds_total", {{"stage", stage}});
+    if (std::string(stage) != "dense_ffn") {
+      EXPECT_GT(s, 0) << stage;
+    }
+    stages += s;
+  }
+  EXPECT_GT(busy, 0);
+  EXPECT_NEAR(stages, busy, 1e-3 * busy);
   auto stopped = (*mesh)->Stop();
   EXPECT_TRUE(stopped.ok()) << stopped;
 }

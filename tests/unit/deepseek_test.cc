@@ -832,6 +832,41 @@ TEST(DeepseekModelTest, CacheHoldsOnlyTheLatent) {
                      (o.config.qk_nope_head_dim + o.config.qk_rope_head_dim + o.config.v_head_dim));
 }
 
+// The engine's per-stage profile (bench_engine's table, the gateway's
+// moemesh_gateway_stage_seconds_total): every stage of a model with a dense first layer takes
+// time, and the stages, the MoE wait and the rest add up to the wall time.
+TEST(DeepseekModelTest, StepProfileAccountsForEveryStage) {
+  TempDir dir;
+  GeneratorOptions o = BaseOptions();
+  ASSERT_EQ(o.config.first_k_dense_replace, 1);
+  auto m = InprocModel::Load(testing::MakeModel(dir, "m", o));
+  ASSERT_TRUE(m.ok()) << m.status();
+  Engine& e = *(*m)->engine;
+  const StepProfile before = e.profile();
+  EXPECT_EQ(before.steps, 0);
+  EXPECT_EQ(before.attention_s + before.moe_call_s + before.dense_ffn_s + before.lm_head_s, 0);
+  auto seq = e.NewSequence();
+  const std::vector<int32_t> tokens = Tokens(9, o.config.vocab_size, 3);
+  StepInput in{seq.get(), tokens, false};
+  ASSERT_TRUE(e.Step({&in, 1}).ok());
+  const int32_t next = 5;
+  StepInput d{seq.get(), absl::MakeConstSpan(&next, 1), false};
+  ASSERT_TRUE(e.Step({&d, 1}).ok());
+  const StepProfile p = e.profile();
+  EXPECT_EQ(p.steps, 2);
+  EXPECT_GT(p.attention_s, 0);
+  EXPECT_GT(p.moe_call_s, 0);
+  EXPECT_GT(p.dense_ffn_s, 0);
+  EXPECT_GT(p.lm_head_s, 0);
+  EXPECT_GE(p.other_s(), 0);
+  EXPECT_LE(p.attention_s + p.moe_call_s + p.dense_ffn_s + p.lm_head_s + p.moe_wait_s, p.wall_s);
+  // A failed step still adds its wall time, and never a negative remainder.
+  const int32_t bad = static_cast<int32_t>(o.config.vocab_size);
+  StepInput b{seq.get(), absl::MakeConstSpan(&bad, 1), false};
+  EXPECT_FALSE(e.Step({&b, 1}).ok());
+  EXPECT_GE(e.profile().other_s(), 0);
+}
+
 TEST(DeepseekModelTest, YarnSoftmaxScaleByHand) {
   TempDir dir;
   GeneratorOptions o = BaseOptions();

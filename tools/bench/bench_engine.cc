@@ -24,10 +24,14 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
@@ -60,6 +64,26 @@ ABSL_FLAG(std::string, prompts, "shared",
 namespace {
 
 using namespace moemesh;
+
+// A phase's mean step time and its stages (ms), from two snapshots of the engine's profile.
+struct StageShare {
+  double step_ms = 0, attention_ms = 0, moe_ms = 0, dense_ffn_ms = 0, lm_head_ms = 0, other_ms = 0;
+};
+
+StageShare Share(const StepProfile& a, const StepProfile& b) {
+  StageShare s;
+  const double steps = static_cast<double>(b.steps - a.steps);
+  if (steps <= 0) return s;
+  auto ms = [steps](double x) { return x / steps * 1e3; };
+  s.step_ms = ms(b.wall_s - a.wall_s);
+  s.attention_ms = ms(b.attention_s - a.attention_s);
+  // In process the MoE layer computes inside the call; a wait only with an asynchronous one.
+  s.moe_ms = ms(b.moe_call_s - a.moe_call_s + b.moe_wait_s - a.moe_wait_s);
+  s.dense_ffn_ms = ms(b.dense_ffn_s - a.dense_ffn_s);
+  s.lm_head_ms = ms(b.lm_head_s - a.lm_head_s);
+  s.other_ms = ms(b.other_s() - a.other_s());
+  return s;
+}
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "%s\n", s.ToString().c_str());
@@ -123,14 +147,22 @@ int main(int argc, char** argv) {
   std::vector<int32_t> prompt(np);
   for (int i = 0; i < np; ++i) prompt[i] = (i * 7919 + 13) % cfg.vocab_size;
 
+  // Where each phase's step time went (the engine's StepProfile, per step).
+  std::vector<std::pair<std::string, StageShare>> stages;
   double best_prefill = 1e30;
   for (int rep = 0; rep < absl::GetFlag(FLAGS_repeats); ++rep) {
     auto seq = e.NewSequence();
     StepInput in{seq.get(), prompt, false};
+    const StepProfile before = e.profile();
     const absl::Time a = absl::Now();
     auto r = e.Step({&in, 1});
     if (!r.ok()) return Fail(r.status());
-    best_prefill = std::min(best_prefill, absl::ToDoubleSeconds(absl::Now() - a));
+    const double s = absl::ToDoubleSeconds(absl::Now() - a);
+    if (s < best_prefill) {
+      best_prefill = s;
+      if (stages.empty()) stages.emplace_back();
+      stages[0] = {absl::StrCat("prefill ", np), Share(before, e.profile())};
+    }
   }
   const double prefill_tps = np / best_prefill;
 
@@ -150,6 +182,7 @@ int main(int argc, char** argv) {
     if (!r.ok()) return Fail(r.status());
     std::vector<int32_t> tok(c);
     for (int s = 0; s < c; ++s) tok[s] = Argmax((*r)[s].span());
+    const StepProfile before = e.profile();
     const absl::Time d = absl::Now();
     for (int i = 0; i < nd; ++i) {
       for (int s = 0; s < c; ++s) {
@@ -160,6 +193,8 @@ int main(int argc, char** argv) {
       for (int s = 0; s < c; ++s) tok[s] = Argmax((*dr)[s].span());
     }
     const double tps = static_cast<double>(c) * nd / absl::ToDoubleSeconds(absl::Now() - d);
+    stages.emplace_back(absl::StrCat("decode, ", c, c == 1 ? " stream" : " streams"),
+                        Share(before, e.profile()));
     decode_tps.push_back(tps);
     decode.push_back({{"streams", c}, {"tokens_per_s", tps}});
   }
@@ -180,6 +215,18 @@ int main(int argc, char** argv) {
   std::printf("\n| %.1f |", prefill_tps);
   for (double t : decode_tps) std::printf(" %.1f |", t);
   std::printf("\n");
+  std::printf(
+      "\nper step, ms (share): attention = norm, Q/K/V/O products, RoPE, attention; MoE = "
+      "norm, gating, experts; other = embedding, bookkeeping, merging\n\n"
+      "| phase | step ms | attention | MoE | dense FFN | LM head | other |\n"
+      "|---|---|---|---|---|---|---|\n");
+  for (const auto& [name, st] : stages) {
+    std::printf("| %s | %.2f |", name.c_str(), st.step_ms);
+    for (double v : {st.attention_ms, st.moe_ms, st.dense_ffn_ms, st.lm_head_ms, st.other_ms}) {
+      std::printf(" %.2f (%.0f %%) |", v, st.step_ms > 0 ? 100.0 * v / st.step_ms : 0.0);
+    }
+    std::printf("\n");
+  }
   if (!absl::GetFlag(FLAGS_json).empty()) {
     nlohmann::json j = {{"prefill_tokens_per_s", prefill_tps},
                         {"decode", decode},
