@@ -98,6 +98,11 @@ int64_t Engine::weight_bytes() const {
   return b;
 }
 
+int64_t Engine::dense_bytes_per_step() const {
+  // weight_bytes counts a tied table once, as the LM head's; an untied table is not read whole.
+  return lm_head_.data == embed_.data ? weight_bytes() : weight_bytes() - embed_.bytes();
+}
+
 Sequence::~Sequence() { cache_->Release(blocks_); }
 
 int64_t Sequence::capacity() const { return blocks() * cache_->block_tokens(); }

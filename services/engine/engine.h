@@ -155,6 +155,9 @@ class Engine {
   // Bytes the dense weights occupy in memory (embeddings, attention, dense FFNs, norms, LM
   // head; the experts are the MoeLayer's).
   int64_t weight_bytes() const;
+  // Bytes of dense weights one decode step reads: all of them but the embedding table, of which
+  // it reads one row per token (an LM head tied to the embeddings is read whole).
+  int64_t dense_bytes_per_step() const;
   // Softmax scale of attention scores (with YaRN's mscale² for MLA when rope_scaling is set).
   float attention_scale() const { return attn_scale_; }
 

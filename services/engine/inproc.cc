@@ -65,6 +65,7 @@ absl::StatusOr<std::unique_ptr<InprocModel>> InprocModel::Load(const std::string
                      LocalExpertGroup::Load(*m->checkpoint, m->config, keys, m->backend.get(),
                                             absl::StrCat("local-", g)));
     m->expert_weight_bytes += group->weight_bytes();
+    m->groups.push_back(group.get());
     groups.push_back({std::shared_ptr<ExpertGroup>(std::move(group)), keys});
   }
   ASSIGN_OR_RETURN(auto gates, MoeDispatcher::LoadGates(*m->checkpoint, m->config));

@@ -8,12 +8,14 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "services/compute/backend.h"
 #include "services/engine/engine.h"
 #include "services/model/config.h"
 #include "services/model/safetensors.h"
+#include "services/moe/local_expert_group.h"
 #include "services/moe/moe_layer.h"
 
 namespace moemesh {
@@ -48,10 +50,24 @@ struct InprocModel {
   std::unique_ptr<ComputeBackend> backend;
   std::unique_ptr<MoeDispatcher> moe;
   std::unique_ptr<Engine> engine;
-  int64_t expert_weight_bytes = 0;  // of every local expert group
+  int64_t expert_weight_bytes = 0;              // of every local expert group
+  std::vector<const LocalExpertGroup*> groups;  // the local expert groups (in moe)
 
-  // Bytes all the model's weights occupy in memory.
-  int64_t weight_bytes() const { return expert_weight_bytes + engine->weight_bytes(); }
+  // Bytes all the model's weights occupy in memory: the engine's dense weights, the routers'
+  // gates and the experts.
+  int64_t weight_bytes() const {
+    return expert_weight_bytes + engine->weight_bytes() + moe->gate_bytes();
+  }
+  // Every local group's counters, summed.
+  LocalExpertGroup::RunCounters expert_counters() const {
+    LocalExpertGroup::RunCounters c;
+    for (const LocalExpertGroup* g : groups) {
+      const LocalExpertGroup::RunCounters gc = g->counters();
+      c.expert_runs += gc.expert_runs;
+      c.weight_bytes_read += gc.weight_bytes_read;
+    }
+    return c;
+  }
 
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<InprocModel>> Load(
       const std::string& dir, const InprocOptions& options = {});

@@ -64,6 +64,11 @@ class Gate {
       : rc_(rc), weight_(std::move(weight)), bias_(std::move(bias)) {}
   const RoutingConfig& config() const { return rc_; }
   int64_t hidden() const { return weight_.dim(1); }
+  // Bytes of the gate's weight and bias in memory.
+  int64_t bytes() const {
+    return (weight_.numel() + (bias_.empty() ? 0 : bias_.numel())) *
+           static_cast<int64_t>(sizeof(float));
+  }
   // hidden: [T, hidden]. Thread-safe.
   Routing Route(const float* hidden, int64_t t, ComputeBackend* backend) const;
 

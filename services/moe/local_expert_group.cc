@@ -5,6 +5,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -82,7 +83,9 @@ absl::StatusOr<std::unique_ptr<LocalExpertGroup>> LocalExpertGroup::Load(
     ASSIGN_OR_RETURN(w.w1, ckpt.LoadWeight(names.gate, std::vector<int64_t>{inter, h}));
     ASSIGN_OR_RETURN(w.w3, ckpt.LoadWeight(names.up, std::vector<int64_t>{inter, h}));
     ASSIGN_OR_RETURN(w.w2, ckpt.LoadWeight(names.down, std::vector<int64_t>{h, inter}));
-    g->weight_bytes_ += w.w1.bytes() + w.w3.bytes() + w.w2.bytes();
+    const int64_t bytes = w.w1.bytes() + w.w3.bytes() + w.w2.bytes();
+    g->weight_bytes_ += bytes;
+    g->expert_bytes_[key] = bytes;
     g->weights_.emplace(key, std::move(w));
   }
   g->experts_ = std::move(experts);
@@ -104,6 +107,7 @@ absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
   // Bucket (token, weight) pairs by expert. Experts are visited in id order, so a token's
   // contributions are summed in a fixed order whatever the batch composition.
   absl::flat_hash_map<int32_t, std::vector<std::pair<int32_t, float>>> by_expert;
+  absl::flat_hash_set<int32_t> touched;  // the device path's experts, for the counters
   for (int64_t i = 0; i < n; ++i) {
     for (int32_t a = b.offsets[i]; a < b.offsets[i + 1]; ++a) {
       const ExpertAssignment& as = b.assignments[a];
@@ -113,10 +117,22 @@ absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
             as.expert == kSharedExpertId ? std::string("shared") : absl::StrCat(as.expert),
             ") is not held by ", name_));
       }
-      if (device_ == nullptr) by_expert[as.expert].push_back({static_cast<int32_t>(i), as.weight});
+      if (device_ == nullptr) {
+        by_expert[as.expert].push_back({static_cast<int32_t>(i), as.weight});
+      } else {
+        touched.insert(as.expert);
+      }
     }
   }
-  if (device_ != nullptr) return RunOnDevice(b);  // the device buckets the call itself
+  auto count = [&](int32_t e) {
+    expert_runs_.fetch_add(1, std::memory_order_relaxed);
+    weight_bytes_read_.fetch_add(expert_bytes_.at(ExpertKey{b.layer, e}),
+                                 std::memory_order_relaxed);
+  };
+  if (device_ != nullptr) {  // the device buckets the call itself
+    for (int32_t e : touched) count(e);
+    return RunOnDevice(b);
+  }
   std::vector<int32_t> order;
   for (const auto& [e, _] : by_expert) order.push_back(e);
   std::sort(order.begin(), order.end());
@@ -124,6 +140,7 @@ absl::StatusOr<Tensor> LocalExpertGroup::Run(const ExpertBatch& b) const {
   Tensor out = Tensor::Zeros({n, hidden_});
   std::vector<float> x, y, work;
   for (int32_t e : order) {
+    count(e);
     const auto& rows = by_expert[e];
     const ExpertWeights& w = weights_.at(ExpertKey{b.layer, e});
     const int64_t m = static_cast<int64_t>(rows.size());

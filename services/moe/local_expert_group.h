@@ -8,6 +8,7 @@
 // a call runs there as a whole instead. Run is thread-safe (all scratch space is per call).
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -62,6 +63,17 @@ class LocalExpertGroup final : public ExpertGroup {
   // Bytes of weights this group holds.
   int64_t weight_bytes() const { return weight_bytes_; }
 
+  // What Run has computed since the group was loaded: one expert run per (call, expert with at
+  // least one row), and the bytes of those experts' weights (each read once per run).
+  struct RunCounters {
+    int64_t expert_runs = 0;
+    int64_t weight_bytes_read = 0;
+  };
+  RunCounters counters() const {
+    return {expert_runs_.load(std::memory_order_relaxed),
+            weight_bytes_read_.load(std::memory_order_relaxed)};
+  }
+
  private:
   LocalExpertGroup() = default;
   // Run's work on device_ (the batch is validated and every expert is held).
@@ -73,7 +85,10 @@ class LocalExpertGroup final : public ExpertGroup {
   int64_t weight_bytes_ = 0;
   std::vector<ExpertKey> experts_;
   absl::flat_hash_map<ExpertKey, ExpertWeights> weights_;
-  std::unique_ptr<DeviceExperts> device_;  // when set, Run computes there
+  std::unique_ptr<DeviceExperts> device_;                 // when set, Run computes there
+  absl::flat_hash_map<ExpertKey, int64_t> expert_bytes_;  // each held expert's weight bytes
+  mutable std::atomic<int64_t> expert_runs_{0};
+  mutable std::atomic<int64_t> weight_bytes_read_{0};
 };
 
 // Parses "0-3,6,9-10" into sorted expert ids; INVALID_ARGUMENT on bad syntax.

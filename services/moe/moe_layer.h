@@ -79,6 +79,12 @@ class MoeDispatcher final : public MoeLayer {
       const Checkpoint& ckpt, const ModelConfig& cfg);
 
   absl::StatusOr<Tensor> Forward(int layer, const Tensor& hidden, const CallOptions& opts) override;
+  // Bytes of the routers' gate weights (and biases) this dispatcher holds.
+  int64_t gate_bytes() const {
+    int64_t b = 0;
+    for (const auto& [layer, gate] : gates_) b += gate.bytes();
+    return b;
+  }
   // Runs ForwardAsync: in process (local groups) `done` runs before this returns.
   void StartForward(int layer, Tensor hidden, const CallOptions& opts, MoeDone done) override;
   // Asynchronous form: `done` runs once, on the thread of the last group to answer (or inline).

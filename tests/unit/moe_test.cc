@@ -196,7 +196,16 @@ TEST_F(MoeTest, LocalExpertGroupMatchesNaiveLoop) {
     // The token without experts gets zeros; a zero weight contributes nothing.
     for (int64_t j = 0; j < h; ++j) EXPECT_EQ(out->row(2)[j], 0.0f);
     for (int64_t j = 0; j < h; ++j) EXPECT_EQ(out->row(5)[j], 0.0f);
+    // Each call runs experts 0, 1, 2, 3, 4, 6 and 7 once (expert 4 for three tokens), reading
+    // each one's three matrices once.
+    const LocalExpertGroup::RunCounters c = (*group)->counters();
+    EXPECT_EQ(c.expert_runs, 7 * (layer + 1));
+    EXPECT_EQ(c.weight_bytes_read, 7 * (layer + 1) * int64_t{3} * 48 * 32 * 4);
   }
+  // A refused call (an expert not held) counts nothing.
+  const LocalExpertGroup::RunCounters before = (*group)->counters();
+  EXPECT_FALSE((*group)->Run(MakeBatch(0, x, h, {{{99, 1.0f}}, {}, {}, {}, {}, {}})).ok());
+  EXPECT_EQ((*group)->counters().expert_runs, before.expert_runs);
 }
 
 TEST_F(MoeTest, ResultDoesNotDependOnBatchComposition) {

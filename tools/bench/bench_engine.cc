@@ -18,9 +18,12 @@
 // table and writes JSON with exactly the keys
 //   {"prefill_tokens_per_s", "decode": [{"streams", "tokens_per_s"}], "weight_bytes",
 //    "peak_rss_bytes"}.
+#include <immintrin.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -85,6 +88,71 @@ StageShare Share(const StepProfile& a, const StepProfile& b) {
   return s;
 }
 
+// This machine's streaming bandwidth, GB/s: the best of a plain read on the kernel threads and
+// the decode kernel (cpu::MatMul, one row) over 8 distinct 2816 × 1024 F32 matrices (92 MB, more
+// than a last-level cache, so every pass streams from memory), three passes each. Run before the
+// model loads, so that its buffers do not add to the peak RSS reported for the model.
+__attribute__((target("avx2"))) float ReadAvx2(const float* p, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+  }
+  alignas(32) float b[8];
+  _mm256_store_ps(b, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = b[0] + b[1] + b[2] + b[3] + b[4] + b[5] + b[6] + b[7];
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+float ReadPlain(const float* p, int64_t n) {
+  float a[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) a[l] += p[i + l];
+  }
+  float s = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+double StreamingGbps() {
+  constexpr int kMatrices = 8;
+  constexpr int64_t kRows = 2816, kCols = 1024, kFloats = kRows * kCols;
+  std::vector<std::vector<float>> bufs(kMatrices, std::vector<float>(kFloats, 0.001f));
+  std::vector<Weight> ws(kMatrices);
+  for (int i = 0; i < kMatrices; ++i) {
+    ws[i].dtype = DType::kF32;
+    ws[i].rows = kRows;
+    ws[i].cols = kCols;
+    ws[i].data = bufs[i].data();
+  }
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  const double bytes = static_cast<double>(kMatrices) * kFloats * sizeof(float);
+  std::vector<float> x(kCols, 1.0f), y(kRows);
+  std::atomic<float> sink{0};
+  double best = 0;
+  for (int pass = 0; pass < 3; ++pass) {
+    absl::Time t0 = absl::Now();
+    for (int i = 0; i < kMatrices; ++i) {
+      constexpr int64_t kChunk = 1 << 16;  // floats
+      cpu::KernelThreads::Get().ParallelFor(kFloats, kChunk, [&](int64_t b, int64_t e) {
+        const float v =
+            avx2 ? ReadAvx2(bufs[i].data() + b, e - b) : ReadPlain(bufs[i].data() + b, e - b);
+        sink.store(v, std::memory_order_relaxed);
+      });
+    }
+    best = std::max(best, bytes / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
+    t0 = absl::Now();
+    for (int i = 0; i < kMatrices; ++i) cpu::MatMul(x.data(), 1, ws[i], y.data());
+    best = std::max(best, bytes / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
+  }
+  return best;
+}
+
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "%s\n", s.ToString().c_str());
   return 1;
@@ -130,6 +198,7 @@ int main(int argc, char** argv) {
       if (auto s = GenerateModel(o, dir); !s.ok()) return Fail(s);
     }
   }
+  const double streaming_gbps = StreamingGbps();
   auto wd = ParseWeightsDType(absl::GetFlag(FLAGS_weights_dtype));
   if (!wd.ok()) return Fail(wd.status());
   InprocOptions io;
@@ -167,6 +236,16 @@ int main(int argc, char** argv) {
   const double prefill_tps = np / best_prefill;
 
   nlohmann::json decode = nlohmann::json::array();
+  // What each decode phase's steps read from memory, against the streaming bandwidth.
+  struct Traffic {
+    std::string phase;
+    double dense_mb = 0, expert_mb = 0, kv_mb = 0, experts_per_layer = 0, step_ms = 0;
+  };
+  std::vector<Traffic> traffic;
+  const double kv_row_bytes = static_cast<double>(e.cache_floats_per_token_per_layer()) *
+                              cfg.num_layers * (*kvd == DType::kBF16 ? 2 : 4);
+  int moe_layers = 0;
+  for (int l = 0; l < cfg.num_layers; ++l) moe_layers += cfg.IsMoeLayer(l) ? 1 : 0;
   std::vector<double> decode_tps;
   for (int c : streams) {
     std::vector<std::unique_ptr<Sequence>> seqs;
@@ -183,8 +262,11 @@ int main(int argc, char** argv) {
     std::vector<int32_t> tok(c);
     for (int s = 0; s < c; ++s) tok[s] = Argmax((*r)[s].span());
     const StepProfile before = e.profile();
+    const LocalExpertGroup::RunCounters experts_before = (*m)->expert_counters();
+    double kv_bytes = 0;  // the KV cache each step reads: every cached position of every stream
     const absl::Time d = absl::Now();
     for (int i = 0; i < nd; ++i) {
+      for (int s = 0; s < c; ++s) kv_bytes += static_cast<double>(seqs[s]->length()) * kv_row_bytes;
       for (int s = 0; s < c; ++s) {
         ins[s] = StepInput{seqs[s].get(), absl::Span<const int32_t>(&tok[s], 1), false};
       }
@@ -195,6 +277,19 @@ int main(int argc, char** argv) {
     const double tps = static_cast<double>(c) * nd / absl::ToDoubleSeconds(absl::Now() - d);
     stages.emplace_back(absl::StrCat("decode, ", c, c == 1 ? " stream" : " streams"),
                         Share(before, e.profile()));
+    const LocalExpertGroup::RunCounters experts_after = (*m)->expert_counters();
+    Traffic tr;
+    tr.phase = stages.back().first;
+    tr.dense_mb = static_cast<double>(e.dense_bytes_per_step() + (*m)->moe->gate_bytes()) / 1e6;
+    tr.expert_mb =
+        static_cast<double>(experts_after.weight_bytes_read - experts_before.weight_bytes_read) /
+        nd / 1e6;
+    tr.experts_per_layer =
+        static_cast<double>(experts_after.expert_runs - experts_before.expert_runs) / nd /
+        std::max(1, moe_layers);
+    tr.kv_mb = kv_bytes / nd / 1e6;
+    tr.step_ms = stages.back().second.step_ms;
+    traffic.push_back(tr);
     decode_tps.push_back(tps);
     decode.push_back({{"streams", c}, {"tokens_per_s", tps}});
   }
@@ -226,6 +321,21 @@ int main(int argc, char** argv) {
       std::printf(" %.2f (%.0f %%) |", v, st.step_ms > 0 ? 100.0 * v / st.step_ms : 0.0);
     }
     std::printf("\n");
+  }
+  std::printf(
+      "\ndecode traffic per step: weights read (dense layers, LM head and gates; the experts "
+      "the step's tokens routed to, each read once per step) and the KV cache; GB/s = MB / step "
+      "ms; streaming bandwidth measured before the model loaded: %.1f GB/s (best of a plain "
+      "read and the one-row kernel over 92 MB)\n\n"
+      "| phase | experts per MoE layer | dense MB | experts MB | KV MB | step ms | GB/s | "
+      "of streaming |\n|---|---|---|---|---|---|---|---|\n",
+      streaming_gbps);
+  for (const Traffic& t : traffic) {
+    const double mb = t.dense_mb + t.expert_mb + t.kv_mb;
+    const double gbps = t.step_ms > 0 ? mb / t.step_ms : 0;
+    std::printf("| %s | %.2f | %.1f | %.1f | %.1f | %.2f | %.1f | %.0f %% |\n", t.phase.c_str(),
+                t.experts_per_layer, t.dense_mb, t.expert_mb, t.kv_mb, t.step_ms, gbps,
+                streaming_gbps > 0 ? 100.0 * gbps / streaming_gbps : 0.0);
   }
   if (!absl::GetFlag(FLAGS_json).empty()) {
     nlohmann::json j = {{"prefill_tokens_per_s", prefill_tps},
