@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
+#include <utility>
 
 namespace moemesh {
 
@@ -87,13 +89,22 @@ void GroupLimitedTopK(const float* scores, const float* bias, const RoutingConfi
   }
 }
 
+Gate::Gate(RoutingConfig rc, Tensor weight, Tensor bias) : rc_(rc), bias_(std::move(bias)) {
+  auto held = std::make_shared<Tensor>(std::move(weight));
+  weight_.dtype = DType::kF32;
+  weight_.rows = held->dim(0);
+  weight_.cols = held->dim(1);
+  weight_.data = held->data();
+  weight_.owner = std::move(held);
+}
+
 Routing Gate::Route(const float* hidden, int64_t t, ComputeBackend* backend) const {
   Routing r;
   r.k = rc_.top_k;
   r.ids.resize(t * r.k);
   r.weights.resize(t * r.k);
   std::vector<float> logits(t * rc_.num_experts);
-  backend->MatMulT(hidden, t, weight_.dim(1), weight_.data(), rc_.num_experts, logits.data());
+  backend->MatMulW(hidden, t, weight_, logits.data());
   const bool with_bias = rc_.use_bias && !bias_.empty();
   if (rc_.scoring == ScoringFunc::kSoftmax && rc_.n_group <= 1 && !with_bias) {
     // Mixtral (and DeepSeek with greedy softmax routing): the backend's fused kernel.

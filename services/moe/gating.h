@@ -14,6 +14,7 @@
 #include "services/compute/backend.h"
 #include "services/model/config.h"
 #include "services/tensor/tensor.h"
+#include "services/tensor/weight.h"
 
 namespace moemesh {
 
@@ -59,22 +60,26 @@ inline void SigmoidGroupTopK(const float* scores, const float* bias, const Routi
 
 class Gate {
  public:
-  // weight: [num_experts, hidden]; bias: [num_experts] or empty.
-  Gate(RoutingConfig rc, Tensor weight, Tensor bias)
+  // weight: [num_experts, hidden] in its checkpoint's dtype (DeepSeek's BF16 gates stay BF16:
+  // the kernels multiply them exactly as their F32 upcast); bias: [num_experts] or empty.
+  Gate(RoutingConfig rc, Weight weight, Tensor bias)
       : rc_(rc), weight_(std::move(weight)), bias_(std::move(bias)) {}
+  // An F32 weight held in a tensor.
+  Gate(RoutingConfig rc, Tensor weight, Tensor bias);
   const RoutingConfig& config() const { return rc_; }
-  int64_t hidden() const { return weight_.dim(1); }
+  int64_t hidden() const { return weight_.cols; }
+  const Weight& weight() const { return weight_; }
   // Bytes of the gate's weight and bias in memory.
   int64_t bytes() const {
-    return (weight_.numel() + (bias_.empty() ? 0 : bias_.numel())) *
-           static_cast<int64_t>(sizeof(float));
+    return weight_.bytes() +
+           (bias_.empty() ? 0 : bias_.numel()) * static_cast<int64_t>(sizeof(float));
   }
   // hidden: [T, hidden]. Thread-safe.
   Routing Route(const float* hidden, int64_t t, ComputeBackend* backend) const;
 
  private:
   RoutingConfig rc_;
-  Tensor weight_;
+  Weight weight_;
   Tensor bias_;
 };
 

@@ -27,9 +27,9 @@ absl::StatusOr<absl::flat_hash_map<int, Gate>> MoeDispatcher::LoadGates(const Ch
   absl::flat_hash_map<int, Gate> gates;
   const RoutingConfig rc = RoutingConfig::From(cfg);
   for (int layer : cfg.MoeLayers()) {
-    ASSIGN_OR_RETURN(Tensor w,
-                     ckpt.LoadF32(GateWeightName(cfg, layer),
-                                  std::vector<int64_t>{cfg.num_experts, cfg.hidden_size}));
+    ASSIGN_OR_RETURN(Weight w,
+                     ckpt.LoadWeight(GateWeightName(cfg, layer),
+                                     std::vector<int64_t>{cfg.num_experts, cfg.hidden_size}));
     Tensor bias;
     if (cfg.scoring == ScoringFunc::kSigmoid && ckpt.Has(GateBiasName(cfg, layer))) {
       ASSIGN_OR_RETURN(
