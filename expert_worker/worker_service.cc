@@ -66,6 +66,7 @@ grpc::ServerUnaryReactor* WorkerService::RunExperts(grpc::CallbackServerContext*
     const absl::Time end = absl::Now();
     metrics_->ObserveCompute(absl::ToDoubleSeconds(end - start), batch->num_tokens(),
                              static_cast<int64_t>(batch->assignments.size()));
+    metrics_->SetExpertWeightBytesRead(group_->counters().weight_bytes_read);
     metrics_->ObserveLatency("RunExperts", absl::ToDoubleSeconds(end - received));
     metrics_->CountRequest("RunExperts", out.status().code());
     if (!out.ok()) {

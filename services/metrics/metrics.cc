@@ -90,6 +90,12 @@ Metrics::Metrics(std::string service)
                            .Name("moemesh_gateway_moe_wait_seconds_total")
                            .Help("Engine thread time in steps waiting for MoE results")
                            .Register(*registry_);
+  weight_bytes_read_ = &BuildCounter()
+                            .Name("moemesh_expert_weight_bytes_read_total")
+                            .Help(
+                                "Bytes of expert weights the worker's calls read (each expert "
+                                "once per call)")
+                            .Register(*registry_);
   gateway_stage_ = &BuildCounter()
                         .Name("moemesh_gateway_stage_seconds_total")
                         .Help(
@@ -277,6 +283,15 @@ void Metrics::ObserveStep(double seconds, int64_t tokens) {
 void Metrics::AddGatewayTime(double busy_seconds, double moe_wait_seconds) {
   gateway_busy_->Add({}).Increment(std::max(0.0, busy_seconds));
   gateway_moe_wait_->Add({}).Increment(std::max(0.0, moe_wait_seconds));
+}
+
+void Metrics::SetExpertWeightBytesRead(int64_t total) {
+  int64_t prev = weight_bytes_exported_.load();
+  while (total > prev && !weight_bytes_exported_.compare_exchange_weak(prev, total)) {
+  }
+  if (total > prev) {
+    weight_bytes_read_->Add({{"service", service_}}).Increment(static_cast<double>(total - prev));
+  }
 }
 
 void Metrics::AddGatewayStageTime(const std::string& stage, double seconds) {

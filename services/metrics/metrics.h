@@ -11,6 +11,10 @@
 //   moemesh_expert_compute_seconds_total               worker: time inside expert FFNs
 //   moemesh_expert_tokens_total{layer,expert}          router: tokens routed to each expert
 //   moemesh_worker_tokens_total{service}               worker: token rows computed
+//   moemesh_expert_weight_bytes_read_total{service}    worker: bytes of expert weights its
+//                                                      calls read (each expert once per call;
+//                                                      over compute seconds: the achieved
+//                                                      weight bandwidth)
 //   moemesh_dispatch_token_sends_total                 router: (token, group) sends
 //   moemesh_replica_retries_total{group}               router: retries on another replica
 //   moemesh_group_replicas{group,state=ready|down}     router: replicas per group (degraded
@@ -44,6 +48,7 @@
 // Thread-safe. Serve() starts an HTTP /metrics endpoint.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -81,6 +86,10 @@ class Metrics {
 
   // Expert worker.
   void ObserveCompute(double seconds, int64_t tokens, int64_t assignments);
+  // The worker's expert groups have read `total` bytes of weights since start (a running
+  // total, as LocalExpertGroup::counters gives it; calls from several threads may arrive out
+  // of order, and only the growth is added).
+  void SetExpertWeightBytesRead(int64_t total);
 
   // Router.
   void AddExpertTokens(int layer, const std::vector<int64_t>& per_expert);
@@ -131,6 +140,8 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* gateway_busy_;
   prometheus::Family<prometheus::Counter>* gateway_moe_wait_;
   prometheus::Family<prometheus::Counter>* gateway_stage_;
+  prometheus::Family<prometheus::Counter>* weight_bytes_read_;
+  std::atomic<int64_t> weight_bytes_exported_{0};
   prometheus::Family<prometheus::Counter>* gateway_steps_;
   prometheus::Family<prometheus::Histogram>* ttft_;
   prometheus::Family<prometheus::Counter>* http_requests_;

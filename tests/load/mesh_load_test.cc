@@ -104,6 +104,23 @@ TEST(MeshLoadTest, ConcurrentClientsGetExactTokensAndShareSteps) {
     worker_rows += SumSamples(*text, "moemesh_worker_tokens_total");
   }
   EXPECT_EQ(worker_rows, SumSamples(*router, "moemesh_dispatch_token_sends_total"));
+  // Each worker read a whole number of experts' weights (F32: 3 matrices of 96 x 64), at least
+  // one per call and at most one per (token, expert) it computed.
+  const double expert_bytes = 3.0 * 96 * 64 * 4;
+  double bytes_read = 0;
+  for (const Mesh::Process& w : (*mesh)->workers()) {
+    auto text = Scrape(w);
+    ASSERT_TRUE(text.ok()) << w.name << ": " << text.status();
+    const double bytes = SumSamples(*text, "moemesh_expert_weight_bytes_read_total");
+    const double runs = bytes / expert_bytes;
+    EXPECT_EQ(runs, std::floor(runs)) << w.name;
+    EXPECT_GE(runs, SumSamples(*text, "moemesh_requests_total",
+                               {{"method", "RunExperts"}, {"code", "OK"}}))
+        << w.name;
+    EXPECT_LE(runs, SumSamples(*text, "moemesh_worker_tokens_total") * kTopK) << w.name;
+    bytes_read += bytes;
+  }
+  EXPECT_GT(bytes_read, 0);
 
   // Continuous batching: one router call per layer per step, and far fewer steps than the
   // kClients * kPerClient * kMax that one-request-at-a-time decoding would need.
