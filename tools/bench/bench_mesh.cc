@@ -61,6 +61,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -470,7 +471,7 @@ struct StreamResult {
 };
 
 StreamResult RunStream(v1::Gateway::Stub* stub, const std::vector<int32_t>& prompt, int max_tokens,
-                       absl::Time start) {
+                       absl::Time start, std::atomic<int>* first_tokens = nullptr) {
   StreamResult r;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Minutes(30)));
@@ -486,6 +487,7 @@ StreamResult RunStream(v1::Gateway::Stub* stub, const std::vector<int32_t>& prom
     const absl::Time now = absl::Now();
     if (r.tokens.empty()) {
       r.ttft_ms = absl::ToDoubleMilliseconds(now - start);
+      if (first_tokens != nullptr) first_tokens->fetch_add(1);
     } else {
       r.gaps_ms.push_back(absl::ToDoubleMilliseconds(now - last) / resp.token_ids_size());
     }
@@ -532,6 +534,11 @@ struct DecodeRow {
   // the decode phase alone, as bench_engine and the single-process rows measure it.
   double decode_tokens_per_s = 0;
   int64_t tokens = 0;
+  // Per gateway step of the decode phase (from every stream's first token on), ms: the step,
+  // the gateway's busy time by stage, its wait for MoE results, and the workers' time inside
+  // expert FFNs (summed over workers).
+  double steps = 0, step_ms = 0, attention_ms = 0, moe_call_ms = 0, dense_ffn_ms = 0,
+         lm_head_ms = 0, other_ms = 0, wait_ms = 0, workers_ms = 0;
 };
 
 struct WireBytes {
@@ -624,6 +631,8 @@ double SelfCpuSeconds() {
 
 struct Scraped {
   double steps = 0, step_wall = 0, busy = 0, wait = 0, worker = 0;
+  // The gateway's busy time by stage (moemesh_gateway_stage_seconds_total).
+  double attention = 0, moe_call = 0, dense_ffn = 0, lm_head = 0, other = 0;
   // Engine steps by kind, and those of them cut into two or more micro-batches.
   double decode = 0, decode_split = 0, prefill = 0, prefill_split = 0;
 };
@@ -635,6 +644,14 @@ Scraped ScrapeAll(const std::string& gateway, const std::vector<std::string>& wo
     s.step_wall = Sum(*t, "moemesh_step_duration_seconds_sum");
     s.busy = Sum(*t, "moemesh_gateway_busy_seconds_total");
     s.wait = Sum(*t, "moemesh_gateway_moe_wait_seconds_total");
+    auto stage = [&](const char* name) {
+      return Sum(*t, "moemesh_gateway_stage_seconds_total", {absl::StrCat("stage=\"", name, "\"")});
+    };
+    s.attention = stage("attention");
+    s.moe_call = stage("moe_call");
+    s.dense_ffn = stage("dense_ffn");
+    s.lm_head = stage("lm_head");
+    s.other = stage("other");
     for (const bool decode : {true, false}) {
       const std::string kind = decode ? "kind=\"decode\"" : "kind=\"prefill\"";
       const double all = Sum(*t, "moemesh_gateway_steps_total", {kind});
@@ -963,6 +980,20 @@ int Run(const Options& o) {
     std::fprintf(stderr, "%s\n", router_metrics.status().ToString().c_str());
     return 1;
   }
+  auto gateway_metrics = MetricsAddress((*mesh)->gateway().log);
+  if (!gateway_metrics.ok()) {
+    std::fprintf(stderr, "%s\n", gateway_metrics.status().ToString().c_str());
+    return 1;
+  }
+  std::vector<std::string> worker_metrics;
+  for (const auto& w : (*mesh)->workers()) {
+    auto a = MetricsAddress(w.log);
+    if (!a.ok()) {
+      std::fprintf(stderr, "%s\n", a.status().ToString().c_str());
+      return 1;
+    }
+    worker_metrics.push_back(*a);
+  }
   double score_s = 1e30, ttft_s = 1e30;
   std::vector<DecodeRow> rows;
   bool tokens_match = false;
@@ -1001,6 +1032,7 @@ int Run(const Options& o) {
       for (int i = 0; i < c; ++i)
         stubs.push_back(v1::Gateway::NewStub(MakeChannel((*mesh)->gateway_address())));
       const RouterCounts before = ReadRouter(*router_metrics);
+      std::atomic<int> first_tokens{0}, finished{0};
       std::vector<StreamResult> results(c);
       absl::Barrier* barrier = new absl::Barrier(c + 1);
       absl::Time start;
@@ -1016,7 +1048,8 @@ int Run(const Options& o) {
             absl::MutexLock lock(&start_mu);
             s = start;
           }
-          results[i] = RunStream(stubs[i].get(), p, o.decode, s);
+          results[i] = RunStream(stubs[i].get(), p, o.decode, s, &first_tokens);
+          finished.fetch_add(1);
         });
       }
       {
@@ -1032,6 +1065,12 @@ int Run(const Options& o) {
       if (o.shared_prompts && c > 1)
         blocker.emplace((*mesh)->gateway_address(), 900 + c, cfg.vocab_size, start);
       if (barrier->Block()) delete barrier;
+      // The stage table covers the decode phase: from when every stream has its first token
+      // (its prompt's step, and the blocker's, are behind it).
+      while (first_tokens.load() < c && finished.load() < c) {
+        absl::SleepFor(absl::Milliseconds(2));
+      }
+      const Scraped stages_before = ScrapeAll(*gateway_metrics, worker_metrics);
       for (auto& t : threads) t.join();
       if (blocker && !blocker->Finish().status.ok()) {
         std::fprintf(stderr, "blocker: %s\n", blocker->Finish().status.error_message().c_str());
@@ -1040,6 +1079,31 @@ int Run(const Options& o) {
       const RouterCounts after = ReadRouter(*router_metrics);
       DecodeRow row;
       row.concurrency = c;
+      {
+        // The gateway observes a step's metrics after its tokens go out: scrape until the step
+        // count stops growing (bounded), so that the last step is in.
+        Scraped sa = ScrapeAll(*gateway_metrics, worker_metrics);
+        for (int i = 0; i < 20; ++i) {
+          absl::SleepFor(absl::Milliseconds(50));
+          Scraped again = ScrapeAll(*gateway_metrics, worker_metrics);
+          const bool settled = again.steps == sa.steps;
+          sa = again;
+          if (settled) break;
+        }
+        const Scraped& sb = stages_before;
+        row.steps = sa.steps - sb.steps;
+        if (row.steps > 0) {
+          auto ms = [&](double a, double b) { return (a - b) / row.steps * 1e3; };
+          row.step_ms = ms(sa.step_wall, sb.step_wall);
+          row.attention_ms = ms(sa.attention, sb.attention);
+          row.moe_call_ms = ms(sa.moe_call, sb.moe_call);
+          row.dense_ffn_ms = ms(sa.dense_ffn, sb.dense_ffn);
+          row.lm_head_ms = ms(sa.lm_head, sb.lm_head);
+          row.other_ms = ms(sa.other, sb.other);
+          row.wait_ms = ms(sa.wait, sb.wait);
+          row.workers_ms = ms(sa.worker, sb.worker);
+        }
+      }
       std::vector<double> gaps, ttfts;
       absl::Time end = start, last_first = start;
       int64_t after_first = 0;
@@ -1114,6 +1178,17 @@ int Run(const Options& o) {
     std::printf("| mesh | %d | %.2f | %.2f | %.1f | %.1f | %.1f |\n", r.concurrency, r.tokens_per_s,
                 r.decode_tokens_per_s, r.itl_ms, r.ttft_ms, r.tokens_per_step);
   }
+  std::printf(
+      "\nmesh decode phase (from every stream's first token on), per gateway step, ms: the "
+      "gateway's busy time by stage, its wait for MoE results, and the workers' time inside "
+      "expert FFNs (summed over workers)\n\n"
+      "| streams | steps | step | attention | MoE call | dense FFN | LM head | other | MoE wait | "
+      "workers' FFN |\n|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const DecodeRow& r : rows) {
+    std::printf("| %d | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n",
+                r.concurrency, r.steps, r.step_ms, r.attention_ms, r.moe_call_ms, r.dense_ffn_ms,
+                r.lm_head_ms, r.other_ms, r.wait_ms, r.workers_ms);
+  }
   if (inproc) {
     std::printf("\n| streams | mesh / single process (decode-phase tokens/s) |\n|---|---|\n");
     for (const DecodeRow& r : rows) {
@@ -1153,7 +1228,17 @@ int Run(const Options& o) {
                            {"decode_phase_tokens_per_s", r.decode_tokens_per_s},
                            {"inter_token_ms", r.itl_ms},
                            {"ttft_ms", r.ttft_ms},
-                           {"tokens_per_step", r.tokens_per_step}});
+                           {"tokens_per_step", r.tokens_per_step},
+                           {"decode_phase_step_ms",
+                            {{"steps", r.steps},
+                             {"step", r.step_ms},
+                             {"attention", r.attention_ms},
+                             {"moe_call", r.moe_call_ms},
+                             {"dense_ffn", r.dense_ffn_ms},
+                             {"lm_head", r.lm_head_ms},
+                             {"other", r.other_ms},
+                             {"moe_wait", r.wait_ms},
+                             {"workers_ffn", r.workers_ms}}}});
   }
   if (inproc) {
     j["greedy_tokens_match_inproc"] = tokens_match;
