@@ -539,6 +539,9 @@ struct DecodeRow {
   // expert FFNs (summed over workers).
   double steps = 0, step_ms = 0, attention_ms = 0, moe_call_ms = 0, dense_ffn_ms = 0,
          lm_head_ms = 0, other_ms = 0, wait_ms = 0, workers_ms = 0;
+  // Per call, ms: the router's Forward (receipt to answer), a worker's RunExperts (receipt to
+  // computed) and its FFN time; RunExperts calls per Forward.
+  double forward_call_ms = 0, run_call_ms = 0, ffn_call_ms = 0, runs_per_forward = 0;
 };
 
 struct WireBytes {
@@ -633,12 +636,24 @@ struct Scraped {
   double steps = 0, step_wall = 0, busy = 0, wait = 0, worker = 0;
   // The gateway's busy time by stage (moemesh_gateway_stage_seconds_total).
   double attention = 0, moe_call = 0, dense_ffn = 0, lm_head = 0, other = 0;
+  // Calls and their time from receipt to answer: the router's Forward, the workers'
+  // RunExperts (queue and compute); the workers' calls' FFN time is `worker`.
+  double forwards = 0, forward_s = 0, runs = 0, run_s = 0;
   // Engine steps by kind, and those of them cut into two or more micro-batches.
   double decode = 0, decode_split = 0, prefill = 0, prefill_split = 0;
 };
 
-Scraped ScrapeAll(const std::string& gateway, const std::vector<std::string>& workers) {
+Scraped ScrapeAll(const std::string& gateway, const std::vector<std::string>& workers,
+                  const std::string& router = "") {
   Scraped s;
+  if (!router.empty()) {
+    if (auto t = Scrape(router); t.ok()) {
+      s.forwards = Sum(*t, "moemesh_request_duration_seconds_count", {"method=\"Forward\""});
+      s.forward_s = Sum(*t, "moemesh_request_duration_seconds_sum", {"method=\"Forward\""});
+    } else {
+      std::fprintf(stderr, "warning: %s\n", t.status().ToString().c_str());
+    }
+  }
   if (auto t = Scrape(gateway); t.ok()) {
     s.steps = Sum(*t, "moemesh_step_duration_seconds_count");
     s.step_wall = Sum(*t, "moemesh_step_duration_seconds_sum");
@@ -665,6 +680,8 @@ Scraped ScrapeAll(const std::string& gateway, const std::vector<std::string>& wo
   for (const auto& w : workers) {
     if (auto t = Scrape(w); t.ok()) {
       s.worker += Sum(*t, "moemesh_expert_compute_seconds_total");
+      s.runs += Sum(*t, "moemesh_request_duration_seconds_count", {"method=\"RunExperts\""});
+      s.run_s += Sum(*t, "moemesh_request_duration_seconds_sum", {"method=\"RunExperts\""});
     } else {
       std::fprintf(stderr, "warning: %s\n", t.status().ToString().c_str());
     }
@@ -1070,7 +1087,7 @@ int Run(const Options& o) {
       while (first_tokens.load() < c && finished.load() < c) {
         absl::SleepFor(absl::Milliseconds(2));
       }
-      const Scraped stages_before = ScrapeAll(*gateway_metrics, worker_metrics);
+      const Scraped stages_before = ScrapeAll(*gateway_metrics, worker_metrics, *router_metrics);
       for (auto& t : threads) t.join();
       if (blocker && !blocker->Finish().status.ok()) {
         std::fprintf(stderr, "blocker: %s\n", blocker->Finish().status.error_message().c_str());
@@ -1082,10 +1099,10 @@ int Run(const Options& o) {
       {
         // The gateway observes a step's metrics after its tokens go out: scrape until the step
         // count stops growing (bounded), so that the last step is in.
-        Scraped sa = ScrapeAll(*gateway_metrics, worker_metrics);
+        Scraped sa = ScrapeAll(*gateway_metrics, worker_metrics, *router_metrics);
         for (int i = 0; i < 20; ++i) {
           absl::SleepFor(absl::Milliseconds(50));
-          Scraped again = ScrapeAll(*gateway_metrics, worker_metrics);
+          Scraped again = ScrapeAll(*gateway_metrics, worker_metrics, *router_metrics);
           const bool settled = again.steps == sa.steps;
           sa = again;
           if (settled) break;
@@ -1102,6 +1119,13 @@ int Run(const Options& o) {
           row.other_ms = ms(sa.other, sb.other);
           row.wait_ms = ms(sa.wait, sb.wait);
           row.workers_ms = ms(sa.worker, sb.worker);
+        }
+        const double forwards = sa.forwards - sb.forwards, runs = sa.runs - sb.runs;
+        if (forwards > 0) row.forward_call_ms = (sa.forward_s - sb.forward_s) / forwards * 1e3;
+        if (runs > 0) {
+          row.run_call_ms = (sa.run_s - sb.run_s) / runs * 1e3;
+          row.ffn_call_ms = (sa.worker - sb.worker) / runs * 1e3;
+          row.runs_per_forward = forwards > 0 ? runs / forwards : 0;
         }
       }
       std::vector<double> gaps, ttfts;
@@ -1189,6 +1213,16 @@ int Run(const Options& o) {
                 r.concurrency, r.steps, r.step_ms, r.attention_ms, r.moe_call_ms, r.dense_ffn_ms,
                 r.lm_head_ms, r.other_ms, r.wait_ms, r.workers_ms);
   }
+  std::printf(
+      "\nper MoE layer call of the decode phase, ms: the gateway's wait, the router's Forward "
+      "(receipt to answer), a worker's RunExperts (receipt to computed: queue and FFN) and its "
+      "FFN alone\n\n| streams | gateway wait | router Forward | worker calls per Forward | "
+      "worker RunExperts | worker FFN |\n|---|---|---|---|---|---|\n");
+  for (const DecodeRow& r : rows) {
+    std::printf("| %d | %.2f | %.2f | %.2f | %.2f | %.2f |\n", r.concurrency,
+                moe_layers > 0 ? r.wait_ms / moe_layers : 0.0, r.forward_call_ms,
+                r.runs_per_forward, r.run_call_ms, r.ffn_call_ms);
+  }
   if (inproc) {
     std::printf("\n| streams | mesh / single process (decode-phase tokens/s) |\n|---|---|\n");
     for (const DecodeRow& r : rows) {
@@ -1238,7 +1272,12 @@ int Run(const Options& o) {
                              {"lm_head", r.lm_head_ms},
                              {"other", r.other_ms},
                              {"moe_wait", r.wait_ms},
-                             {"workers_ffn", r.workers_ms}}}});
+                             {"workers_ffn", r.workers_ms}}},
+                           {"decode_phase_call_ms",
+                            {{"router_forward", r.forward_call_ms},
+                             {"worker_run_experts", r.run_call_ms},
+                             {"worker_ffn", r.ffn_call_ms},
+                             {"worker_calls_per_forward", r.runs_per_forward}}}});
   }
   if (inproc) {
     j["greedy_tokens_match_inproc"] = tokens_match;
