@@ -202,10 +202,17 @@ TEST_F(MoeTest, LocalExpertGroupMatchesNaiveLoop) {
     EXPECT_EQ(c.expert_runs, 7 * (layer + 1));
     EXPECT_EQ(c.weight_bytes_read, 7 * (layer + 1) * int64_t{3} * 48 * 32 * 4);
   }
-  // A refused call (an expert not held) counts nothing.
-  const LocalExpertGroup::RunCounters before = (*group)->counters();
-  EXPECT_FALSE((*group)->Run(MakeBatch(0, x, h, {{{99, 1.0f}}, {}, {}, {}, {}, {}})).ok());
-  EXPECT_EQ((*group)->counters().expert_runs, before.expert_runs);
+  // A refused call counts nothing: a group holding experts 0 and 1 of layer 0, asked for 1 and
+  // then 5, answers NOT_FOUND having run neither.
+  auto part = LocalExpertGroup::Load(*ckpt_, cfg_, {{0, 0}, {0, 1}}, backend_.get(), "part");
+  ASSERT_TRUE(part.ok()) << part.status();
+  const absl::StatusOr<Tensor> refused =
+      (*part)->Run(MakeBatch(0, x, h, {{{1, 1.0f}}, {{5, 1.0f}}, {}, {}, {}, {}}));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*part)->counters().expert_runs, 0);
+  EXPECT_EQ((*part)->counters().weight_bytes_read, 0);
+  ASSERT_TRUE((*part)->Run(MakeBatch(0, x, h, {{{1, 1.0f}}, {{0, 1.0f}}, {}, {}, {}, {}})).ok());
+  EXPECT_EQ((*part)->counters().expert_runs, 2);
 }
 
 TEST_F(MoeTest, ResultDoesNotDependOnBatchComposition) {
