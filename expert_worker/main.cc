@@ -183,6 +183,7 @@ absl::Status Run(const Options& o) {
   info.num_experts = cfg.num_experts;
   info.max_assignments_per_token = cfg.top_k + (cfg.n_shared_experts > 0 ? 1 : 0);
   Metrics metrics("expert_worker");
+  metrics.SetWorkerWeightBytes(bytes, device);
   if (o.metrics_port >= 0) {
     ASSIGN_OR_RETURN(int mport, metrics.Serve(absl::StrCat(o.host, ":", o.metrics_port)));
     std::fprintf(stderr, "expert_worker %s: metrics on %s:%d\n", o.name.c_str(), o.host.c_str(),

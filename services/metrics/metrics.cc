@@ -90,6 +90,10 @@ Metrics::Metrics(std::string service)
                            .Name("moemesh_gateway_moe_wait_seconds_total")
                            .Help("Engine thread time in steps waiting for MoE results")
                            .Register(*registry_);
+  worker_weight_bytes_ = &BuildGauge()
+                              .Name("moemesh_worker_weight_bytes")
+                              .Help("Bytes of the expert weights the worker holds, by device")
+                              .Register(*registry_);
   weight_bytes_read_ = &BuildCounter()
                             .Name("moemesh_expert_weight_bytes_read_total")
                             .Help(
@@ -283,6 +287,11 @@ void Metrics::ObserveStep(double seconds, int64_t tokens) {
 void Metrics::AddGatewayTime(double busy_seconds, double moe_wait_seconds) {
   gateway_busy_->Add({}).Increment(std::max(0.0, busy_seconds));
   gateway_moe_wait_->Add({}).Increment(std::max(0.0, moe_wait_seconds));
+}
+
+void Metrics::SetWorkerWeightBytes(int64_t bytes, const std::string& device) {
+  worker_weight_bytes_->Add({{"service", service_}, {"device", device}})
+      .Set(static_cast<double>(bytes));
 }
 
 void Metrics::SetExpertWeightBytesRead(int64_t total) {

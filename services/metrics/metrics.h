@@ -11,6 +11,9 @@
 //   moemesh_expert_compute_seconds_total               worker: time inside expert FFNs
 //   moemesh_expert_tokens_total{layer,expert}          router: tokens routed to each expert
 //   moemesh_worker_tokens_total{service}               worker: token rows computed
+//   moemesh_worker_weight_bytes{service,device}        worker: bytes of the expert weights it
+//                                                      holds, in their dtype, and where ("cpu"
+//                                                      or the GPU's name)
 //   moemesh_expert_weight_bytes_read_total{service}    worker: bytes of expert weights its
 //                                                      calls read (each expert once per call;
 //                                                      over compute seconds: the achieved
@@ -90,6 +93,8 @@ class Metrics {
   // total, as LocalExpertGroup::counters gives it; calls from several threads may arrive out
   // of order, and only the growth is added).
   void SetExpertWeightBytesRead(int64_t total);
+  // The bytes of expert weights this worker holds and the device they are on.
+  void SetWorkerWeightBytes(int64_t bytes, const std::string& device);
 
   // Router.
   void AddExpertTokens(int layer, const std::vector<int64_t>& per_expert);
@@ -141,6 +146,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* gateway_moe_wait_;
   prometheus::Family<prometheus::Counter>* gateway_stage_;
   prometheus::Family<prometheus::Counter>* weight_bytes_read_;
+  prometheus::Family<prometheus::Gauge>* worker_weight_bytes_;
   std::atomic<int64_t> weight_bytes_exported_{0};
   prometheus::Family<prometheus::Counter>* gateway_steps_;
   prometheus::Family<prometheus::Histogram>* ttft_;

@@ -107,7 +107,7 @@ TEST(MeshLoadTest, ConcurrentClientsGetExactTokensAndShareSteps) {
   // Each worker read a whole number of experts' weights (F32: 3 matrices of 96 x 64), at least
   // one per call and at most one per (token, expert) it computed.
   const double expert_bytes = 3.0 * 96 * 64 * 4;
-  double bytes_read = 0;
+  double bytes_read = 0, held = 0;
   for (const Mesh::Process& w : (*mesh)->workers()) {
     auto text = Scrape(w);
     ASSERT_TRUE(text.ok()) << w.name << ": " << text.status();
@@ -119,8 +119,11 @@ TEST(MeshLoadTest, ConcurrentClientsGetExactTokensAndShareSteps) {
         << w.name;
     EXPECT_LE(runs, SumSamples(*text, "moemesh_worker_tokens_total") * kTopK) << w.name;
     bytes_read += bytes;
+    // What it holds: its share of the 3 layers' 8 experts, on the CPU.
+    held += SumSamples(*text, "moemesh_worker_weight_bytes", {{"device", "cpu"}});
   }
   EXPECT_GT(bytes_read, 0);
+  EXPECT_EQ(held, kLayers * 8 * expert_bytes * 2);  // 2 replicas of every group
 
   // Continuous batching: one router call per layer per step, and far fewer steps than the
   // kClients * kPerClient * kMax that one-request-at-a-time decoding would need.
