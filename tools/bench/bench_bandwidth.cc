@@ -9,7 +9,6 @@
 // F32 and in BF16, and over 24 copies of one expert's gate projection (2816 × 1024, F32) taken
 // in turn, so that every call streams from memory.
 #include <cblas.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <chrono>
@@ -25,45 +24,17 @@
 #include "services/compute/cpu/kernel_threads.h"
 #include "services/compute/cpu/matmul.h"
 #include "services/tensor/tensor.h"
+#include "tools/bench/streaming.h"
 
 ABSL_FLAG(std::string, json, "", "write results as JSON here");
 
 namespace {
 
-double Seconds(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
+using moemesh::bench::KernelGbps;
+using moemesh::bench::ReadAvx2;
 
-// GB/s of cpu::MatMul(x, 1, w) over `copies` distinct copies of an n × k weight, taken in turn
-// (so that small matrices come from memory, not cache, as in a decode step).
-double KernelGbps(moemesh::DType dtype, int64_t n, int64_t k, int copies, int calls) {
-  using namespace moemesh;
-  const size_t esize = DTypeBytes(dtype);
-  std::vector<std::vector<uint8_t>> bufs(copies, std::vector<uint8_t>(n * k * esize));
-  std::vector<Weight> ws(copies);
-  for (int c = 0; c < copies; ++c) {
-    for (int64_t i = 0; i < n * k; ++i) {
-      const float v = 0.001f * static_cast<float>((i * 7 + c) % 13);
-      if (dtype == DType::kF32) {
-        std::memcpy(bufs[c].data() + i * 4, &v, 4);
-      } else {
-        const uint16_t b = FloatToBF16(v);
-        std::memcpy(bufs[c].data() + i * 2, &b, 2);
-      }
-    }
-    ws[c].dtype = dtype;
-    ws[c].rows = n;
-    ws[c].cols = k;
-    ws[c].data = bufs[c].data();
-  }
-  std::vector<float> x(k, 1.0f), y(n);
-  double best = 0;
-  for (int r = 0; r < 3; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < calls; ++i) cpu::MatMul(x.data(), 1, ws[i % copies], y.data());
-    best = std::max(best, static_cast<double>(n) * k * esize * calls / Seconds(t0) / 1e9);
-  }
-  return best;
+double Seconds(std::chrono::steady_clock::time_point t0) {
+  return moemesh::bench::SecondsSince(t0);
 }
 
 }  // namespace
@@ -84,20 +55,8 @@ int main(int argc, char** argv) {
     t0 = std::chrono::steady_clock::now();
     float sink[2] = {0, 0};
     auto work = [&](int t) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      const size_t half = static_cast<size_t>(n * k / 2);
-      const float* p = w.data() + t * half;
-      for (int it = 0; it < reps; ++it) {
-        for (size_t i = 0; i + 32 <= half; i += 32) {
-          a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
-          a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
-          a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
-          a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
-        }
-      }
-      float b[8];
-      _mm256_storeu_ps(b, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-      sink[t] = b[0];
+      const int64_t half = n * k / 2;
+      for (int it = 0; it < reps; ++it) sink[t] += ReadAvx2(w.data() + t * half, half);
     };
     std::thread t1(work, 0), t2(work, 1);
     t1.join();

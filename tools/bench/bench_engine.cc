@@ -18,12 +18,10 @@
 // table and writes JSON with exactly the keys
 //   {"prefill_tokens_per_s", "decode": [{"streams", "tokens_per_s"}], "weight_bytes",
 //    "peak_rss_bytes"}.
-#include <immintrin.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -44,6 +42,7 @@
 #include "services/engine/kv_cache.h"
 #include "services/engine/sampler.h"
 #include "services/model/generator.h"
+#include "tools/bench/streaming.h"
 
 ABSL_FLAG(std::string, model, "", "model directory (default: generate the benchmark model)");
 ABSL_FLAG(std::string, cache_dir, "/tmp/moemesh-bench-model", "where the benchmark model is kept");
@@ -92,65 +91,11 @@ StageShare Share(const StepProfile& a, const StepProfile& b) {
 // the decode kernel (cpu::MatMul, one row) over 8 distinct 2816 × 1024 F32 matrices (92 MB, more
 // than a last-level cache, so every pass streams from memory), three passes each. Run before the
 // model loads, so that its buffers do not add to the peak RSS reported for the model.
-__attribute__((target("avx2"))) float ReadAvx2(const float* p, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
-    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
-    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
-    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
-  }
-  alignas(32) float b[8];
-  _mm256_store_ps(b, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  float s = b[0] + b[1] + b[2] + b[3] + b[4] + b[5] + b[6] + b[7];
-  for (; i < n; ++i) s += p[i];
-  return s;
-}
-
-float ReadPlain(const float* p, int64_t n) {
-  float a[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) a[l] += p[i + l];
-  }
-  float s = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
-  for (; i < n; ++i) s += p[i];
-  return s;
-}
-
 double StreamingGbps() {
   constexpr int kMatrices = 8;
-  constexpr int64_t kRows = 2816, kCols = 1024, kFloats = kRows * kCols;
-  std::vector<std::vector<float>> bufs(kMatrices, std::vector<float>(kFloats, 0.001f));
-  std::vector<Weight> ws(kMatrices);
-  for (int i = 0; i < kMatrices; ++i) {
-    ws[i].dtype = DType::kF32;
-    ws[i].rows = kRows;
-    ws[i].cols = kCols;
-    ws[i].data = bufs[i].data();
-  }
-  const bool avx2 = __builtin_cpu_supports("avx2");
-  const double bytes = static_cast<double>(kMatrices) * kFloats * sizeof(float);
-  std::vector<float> x(kCols, 1.0f), y(kRows);
-  std::atomic<float> sink{0};
-  double best = 0;
-  for (int pass = 0; pass < 3; ++pass) {
-    absl::Time t0 = absl::Now();
-    for (int i = 0; i < kMatrices; ++i) {
-      constexpr int64_t kChunk = 1 << 16;  // floats
-      cpu::KernelThreads::Get().ParallelFor(kFloats, kChunk, [&](int64_t b, int64_t e) {
-        const float v =
-            avx2 ? ReadAvx2(bufs[i].data() + b, e - b) : ReadPlain(bufs[i].data() + b, e - b);
-        sink.store(v, std::memory_order_relaxed);
-      });
-    }
-    best = std::max(best, bytes / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
-    t0 = absl::Now();
-    for (int i = 0; i < kMatrices; ++i) cpu::MatMul(x.data(), 1, ws[i], y.data());
-    best = std::max(best, bytes / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
-  }
-  return best;
+  constexpr int64_t kRows = 2816, kCols = 1024;
+  return std::max(bench::ReadGbps(kMatrices, kRows * kCols),
+                  bench::KernelGbps(DType::kF32, kRows, kCols, kMatrices, kMatrices));
 }
 
 int Fail(const absl::Status& s) {
